@@ -1,0 +1,235 @@
+"""Selection arithmetic for PS3: image/feature sizes per scale, token budgets, look planning and
+top-k cell selection (SPEC §3.1, §3.8, §3.9).
+
+Everything that decides *how many* cells a look takes is pure Python on the host: the counts do
+not depend on the image content, only on the config and the call's arguments, so they are known
+before the model runs (``count_tokens``) and the forward pass needs no device→host syncs. Only
+*which* cells are taken depends on the data (``select_cells``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+Size = tuple[int, int]
+
+
+def scale_image_size(height: int, width: int, scales: Sequence[int], patch_size: int, index: int) -> Size:
+    """Pixel size of the input resized for scale ``index`` (scale 0 is always the square s_0)."""
+    s0 = scales[0]
+    if index == 0:
+        return (s0, s0)
+    zoom = scales[index] // s0
+    if height >= width:
+        return (s0 * zoom, max(int(s0 / height * width) // patch_size, 1) * patch_size * zoom)
+    return (max(int(s0 / width * height) // patch_size, 1) * patch_size * zoom, s0 * zoom)
+
+
+def scale_feature_sizes(height: int, width: int, scales: Sequence[int], patch_size: int) -> list[Size]:
+    """Token grid (h_i, w_i) of every scale for an input of height × width pixels."""
+    out = []
+    for i in range(len(scales)):
+        h, w = scale_image_size(height, width, scales, patch_size, i)
+        out.append((max(h // patch_size, 1), max(w // patch_size, 1)))
+    return out
+
+
+def default_budgets(max_select_num: int, scales: Sequence[int], each_scale: Sequence[int] | None = None) -> list[int]:
+    """Per high-res scale token budget of one look: proportional to pixel count, remainder last."""
+    if each_scale is not None:
+        return [int(b) for b in each_scale]
+    pixels = [s * s for s in scales]
+    budgets = [int(max_select_num * pixels[i] / sum(pixels[1:])) for i in range(1, len(scales))]
+    budgets[-1] += max_select_num - sum(budgets)
+    return budgets
+
+
+def look_budgets(max_budgets: Sequence[int], remaining: Sequence[int], num_tokens: int | None = None,
+                 first_n_scales: int | None = None) -> list[int]:
+    """Cells one look takes at each scale for one sample.
+
+    ``num_tokens`` shrinks the look proportionally; ``first_n_scales`` = m puts the budget on the
+    first m scales (1 token on the others, the last scale topped up so the total stays Σ max —
+    kept as published for compatibility); a scale with fewer cells left than its budget takes
+    them all and passes the shortfall to the next scale.
+    """
+    budgets = list(max_budgets)
+    total = sum(max_budgets)
+    if num_tokens is not None:
+        budgets = [int(b * num_tokens / total) for b in max_budgets]
+        budgets[-1] += num_tokens - sum(budgets)
+    if first_n_scales is not None:
+        head = sum(budgets[:first_n_scales])
+        now = sum(budgets)
+        budgets = [int(b / head * now) if i < first_n_scales else 1 for i, b in enumerate(budgets)]
+        budgets[-1] += total - sum(budgets)
+    for i in range(len(budgets)):
+        if remaining[i] < budgets[i]:
+            if i < len(budgets) - 1:
+                budgets[i + 1] += budgets[i] - remaining[i]
+            budgets[i] = remaining[i]
+    return budgets
+
+
+@dataclass(frozen=True)
+class LookPlan:
+    """Per look, per high-res scale, the number of cells each sample takes: budgets[look][scale][b]."""
+
+    budgets: list[list[list[int]]]
+
+    @property
+    def num_looks(self) -> int:
+        return len(self.budgets)
+
+    def tokens_per_look(self) -> list[list[int]]:
+        """[look][sample] → tokens in that look."""
+        return [[sum(scale[b] for scale in look) for b in range(len(look[0]))] for look in self.budgets]
+
+    def tokens_per_scale(self, sample: int = 0) -> list[int]:
+        n_scales = len(self.budgets[0]) if self.budgets else 0
+        return [sum(look[i][sample] for look in self.budgets) for i in range(n_scales)]
+
+
+def _check_first_n(first_n: Sequence[int] | None, n_highres: int) -> None:
+    if first_n is None:
+        return
+    for m in first_n:
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n_highres:
+            raise ValueError(f"only_select_first_n_scale must be an int in [1, {n_highres}] (or one per sample), got {m!r}")
+
+
+def plan_looks(highres_sizes: Sequence[Size], max_budgets: Sequence[int], batch_size: int,
+               num_look_close: int | str | None = None, num_token_look_close: int | str | None = None,
+               only_select_first_n_scale: int | Sequence[int] | None = None,
+               pretraining: bool = False) -> LookPlan:
+    """How many looks a call makes and how many cells each takes per scale and sample (SPEC §3.9).
+
+    ``"all"`` encodes every high-res cell (of the first m scales with ``only_select_first_n_scale``)
+    exactly once. Upstream stops after ceil(total / Σb) looks, which misses cells when the
+    per-scale budgets do not divide the grids; here looks continue until nothing is left, and a
+    budget lost past the last scale is given to the earliest scale that still has cells. On the
+    published configs both give the same looks.
+    """
+    n_highres = len(max_budgets)
+    cells = [h * w for h, w in highres_sizes]
+    step = sum(max_budgets)
+    if isinstance(only_select_first_n_scale, bool):
+        raise TypeError("only_select_first_n_scale must be an int or a sequence of ints, not a bool")
+    if isinstance(only_select_first_n_scale, int):
+        first_n: list[int] | None = [only_select_first_n_scale] * batch_size
+    elif only_select_first_n_scale is None:
+        first_n = None
+    else:
+        first_n = [int(m) if isinstance(m, torch.Tensor) else m for m in only_select_first_n_scale]
+        if len(first_n) != batch_size:
+            raise ValueError(f"only_select_first_n_scale has {len(first_n)} entries for a batch of {batch_size}")
+    _check_first_n(first_n, n_highres)
+    covered = max(first_n) if first_n is not None else n_highres
+    total = sum(cells[:covered])
+
+    if pretraining:
+        tokens = num_token_look_close if isinstance(num_token_look_close, int) and num_token_look_close <= step else None
+        b = look_budgets(max_budgets, cells, tokens)
+        return LookPlan([[[b[i]] * batch_size for i in range(n_highres)]])
+
+    first_tokens, last_tokens, until_done = None, None, False
+    for name, value in (("num_look_close", num_look_close), ("num_token_look_close", num_token_look_close)):
+        if value is None or value == "all":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int or 'all', got {value!r}")
+    if num_look_close == 0 or num_token_look_close == 0:
+        return LookPlan([])
+    if num_look_close == "all" or num_token_look_close == "all":
+        looks, until_done = math.ceil(total / step), True
+    elif num_look_close is not None:
+        looks = min(num_look_close, math.ceil(total / step))
+    elif num_token_look_close is not None:
+        tokens = min(num_token_look_close, total)
+        looks = math.ceil(tokens / step)
+        last_tokens = tokens % step or step
+        first_tokens = tokens if tokens <= step else None
+    else:
+        raise ValueError("pass num_look_close (an int >= 0 or 'all') or num_token_look_close (an int >= 0 or 'all')")
+
+    samples = first_n if first_n is not None else [None] * batch_size
+    groups = {m: [b for b in range(batch_size) if samples[b] == m] for m in dict.fromkeys(samples)}
+    per_group: dict[int | None, list[list[int]]] = {}
+    for m in groups:
+        remaining = list(cells)
+        plan: list[list[int]] = []
+        for j in range(looks):
+            tokens = first_tokens if j == 0 else (last_tokens if j == looks - 1 else None)
+            b = look_budgets(max_budgets, remaining, tokens, m)
+            remaining = [r - n for r, n in zip(remaining, b)]
+            plan.append(b)
+        # Only where the looks above leave cells (budgets that do not divide the grids): more
+        # looks, each giving a budget lost past the last scale to the earliest scale with cells.
+        while until_done and sum(remaining[:covered if m is None else m]) > 0:
+            b = look_budgets(max_budgets, remaining, None, m)
+            lost = step - sum(b)
+            for i in range(n_highres):
+                extra = min(lost, remaining[i] - b[i])
+                if extra > 0:
+                    b[i] += extra
+                    lost -= extra
+            if sum(b) == 0:
+                break
+            remaining = [r - n for r, n in zip(remaining, b)]
+            plan.append(b)
+        per_group[m] = plan
+    n_looks = max(len(p) for p in per_group.values())
+    budgets = [[[0] * batch_size for _ in range(n_highres)] for _ in range(n_looks)]
+    for m, rows in groups.items():
+        for j, b in enumerate(per_group[m]):
+            for i in range(n_highres):
+                for r in rows:
+                    budgets[j][i][r] = b[i]
+    return LookPlan(budgets)
+
+
+def select_cells(probs: Sequence[torch.Tensor], taken: Sequence[torch.Tensor] | None,
+                 budgets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """One look: per scale, the top-k cells of each sample's prob map among cells not yet taken.
+
+    probs[i], taken[i]: (B, h_i, w_i); budgets[i][b] = k for sample b. Returns bool maps of the
+    newly taken cells. Taken cells are set to -1 before torch.topk (as upstream does), so ties at
+    the boundary break the same way.
+    """
+    out = []
+    for i, prob in enumerate(probs):
+        flat = prob.detach().flatten(1)
+        if taken is not None:
+            flat = torch.where(taken[i].flatten(1), torch.full_like(flat, -1.0), flat)
+        new = torch.zeros_like(flat, dtype=torch.bool)
+        ks = budgets[i]
+        for k in dict.fromkeys(ks):
+            if k == 0:
+                continue
+            rows = [b for b, kb in enumerate(ks) if kb == k]
+            if len(rows) == len(ks):
+                idx = flat.topk(k, dim=1).indices
+                new.scatter_(1, idx, True)
+            else:
+                rows_t = torch.tensor(rows, device=flat.device)
+                idx = flat[rows_t].topk(k, dim=1).indices
+                part = torch.zeros(len(rows), flat.shape[1], dtype=torch.bool, device=flat.device)
+                new[rows_t] = part.scatter_(1, idx, True)
+        out.append(new.view_as(prob))
+    return out
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """Tokens a call returns per sample: the low-res grid, each high-res scale, and the total."""
+
+    low_res: int
+    per_scale: list[int]
+    num_looks: int
+
+    @property
+    def total(self) -> int:
+        return self.low_res + sum(self.per_scale)

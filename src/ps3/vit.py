@@ -1,0 +1,312 @@
+"""A plain pre-norm Vision Transformer with a key/value cache and selected-patch embedding.
+
+Parameter names follow timm's ``VisionTransformer`` so published checkpoints load unchanged
+(``patch_embed.proj``, ``pos_embed``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``,
+``norm``, ``attn_pool.*``). Two things beyond a standard ViT are what PS3 needs:
+
+* every block can return its keys/values and can attend to a prefix of cached keys/values, so
+  high-res tokens attend to the low-res tokens without recomputing them;
+* patches can be embedded from a gathered subset (``PatchEmbed.embed_patches``), so only the
+  selected high-res patches are ever projected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """Architecture of a ViT trunk (what a timm model name or a ``vit`` config dict says)."""
+
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    pos_grid: int  # the position table is pos_grid × pos_grid
+    gelu_approximate: str = "none"  # "tanh" for the so400m patch16 SigLIP models
+    global_pool: str = "map"
+    norm_eps: float = 1e-6
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+
+def _so400m14(img: int) -> ViTArch:
+    return ViTArch(14, 1152, 27, 16, 3.7362, img // 14)
+
+
+def _so400m16(img: int) -> ViTArch:
+    return ViTArch(16, 1152, 27, 16, 3.7362, img // 16, gelu_approximate="tanh")
+
+
+def _base16(img: int) -> ViTArch:
+    return ViTArch(16, 768, 12, 12, 4.0, img // 16)
+
+
+# timm names of the backbones PS3 checkpoints are built on (SPEC §1).
+VIT_REGISTRY: dict[str, ViTArch] = {
+    "vit_so400m_patch14_siglip_378": _so400m14(378),
+    "vit_so400m_patch14_siglip_384": _so400m14(384),
+    **{f"vit_so400m_patch16_siglip_{s}": _so400m16(s) for s in (256, 384, 512)},
+    **{f"vit_base_patch16_siglip_{s}": _base16(s) for s in (224, 256, 384, 512)},
+}
+
+
+def arch_from_config(model_name: str, vit: dict[str, Any] | None) -> ViTArch:
+    """Resolve the trunk architecture: an explicit ``vit`` dict wins, else the registry."""
+    if vit is not None:
+        if not isinstance(vit, dict):
+            raise TypeError(f"vision config 'vit' must be a dict describing the backbone, got {type(vit).__name__}")
+        required = ("patch_size", "embed_dim", "depth", "num_heads")
+        missing = [k for k in required if k not in vit]
+        if missing:
+            raise ValueError(f"vision config 'vit' dict lacks {missing}; it needs {list(required)} "
+                             "plus optional mlp_ratio, img_size, global_pool, act")
+        if vit.get("class_token"):
+            raise ValueError("vision config 'vit': class_token=True is not supported (PS3 trunks have no prefix tokens)")
+        patch = int(vit["patch_size"])
+        img = int(vit.get("img_size") or 224)
+        act = str(vit.get("act", vit.get("act_layer", "gelu")))
+        return ViTArch(patch, int(vit["embed_dim"]), int(vit["depth"]), int(vit["num_heads"]),
+                       float(vit.get("mlp_ratio", 4.0)), img // patch,
+                       gelu_approximate="tanh" if "tanh" in act else "none",
+                       global_pool=str(vit.get("global_pool", "map")))
+    if model_name not in VIT_REGISTRY:
+        raise ValueError(f"unknown backbone model_name {model_name!r}: use one of {sorted(VIT_REGISTRY)} "
+                         "or describe it with a 'vit' dict in the vision config")
+    return VIT_REGISTRY[model_name]
+
+
+class Mlp(nn.Module):
+    """fc1 → GELU → (optional LayerNorm) → fc2, the timm layout (``fc1``, ``norm``, ``fc2``)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 gelu_approximate: str = "none", hidden_norm_eps: float | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate=gelu_approximate)
+        self.norm = nn.LayerNorm(hidden_features, eps=hidden_norm_eps) if hidden_norm_eps is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that can prepend cached keys/values of other tokens."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                return_kv: bool = False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        own_kv = (k, v)
+        if kv_prefix is not None:
+            k = torch.cat([kv_prefix[0], k], dim=2)
+            v = torch.cat([kv_prefix[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return (out, own_kv) if return_kv else out
+
+
+class Block(nn.Module):
+    def __init__(self, arch: ViTArch):
+        super().__init__()
+        dim = arch.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=arch.norm_eps)
+        self.attn = Attention(dim, arch.num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=arch.norm_eps)
+        self.mlp = Mlp(dim, arch.mlp_hidden, gelu_approximate=arch.gelu_approximate)
+
+    def forward(self, x: torch.Tensor, kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                return_kv: bool = False):
+        attn = self.attn(self.norm1(x), kv_prefix, return_kv)
+        if return_kv:
+            attn, kv = attn
+        x = x + attn
+        x = x + self.mlp(self.norm2(x))
+        return (x, kv) if return_kv else x
+
+
+class AttentionPoolLatent(nn.Module):
+    """MAP pooling: one learned query attends over the tokens (optionally a key subset)."""
+
+    def __init__(self, arch: ViTArch):
+        super().__init__()
+        dim = arch.embed_dim
+        self.num_heads = arch.num_heads
+        self.head_dim = dim // arch.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=arch.norm_eps)
+        self.mlp = Mlp(dim, arch.mlp_hidden, gelu_approximate=arch.gelu_approximate)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask`` (B, N) bool keeps the keys marked True; a row with none kept keeps all."""
+        B, N, C = x.shape
+        q = self.q(self.latent).view(1, self.num_heads, 1, self.head_dim).expand(B, -1, -1, -1)
+        k, v = self.kv(x).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn_mask = None
+        if key_mask is not None:
+            key_mask = key_mask | ~key_mask.any(dim=1, keepdim=True)
+            attn_mask = key_mask.view(B, 1, 1, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.proj(out.transpose(1, 2).reshape(B, 1, C))
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, (H/p)(W/p), C), row-major."""
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Embed already-gathered patches (..., 3·p·p) laid out as (channel, row, col) — the conv
+        restricted to those patches."""
+        weight = self.proj.weight
+        return F.linear(patches, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+
+def resample_grid(table: torch.Tensor, h: int, w: int, crop_only: bool = False) -> torch.Tensor:
+    """A square (g, g, C) position table for an (h, w) token grid (SPEC §2).
+
+    As is when h == w == g; otherwise bicubic with antialias to (max(h,w), max(h,w)) and the
+    top-left h × w kept. ``crop_only`` (RADIO) skips the interpolation.
+    """
+    g = table.shape[0]
+    if (h == w == g) or crop_only:
+        return table[:h, :w]
+    n = max(h, w)
+    grid = table.permute(2, 0, 1).unsqueeze(0).float()
+    grid = F.interpolate(grid, size=(n, n), mode="bicubic", align_corners=False, antialias=True)
+    return grid[0, :, :h, :w].permute(1, 2, 0).to(table.dtype)
+
+
+def interpolation_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Antialiased bicubic 1-D resampling from ``src`` to ``dst`` samples as sparse taps.
+
+    Returns (index, weight), each (dst, k): output j = Σ_a weight[j, a] · input[index[j, a]].
+    F.interpolate is linear and separable, so resampling the identity gives its weights; this lets
+    a resampled position table be evaluated at a few selected cells without building the whole
+    table. Computed on the CPU (tiny), so no device sync is involved.
+    """
+    eye = torch.eye(src, dtype=torch.float32).view(src, 1, 1, src)
+    dense = F.interpolate(eye, size=(1, dst), mode="bicubic", align_corners=False, antialias=True).view(src, dst).t()
+    k = int((dense != 0).sum(1).max())
+    index = dense.abs().topk(k, dim=1).indices
+    return index, dense.gather(1, index)
+
+
+class VisionTransformer(nn.Module):
+    """The trunk: patch embedding, absolute position table, pre-norm blocks, final norm, pooling."""
+
+    def __init__(self, arch: ViTArch, crop_pos_embed: bool = False):
+        super().__init__()
+        self.arch = arch
+        self.patch_size = arch.patch_size
+        self.embed_dim = arch.embed_dim
+        self.crop_pos_embed = crop_pos_embed
+        self.patch_embed = PatchEmbed(arch.patch_size, arch.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, arch.pos_grid * arch.pos_grid, arch.embed_dim))
+        self.blocks = nn.ModuleList([Block(arch) for _ in range(arch.depth)])
+        self.norm = nn.LayerNorm(arch.embed_dim, eps=arch.norm_eps)
+        if arch.global_pool == "map":
+            self.attn_pool = AttentionPoolLatent(arch)
+        elif arch.global_pool == "avg":
+            self.attn_pool = None
+        else:
+            raise ValueError(f"global_pool must be 'map' or 'avg', got {arch.global_pool!r}")
+        self.grad_checkpointing = False
+
+    @property
+    def pos_table(self) -> torch.Tensor:
+        g = self.arch.pos_grid
+        return self.pos_embed.view(g, g, self.embed_dim)
+
+    def pos_embed_grid(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings for an (h, w) grid, (h·w, C)."""
+        return resample_grid(self.pos_table, h, w, self.crop_pos_embed).reshape(h * w, self.embed_dim)
+
+    def pos_embed_at(self, h: int, w: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Position embeddings of an (h, w) grid read at cells (rows, cols), any index shape → (..., C).
+
+        Same values as ``pos_embed_grid(h, w)[rows * w + cols]`` but only the needed cells are
+        evaluated, so a 270×270 grid at 4K never materialises its 300 MB table.
+        """
+        table = self.pos_table
+        g = table.shape[0]
+        if (h == w == g) or self.crop_pos_embed:
+            return table[rows, cols]
+        index, weight = interpolation_taps(g, max(h, w))
+        index, weight = index.to(table.device), weight.to(table.device)
+        # Resample along rows for the whole table once (n, g, C), then mix each cell's column taps.
+        dense = torch.zeros(index.shape[0], g, device=table.device).scatter_(1, index, weight)
+        by_row = (dense @ table.float().reshape(g, -1)).view(-1, g, table.shape[-1])
+        taps = by_row[rows.unsqueeze(-1), index[cols]]  # (..., k, C)
+        return torch.einsum("...k,...kc->...c", weight[cols], taps).to(table.dtype)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-image tokens with position embeddings: (B, 3, H, W) → (B, h·w, C)."""
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return self.patch_embed(x) + self.pos_embed_grid(h, w).to(x.dtype)
+
+    def forward_blocks(self, x: torch.Tensor, kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                       return_kv: bool = False, keep_hidden: int = 0):
+        """Run all blocks. Returns (final tokens, kept hidden states, per-layer own (k, v)).
+
+        ``keep_hidden`` = how many of the last block outputs to keep (0 keeps none).
+        ``kv_cache`` gives each layer a (k, v) prefix to attend over in addition to ``x``.
+        """
+        hidden: list[torch.Tensor] = []
+        kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        first_kept = len(self.blocks) - keep_hidden
+        for i, block in enumerate(self.blocks):
+            prefix = kv_cache[i] if kv_cache is not None else None
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                out = checkpoint(block, x, prefix, return_kv, use_reentrant=False)
+            else:
+                out = block(x, prefix, return_kv)
+            if return_kv:
+                x, kv = out
+                kvs.append(kv)
+            else:
+                x = out
+            if i >= first_kept:
+                hidden.append(x)
+        return x, hidden, kvs
+
+    def pool(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm then MAP (or masked mean) pooling: (B, N, C) → (B, C)."""
+        x = self.norm(x)
+        if self.attn_pool is not None:
+            return self.attn_pool(x, key_mask)
+        if key_mask is None:
+            return x.mean(1)
+        keep = (key_mask | ~key_mask.any(1, keepdim=True)).to(x.dtype).unsqueeze(-1)
+        return (x * keep).sum(1) / keep.sum(1)
