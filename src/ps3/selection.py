@@ -154,6 +154,8 @@ def plan_looks(highres_sizes: Sequence[Size], max_budgets: Sequence[int], batch_
         first_tokens = tokens if tokens <= step else None
     else:
         raise ValueError("pass num_look_close (an int >= 0 or 'all') or num_token_look_close (an int >= 0 or 'all')")
+    if num_look_close is not None and isinstance(num_token_look_close, int) and num_token_look_close <= step:
+        first_tokens = num_token_look_close  # both given: upstream shrinks the first look only
 
     samples = first_n if first_n is not None else [None] * batch_size
     groups = {m: [b for b in range(batch_size) if samples[b] == m] for m in dict.fromkeys(samples)}

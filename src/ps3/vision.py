@@ -200,8 +200,11 @@ class PS3VisionEncoder(nn.Module):
         topdown = self._prompt_probs(feats, highres, prompt, sizes[1:]) if prompt is not None else None
         probs = topdown if topdown is not None else bottomup
         if gt_selection_maps is not None:
-            gt = F.interpolate(gt_selection_maps.unsqueeze(1).float(), size=sizes[1], mode="area")
-            gt = [F.interpolate(gt, size=size, mode="nearest").squeeze(1) for size in sizes[1:]]
+            # Resized values go back to the caller's dtype (as upstream does): an integer map keeps
+            # only the cells it fully covers at scale 1, a float map keeps partial ones too.
+            dtype = gt_selection_maps.dtype
+            gt = F.interpolate(gt_selection_maps.unsqueeze(1).float(), size=sizes[1], mode="area").to(dtype)
+            gt = [F.interpolate(gt.float(), size=size, mode="nearest").squeeze(1).to(dtype) for size in sizes[1:]]
             probs = [torch.where(g > 0, torch.ones_like(p), p) for g, p in zip(gt, probs)]
         if smooth_selection_prob:
             probs = [F.interpolate(F.interpolate(p.unsqueeze(1), size=(6, 6), mode="area"), size=p.shape[-2:],
@@ -224,7 +227,7 @@ class PS3VisionEncoder(nn.Module):
         B, T = canvas_index.shape
         counts = [h * w for h, w in sizes]
         starts = torch.tensor([0] + counts[:-1], device=canvas_index.device).cumsum(0)
-        scale_of = torch.bucketize(canvas_index, starts, right=True) - 1
+        scale_of = torch.bucketize(canvas_index.contiguous(), starts, right=True) - 1
         # Rows may hold several looks stacked look-major: row r belongs to image r % batch.
         batch = (torch.arange(B, device=canvas_index.device) % next(iter(patches.values())).shape[0]).unsqueeze(1)
         out = None
@@ -276,12 +279,50 @@ class PS3VisionEncoder(nn.Module):
             start += h * w
         return out
 
+    def _check_inputs(self, pixel_values, prompt, gt_selection_maps, is_global_text, num_layers, max_tokens,
+                      check_finite) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor (B, 3, H, W), got {type(pixel_values).__name__}; "
+                            "use PS3ImageProcessor to turn images into pixel values")
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a float tensor (normalised pixels), got {pixel_values.dtype}")
+        B, _, H, W = pixel_values.shape
+        if B == 0 or min(H, W) < self.patch_size:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} is empty or smaller than one patch")
+        if prompt is not None:
+            if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[0] != B:
+                raise ValueError(f"prompt must be a (B={B}, {self.width}) tensor, got "
+                                 f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
+            if prompt.shape[1] != self.width:
+                raise ValueError(f"prompt has width {prompt.shape[1]} but the vision tower expects {self.width}: "
+                                 "use the prompt of a text tower trained with this vision tower")
+        if gt_selection_maps is not None:
+            if not isinstance(gt_selection_maps, torch.Tensor) or gt_selection_maps.dim() != 3 \
+                    or gt_selection_maps.shape[0] != B:
+                raise ValueError(f"gt_selection_maps must be a (B={B}, H, W) tensor of 0/1, got "
+                                 f"{tuple(gt_selection_maps.shape) if isinstance(gt_selection_maps, torch.Tensor) else type(gt_selection_maps).__name__}")
+        if is_global_text is not None:
+            if not isinstance(is_global_text, torch.Tensor) or is_global_text.numel() != B:
+                raise ValueError(f"is_global_text must be a (B={B}, 1) bool tensor")
+        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
+            raise ValueError(f"num_hidden_layers_to_return must be a positive int, got {num_layers!r}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens_per_pass must be a positive int, got {max_tokens!r}")
+        if check_finite:
+            for name, t in (("pixel_values", pixel_values), ("prompt", prompt)):
+                if t is not None and not torch.isfinite(t).all():
+                    raise ValueError(f"{name} contains NaN or Inf")
+
     def forward(self, pixel_values: torch.Tensor, prompt: torch.Tensor | None = None,
                 gt_selection_maps: torch.Tensor | None = None, is_global_text: torch.Tensor | None = None,
                 output_hidden_states: bool = True, pool_gt_token_only: bool = False, num_look_close=None,
                 num_token_look_close=None, smooth_selection_prob: bool = False, only_select_first_n_scale=None,
-                num_hidden_layers_to_return: int | None = None, max_tokens_per_pass: int | None = None
-                ) -> PS3VisionOutput:
+                num_hidden_layers_to_return: int | None = None, max_tokens_per_pass: int | None = None,
+                check_finite: bool = False) -> PS3VisionOutput:
+        self._check_inputs(pixel_values, prompt, gt_selection_maps, is_global_text, num_hidden_layers_to_return,
+                           max_tokens_per_pass, check_finite)
         x = pixel_values
         B, _, H, W = x.shape
         sizes = self.feature_sizes(H, W)
@@ -326,8 +367,8 @@ class PS3VisionEncoder(nn.Module):
             if pool_gt_token_only:
                 if gt_selection_maps is None:
                     raise ValueError("pool_gt_token_only=True needs gt_selection_maps")
-                gt = torch.cat([F.interpolate(gt_selection_maps.unsqueeze(1).float(), size=s, mode="area").flatten(1)
-                                for s in sizes[1:]], dim=1)
+                gt = torch.cat([F.interpolate(gt_selection_maps.unsqueeze(1).float(), size=s, mode="area")
+                                .to(gt_selection_maps.dtype).flatten(1) for s in sizes[1:]], dim=1)
                 mask = gt.gather(1, order[0]) > 0
             pooled = self.trunk.pool(y, mask)
             if is_global_text is not None:
@@ -383,7 +424,7 @@ class PS3VisionModel(PretrainedMixin, nn.Module):
                 smooth_selection_prob: bool = False, only_select_first_n_scale=None,
                 is_global_text: torch.Tensor | None = None, pool_gt_token_only: bool = False,
                 output_hidden_states: bool = True, num_hidden_layers_to_return: int | None = None,
-                max_tokens_per_pass: int | None = None) -> PS3VisionOutput:
+                max_tokens_per_pass: int | None = None, check_finite: bool = False) -> PS3VisionOutput:
         return self.vision_model(pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps,
                                  is_global_text=is_global_text, output_hidden_states=output_hidden_states,
                                  pool_gt_token_only=pool_gt_token_only, num_look_close=num_look_close,
@@ -391,7 +432,7 @@ class PS3VisionModel(PretrainedMixin, nn.Module):
                                  smooth_selection_prob=smooth_selection_prob,
                                  only_select_first_n_scale=only_select_first_n_scale,
                                  num_hidden_layers_to_return=num_hidden_layers_to_return,
-                                 max_tokens_per_pass=max_tokens_per_pass)
+                                 max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite)
 
     def count_tokens(self, height: int, width: int, num_look_close=None, num_token_look_close=None,
                      only_select_first_n_scale: int | None = None) -> TokenCount:

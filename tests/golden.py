@@ -1,0 +1,70 @@
+"""Compare a PS3 call with outputs recorded from the upstream implementation.
+
+Rules from the fixtures' README: selection probabilities to 1e-5; features to 2e-4 (abs and rel);
+selection maps equal, except that cells of exactly equal probability at the top-k boundary may be
+chosen differently (then the high-res features are not comparable, the low-res ones still are).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ps3_tiny"
+MODEL_DIR = FIXTURES / "model"
+CASES = sorted((FIXTURES / "cases").glob("*.safetensors"))
+FEATURE_TOL = 2e-4
+PROB_TOL = 1e-5
+
+
+def load_case(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["case"])
+    return meta, load_file(str(path))
+
+
+def indexed(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]:
+    keys = [k for k in tensors if k.startswith(prefix + ".")]
+    return [tensors[k] for k in sorted(keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = FEATURE_TOL) -> None:
+    assert got is not None, f"{what} missing"
+    got = got.detach().float().cpu()
+    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    diff = (got - want.float()).abs().max().item() if got.numel() else 0.0
+    assert torch.allclose(got, want.float(), atol=tol, rtol=tol), f"{what}: max abs diff {diff:.3g}"
+
+
+def differs_only_in_ties(ours: torch.Tensor, ref: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Same count per sample, and every disagreeing cell holds a value found both inside and
+    outside the reference selection (a tie torch.topk may break either way)."""
+    if not torch.equal(ours.sum((-1, -2)), ref.sum((-1, -2))):
+        return False
+    for b in range(ref.shape[0]):
+        p, r, o = probs[b].flatten(), ref[b].flatten().bool(), ours[b].flatten().bool()
+        boundary = set(p[r].tolist()) & set(p[~r].tolist())
+        if any(v not in boundary for v in p[r ^ o].tolist()):
+            return False
+    return True
+
+
+def check_selection(out, t: dict[str, torch.Tensor]) -> bool:
+    """Asserts probabilities and maps; returns True when maps are identical (features comparable)."""
+    for field in ("selection_probs", "bottomup_selection_probs", "topdown_selection_probs"):
+        for i, want in enumerate(indexed(t, f"expected.{field}")):
+            got = getattr(out, field)
+            assert got is not None and i < len(got), f"{field}[{i}] missing"
+            assert_close(got[i], want, f"{field}[{i}]", PROB_TOL)
+    identical = True
+    probs = indexed(t, "expected.selection_probs")
+    for i, want in enumerate(indexed(t, "expected.selection_maps")):
+        got = out.selection_maps[i].detach().cpu().long()
+        assert got.shape == want.shape, f"selection_maps[{i}] shape {tuple(got.shape)}"
+        if not torch.equal(got, want.long()):
+            assert differs_only_in_ties(got, want.long(), probs[i]), f"selection_maps[{i}] differ beyond ties"
+            identical = False
+    return identical

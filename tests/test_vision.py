@@ -1,0 +1,268 @@
+"""PS3 vision encoder behaviours beyond the recorded cases: batches, non-square inputs, budgets,
+look batching, pre-training mode, dtypes, checkpoints and errors."""
+import json
+
+import pytest
+import torch
+
+import ps3
+from golden import MODEL_DIR
+from ps3.hub import load_state_dict
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ps3.PS3VisionModel.from_pretrained(MODEL_DIR)
+
+
+def images(b=2, h=224, w=224, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, h, w, generator=g) * 2 - 1
+
+
+def run(model, x, **kw):
+    with torch.no_grad():
+        return model(x, **kw)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_look_close=1),
+    dict(num_look_close=2),
+    dict(num_look_close="all"),
+    dict(num_token_look_close=30),
+    dict(num_token_look_close=130),
+    dict(num_look_close=1, smooth_selection_prob=True),
+    dict(num_look_close=2, only_select_first_n_scale=1),
+], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("size", [(224, 224), (224, 160), (150, 224)])
+def test_batch_equals_single_images(model, kw, size):
+    x = images(2, *size)
+    both = run(model, x, **kw)
+    for b in range(2):
+        one = run(model, x[b:b + 1], **kw)
+        for m_both, m_one in zip(both.selection_maps, one.selection_maps):
+            assert torch.equal(m_both[b:b + 1], m_one)
+        torch.testing.assert_close(both.last_hidden_state[b:b + 1], one.last_hidden_state, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (224, 160), (100, 224), (14, 224)])
+@pytest.mark.parametrize("kw", [dict(num_look_close=1), dict(num_look_close="all"), dict(num_token_look_close=50),
+                                dict(num_look_close=0), dict(num_look_close=3, only_select_first_n_scale=1)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_token_count_known_ahead(model, size, kw):
+    count = model.count_tokens(*size, **kw)
+    out = run(model, images(1, *size), **kw)
+    assert out.last_hidden_state.shape[1] == count.total
+    if out.selection_maps is not None:
+        assert [int(m.sum()) for m in out.selection_maps] == count.per_scale
+    sizes = model.vision_model.feature_sizes(*size)
+    assert [tuple(p.shape[-2:]) for p in out.selection_probs] == sizes[1:]
+
+
+def test_nonsquare_grid_sizes(model):
+    # 224 x 160 at s0 = 56, p = 14: width int(56/224*160)//14*14 = 28 -> grids (8,4) and (16,8).
+    assert model.vision_model.feature_sizes(224, 160) == [(4, 4), (8, 4), (16, 8)]
+    assert model.vision_model.feature_sizes(160, 224) == [(4, 4), (4, 8), (8, 16)]
+    out = run(model, images(1, 224, 160), num_look_close="all")
+    assert [tuple(m.shape[-2:]) for m in out.selection_maps] == [(8, 4), (16, 8)]
+    maps = model.vision_model.format_features_into_feature_maps(out.last_hidden_state, out.selection_maps)
+    assert [tuple(m.shape) for m in maps] == [(1, 64, 4, 4), (1, 64, 8, 4), (1, 64, 16, 8)]
+
+
+def test_all_encodes_every_cell_once(model):
+    out = run(model, images(2), num_look_close="all")
+    for m in out.selection_maps:
+        assert bool((m == 1).all())
+    assert out.last_hidden_state.shape[1] == 16 + 64 + 256
+
+
+def test_looks_batched_equal_sequential(model):
+    x = images(2, seed=3)
+    batched = run(model, x, num_look_close="all", max_tokens_per_pass=10_000)
+    one_by_one = run(model, x, num_look_close="all", max_tokens_per_pass=1)
+    for a, b in zip(batched.hidden_states, one_by_one.hidden_states):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_looks_do_not_see_each_other(model):
+    # The second look's cells encoded alone (as the first look of a gt-forced call would) give the
+    # same features as inside a two-look call: each look attends to the low-res cache and itself.
+    x = images(1, seed=5)
+    two = run(model, x, num_look_close=2)
+    one = run(model, x, num_look_close=1)
+    first = [m.bool() for m in one.selection_maps]
+    fmap_two = model.vision_model.format_features_into_feature_maps(two.last_hidden_state, two.selection_maps)
+    fmap_one = model.vision_model.format_features_into_feature_maps(one.last_hidden_state, one.selection_maps)
+    for s, sel in enumerate(first):
+        a = fmap_two[s + 1].permute(0, 2, 3, 1)[sel]
+        b = fmap_one[s + 1].permute(0, 2, 3, 1)[sel]
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_hidden_layers_to_return(model):
+    x = images(1)
+    full = run(model, x, num_look_close=1)
+    last2 = run(model, x, num_look_close=1, num_hidden_layers_to_return=2)
+    assert len(full.hidden_states) == 4 and len(last2.hidden_states) == 2
+    torch.testing.assert_close(last2.hidden_states[0], full.hidden_states[2])
+    torch.testing.assert_close(last2.last_hidden_state, full.last_hidden_state)
+
+
+def test_lowres_only(model):
+    out = run(model, images(1), num_look_close=0)
+    assert out.selection_maps is None and out.last_hidden_state.shape == (1, 16, 64)
+
+
+def test_gt_maps_force_selection(model):
+    gt = torch.zeros(1, 224, 224)
+    gt[:, :56, :56] = 1  # the top-left 2x2 cells at scale 1, 4x4 at scale 2
+    out = run(model, images(1), num_look_close=1, gt_selection_maps=gt)
+    assert bool((out.selection_probs[0][0, :2, :2] == 1).all())
+    assert bool((out.selection_maps[0][0, :2, :2] == 1).all()) and bool((out.selection_maps[1][0, :4, :4] == 1).all())
+
+
+def test_integer_gt_maps_keep_only_fully_covered_cells(model):
+    gt = torch.zeros(1, 224, 224)
+    gt[:, :40, :40] = 1  # covers scale-1 cell (0,0) fully, (0,1),(1,0),(1,1) partly
+    as_float = run(model, images(1), num_look_close=1, gt_selection_maps=gt).selection_probs[0]
+    as_long = run(model, images(1), num_look_close=1, gt_selection_maps=gt.long()).selection_probs[0]
+    assert bool((as_float[0, :2, :2] == 1).all())
+    assert as_long[0, 0, 0] == 1 and as_long[0, 1, 1] < 1
+
+
+def test_smoothing_is_blockwise_constant(model):
+    out = run(model, images(1, 168, 168), num_look_close=1, smooth_selection_prob=True)
+    bottom = run(model, images(1, 168, 168), num_look_close=1).selection_probs[0]
+    p = out.selection_probs[0]
+    torch.testing.assert_close(p, torch.nn.functional.interpolate(
+        torch.nn.functional.interpolate(bottom[:, None], size=(6, 6), mode="area"), size=(8, 8))[:, 0])
+
+
+def test_topdown_prompt_changes_selection_and_keeps_bottomup(model):
+    x = images(1)
+    base = run(model, x, num_look_close=1)
+    prompt = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
+    steered = run(model, x, num_look_close=1, prompt=prompt)
+    torch.testing.assert_close(steered.bottomup_selection_probs[0], base.selection_probs[0])
+    torch.testing.assert_close(steered.selection_probs[0], steered.topdown_selection_probs[0])
+    assert not torch.allclose(steered.selection_probs[0], base.selection_probs[0])
+
+
+def test_first_n_scales_budgets(model):
+    vm = model.vision_model
+    assert vm.max_select_num_each_scale == [16, 64]
+    # m = 1: [int(16/16*80), 1] = [80, 1], last topped to a total of 80 -> [80, 0]; scale 1 has
+    # only 64 cells, so 16 spill over to scale 2.
+    out = run(model, images(2), num_look_close=1, only_select_first_n_scale=[1, 2])
+    assert [int(m[0].sum()) for m in out.selection_maps] == [64, 16]
+    assert [int(m[1].sum()) for m in out.selection_maps] == [16, 64]
+
+
+def test_pretraining_mode_pools_and_backprops():
+    model = ps3.PS3VisionModel.from_pretrained(MODEL_DIR).train()
+    x = images(3)
+    gt = torch.zeros(3, 224, 224)
+    gt[0, 100:180, 20:90] = 1
+    gt[1] = 1
+    is_global = torch.tensor([[False], [False], [True]])
+    out = model(x, gt_selection_maps=gt, is_global_text=is_global, pool_gt_token_only=True,
+                output_hidden_states=False)
+    assert out.pooled_output.shape == (3, 64)
+    assert out.last_hidden_state is None
+    with torch.no_grad():
+        lowres = model.vision_model.forward_low_res(x, keep_kv=False)[2]
+        plain = model(x, gt_selection_maps=gt, output_hidden_states=False).pooled_output
+    torch.testing.assert_close(out.pooled_output[2], lowres[2])
+    assert not torch.allclose(out.pooled_output[0], plain[0])  # pooling restricted to the gt cells
+    loss = out.pooled_output.sum() + sum(p.sum() for p in out.bottomup_selection_probs)
+    loss.backward()
+    vm = model.vision_model
+    for p in (vm.trunk.blocks[0].attn.qkv.weight, vm.selection_feature_proj.fc1.weight,
+              vm.highres_selection_feature_module.stem[0].weight, vm.pos_emb_residual[0]):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_smoke(dtype):
+    model = ps3.PS3VisionModel.from_pretrained(MODEL_DIR, dtype=dtype)
+    out = run(model, images(1).to(dtype), num_look_close=2)
+    assert out.last_hidden_state.dtype == dtype
+    assert torch.isfinite(out.last_hidden_state.float()).all()
+    ref = run(ps3.PS3VisionModel.from_pretrained(MODEL_DIR), images(1), num_look_close=0)
+    low = run(model, images(1).to(dtype), num_look_close=0)
+    torch.testing.assert_close(low.last_hidden_state.float(), ref.last_hidden_state, atol=0.15, rtol=0.05)
+
+
+def test_save_load_round_trip(tmp_path, model):
+    model.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["model_type"] == "ps3_vision_model" and cfg["vit"]["embed_dim"] == 64
+    assert "transformers_version" not in cfg and cfg["vision_tower_name"] == "vit_test_tiny_patch14_map"
+    model.save_pretrained(tmp_path / "b", max_shard_bytes=200_000)
+    assert (tmp_path / "b" / "model.safetensors.index.json").exists()
+    x = images(1)
+    want = run(model, x, num_look_close=2).last_hidden_state
+    for d in ("a", "b"):
+        again = ps3.PS3VisionModel.from_pretrained(tmp_path / d)
+        torch.testing.assert_close(run(again, x, num_look_close=2).last_hidden_state, want, atol=0, rtol=0)
+
+
+def test_checkpoint_that_does_not_fit_lists_mismatches(tmp_path):
+    cfg = ps3.PS3VisionConfig.from_pretrained(MODEL_DIR)
+    cfg.vit = {**cfg.vit, "depth": 3}
+    cfg.select_based_on_layer = [0, 1, 2]
+    with pytest.raises(ValueError, match="unexpected keys .*blocks.3"):
+        ps3.PS3VisionModel.from_pretrained(MODEL_DIR, config=cfg)
+    cfg = ps3.PS3VisionConfig.from_pretrained(MODEL_DIR)
+    cfg.highres_selection_module_out_dim = 16
+    with pytest.raises(ValueError, match="shape mismatches"):
+        ps3.PS3VisionModel.from_pretrained(MODEL_DIR, config=cfg)
+
+
+def test_pickled_weights_refused(tmp_path):
+    (tmp_path / "config.json").write_text((MODEL_DIR / "config.json").read_text())
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="safetensors only.*save_file"):
+        ps3.PS3VisionModel.from_pretrained(tmp_path)
+
+
+def test_joint_checkpoint_has_both_towers():
+    keys = load_state_dict(MODEL_DIR).keys()
+    assert any(k.startswith("text_model.") for k in keys) and any(k.startswith("vision_model.") for k in keys)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m(torch.rand(3, 224, 224), num_look_close=1), "pixel_values must have shape"),
+    (lambda m: m(torch.rand(1, 1, 224, 224), num_look_close=1), "pixel_values must have shape"),
+    (lambda m: m(torch.zeros(1, 3, 224, 224, dtype=torch.long), num_look_close=1), "float tensor"),
+    (lambda m: m(images(1), num_look_close=-1), "num_look_close must be a non-negative int or 'all'"),
+    (lambda m: m(images(1), num_look_close="some"), "num_look_close must be"),
+    (lambda m: m(images(1), num_token_look_close=2.5), "num_token_look_close must be"),
+    (lambda m: m(images(1)), "pass num_look_close"),
+    (lambda m: m(images(1), num_look_close=1, prompt=torch.rand(1, 32)), "prompt has width 32"),
+    (lambda m: m(images(2), num_look_close=1, prompt=torch.rand(1, 64)), r"prompt must be a \(B=2"),
+    (lambda m: m(images(1), num_look_close=1, gt_selection_maps=torch.ones(224, 224)), "gt_selection_maps must be"),
+    (lambda m: m(images(1), num_look_close=1, only_select_first_n_scale=3), "only_select_first_n_scale must be"),
+    (lambda m: m(images(1), num_look_close=1, only_select_first_n_scale=0), "only_select_first_n_scale must be"),
+    (lambda m: m(images(2), num_look_close=1, only_select_first_n_scale=[1]), "entries for a batch of 2"),
+    (lambda m: m(images(1), num_look_close=1, num_hidden_layers_to_return=0), "num_hidden_layers_to_return"),
+    (lambda m: m(images(1) * float("nan"), num_look_close=1, check_finite=True), "NaN or Inf"),
+    (lambda m: m(images(1), output_hidden_states=False, pool_gt_token_only=True), "needs gt_selection_maps"),
+])
+def test_bad_input_raises(model, call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(model)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(ps3_scales=[56, 100, 224]), "not multiples of the patch size"),
+    (dict(ps3_scales=[56]), "at least one high-res scale"),
+    (dict(model_name="vit_unknown", vit=None), "unknown backbone"),
+    (dict(select_based_on_layer=[0, 9]), "select_based_on_layer"),
+])
+def test_bad_config_raises(change, match):
+    cfg = ps3.PS3VisionConfig.from_pretrained(MODEL_DIR)
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    with pytest.raises(ValueError, match=match):
+        ps3.PS3VisionModel(cfg)
