@@ -36,8 +36,12 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, revision: str | None = 
         raise ValueError(f"{text!r} is neither an existing directory nor a hub id like 'nvidia/PS3-4K-SigLIP2'")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS,
-                                  local_files_only=local_files_only, token=token))
+    try:
+        return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS,
+                                      local_files_only=local_files_only, token=token))
+    except Exception as exc:  # network, auth, missing repo: one clear message for the caller
+        raise ValueError(f"{text!r} is not a local directory and could not be fetched from the Hugging Face hub "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
 def load_state_dict(directory: str | os.PathLike, prefixes: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
