@@ -20,7 +20,7 @@ from .config import PS3VisionConfig
 from .hub import PretrainedMixin
 from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, scale_image_size,
                         select_cells)
-from .vit import Mlp, VisionTransformer, arch_from_config
+from .vit import Mlp, VisionTransformer, arch_from_config, resize_patches
 
 # The high-res selection module always sees the image at this size, whatever the scales (SPEC §3.4).
 HIGHRES_SELECTION_SIZE = 1512
@@ -212,31 +212,30 @@ class PS3VisionEncoder(nn.Module):
         return probs, bottomup, topdown
 
     # ----------------------------------------------------------------- tokenising selected cells
-    def _scale_patches(self, pixel_values: torch.Tensor, index: int) -> torch.Tensor:
-        """The input resized for scale ``index`` as a (B, h, w, 3, p, p) view of its patches."""
-        size = scale_image_size(*pixel_values.shape[-2:], self.ps3_scales, self.patch_size, index)
-        p = self.patch_size
-        image = _resize(pixel_values, size)
-        return image.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5)
-
-    def _embed_cells(self, patches: dict[int, torch.Tensor], sizes: Sequence[tuple[int, int]],
+    def _embed_cells(self, pixel_values: torch.Tensor, sizes: Sequence[tuple[int, int]], scales: Sequence[int],
                      canvas_index: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, T, C) for the cells at ``canvas_index`` (B, T) of the canvas of all high-res
-        cells (scales ascending, row-major): patch embedding + trunk position embedding resampled to
-        the scale's grid + the scale's residual position embedding."""
-        B, T = canvas_index.shape
+        """Tokens (R, T, C) for the cells at ``canvas_index`` (R, T) of the canvas of all high-res
+        cells (scales ascending, row-major): patch embedding of the cell's pixels at its scale +
+        trunk position embedding resampled to the scale's grid + the scale's residual embedding.
+
+        Rows may hold several looks stacked look-major (row r is image r % B). Only the selected
+        patches are resized (``resize_patches``), so no full-resolution copy is ever made.
+        """
+        R, T = canvas_index.shape
+        B, _, H, W = pixel_values.shape
         counts = [h * w for h, w in sizes]
         starts = torch.tensor([0] + counts[:-1], device=canvas_index.device).cumsum(0)
         scale_of = torch.bucketize(canvas_index.contiguous(), starts, right=True) - 1
-        # Rows may hold several looks stacked look-major: row r belongs to image r % batch.
-        batch = (torch.arange(B, device=canvas_index.device) % next(iter(patches.values())).shape[0]).unsqueeze(1)
+        batch = (torch.arange(R, device=canvas_index.device) % B).unsqueeze(1).expand(R, T)
         out = None
-        for s, view in patches.items():
+        for s in scales:
             h, w = sizes[s]
             here = scale_of == s
             local = torch.where(here, canvas_index - starts[s], 0)
             rows, cols = local // w, local % w
-            pix = view[batch, rows, cols].reshape(B, T, -1)
+            image_size = scale_image_size(H, W, self.ps3_scales, self.patch_size, s + 1)
+            pix = resize_patches(pixel_values, image_size, self.patch_size, batch.reshape(-1), rows.reshape(-1),
+                                 cols.reshape(-1)).to(pixel_values.dtype).view(R, T, -1)
             tok = self.trunk.patch_embed.embed_patches(pix)
             tok = tok + self.trunk.pos_embed_at(h, w, rows, cols)
             if self.pos_emb_residual is not None:
@@ -355,13 +354,12 @@ class PS3VisionEncoder(nn.Module):
                 raise ValueError(f"look {j} selects {counts} tokens for the samples of this batch; samples with "
                                  "different only_select_first_n_scale must select equal totals: encode them separately")
         used_scales = sorted({i for look in plan.budgets for i, ks in enumerate(look) if any(ks)})
-        patches = {i: self._scale_patches(x, i + 1) for i in used_scales}
         canvas = [torch.cat([m.flatten(1) for m in look], 1) for look in looks]
         order = [torch.argsort((~c).to(torch.int8), dim=1, stable=True)[:, :tokens_per_look[j][0]]
                  for j, c in enumerate(canvas)]
 
         if pretraining:
-            tokens = self._embed_cells(patches, sizes[1:], order[0])
+            tokens = self._embed_cells(x, sizes[1:], used_scales, order[0])
             y, _, _ = self.trunk.forward_blocks(tokens, kv_cache=low_kv)
             mask = None
             if pool_gt_token_only:
@@ -387,7 +385,7 @@ class PS3VisionEncoder(nn.Module):
             while j + n < len(order) and order[j + n].shape[1] == T and (n + 1) * T * B <= budget:
                 n += 1
             index = torch.cat(order[j:j + n], dim=0)
-            tokens = self._embed_cells(patches, sizes[1:], index)
+            tokens = self._embed_cells(x, sizes[1:], used_scales, index)
             cache = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in low_kv] if n > 1 else low_kv
             _, hidden, _ = self.trunk.forward_blocks(tokens, kv_cache=cache, keep_hidden=keep)
             for layer, h in enumerate(hidden):

@@ -11,6 +11,7 @@ Parameter names follow timm's ``VisionTransformer`` so published checkpoints loa
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -208,19 +209,48 @@ def resample_grid(table: torch.Tensor, h: int, w: int, crop_only: bool = False) 
     return grid[0, :, :h, :w].permute(1, 2, 0).to(table.dtype)
 
 
-def interpolation_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Antialiased bicubic 1-D resampling from ``src`` to ``dst`` samples as sparse taps.
+@functools.lru_cache(maxsize=64)
+def interpolation_taps(src: int, dst: int, antialias: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bicubic 1-D resampling from ``src`` to ``dst`` samples (align_corners=False) as sparse taps.
 
     Returns (index, weight), each (dst, k): output j = Σ_a weight[j, a] · input[index[j, a]].
-    F.interpolate is linear and separable, so resampling the identity gives its weights; this lets
-    a resampled position table be evaluated at a few selected cells without building the whole
-    table. Computed on the CPU (tiny), so no device sync is involved.
+    F.interpolate is linear and separable, so resampling the identity gives its exact weights
+    (border clamping included). This lets a resampled image or position table be evaluated at a
+    few selected cells without building the whole thing. Computed on the CPU (tiny) and cached.
     """
     eye = torch.eye(src, dtype=torch.float32).view(src, 1, 1, src)
-    dense = F.interpolate(eye, size=(1, dst), mode="bicubic", align_corners=False, antialias=True).view(src, dst).t()
+    dense = F.interpolate(eye, size=(1, dst), mode="bicubic", align_corners=False, antialias=antialias)
+    dense = dense.view(src, dst).t()
     k = int((dense != 0).sum(1).max())
     index = dense.abs().topk(k, dim=1).indices
     return index, dense.gather(1, index)
+
+
+def resize_patches(images: torch.Tensor, size: tuple[int, int], patch_size: int, batch: torch.Tensor,
+                   rows: torch.Tensor, cols: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Patches of ``F.interpolate(images, size, mode="bicubic")`` at cells (rows, cols) of the
+    resized image's patch grid, computed without resizing the whole image.
+
+    images: (B, 3, H, W); batch/rows/cols: (N,) long. Returns (N, 3·p·p) in float32, laid out as
+    (channel, row, col) like a conv weight. Cost and memory follow N, not the target size: one
+    look at 4K costs what it costs at 1.5K.
+    """
+    p = patch_size
+    device = images.device
+    iy, wy = (t.to(device) for t in interpolation_taps(images.shape[-2], size[0], False))
+    ix, wx = (t.to(device) for t in interpolation_taps(images.shape[-1], size[1], False))
+    offsets = torch.arange(p, device=device)
+    out = []
+    src = images.float()
+    for start in range(0, batch.numel(), chunk):
+        b, r, c = batch[start:start + chunk], rows[start:start + chunk], cols[start:start + chunk]
+        ys, xs = r[:, None] * p + offsets, c[:, None] * p + offsets  # (n, p) output pixel rows / cols
+        ty, tx = iy[ys], ix[xs]  # (n, p, k) source rows / cols
+        # (n, p, k, p, k, 3): the source pixels each output pixel mixes.
+        pix = src[b[:, None, None, None, None], :, ty[:, :, :, None, None], tx[:, None, None, :, :]]
+        patch = torch.einsum("npa,nqb,npaqbc->ncpq", wy[ys], wx[xs], pix)
+        out.append(patch.reshape(patch.shape[0], -1))
+    return torch.cat(out) if out else images.new_zeros(0, 3 * p * p, dtype=torch.float32)
 
 
 class VisionTransformer(nn.Module):
@@ -263,7 +293,7 @@ class VisionTransformer(nn.Module):
         g = table.shape[0]
         if (h == w == g) or self.crop_pos_embed:
             return table[rows, cols]
-        index, weight = interpolation_taps(g, max(h, w))
+        index, weight = interpolation_taps(g, max(h, w), True)
         index, weight = index.to(table.device), weight.to(table.device)
         # Resample along rows for the whole table once (n, g, C), then mix each cell's column taps.
         dense = torch.zeros(index.shape[0], g, device=table.device).scatter_(1, index, weight)
