@@ -132,7 +132,7 @@ class PS3VisionEncoder(nn.Module):
         n_sel = len(config.select_based_on_layer)
         self.selection_feature_proj = Mlp(self.width * n_sel, self.width * n_sel, self.width * n_high,
                                           hidden_norm_eps=1e-5)
-        self.prior_prompt = nn.Parameter(torch.zeros(self.width))
+        self.prior_prompt = nn.Parameter(torch.randn(self.width))
         if config.separate_pos_emb:
             self.pos_emb_residual = nn.ParameterList(
                 [nn.Parameter(torch.zeros(1, (s // self.patch_size) ** 2, self.width)) for s in self.ps3_scales[1:]])
