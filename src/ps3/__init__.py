@@ -1,10 +1,14 @@
-"""ps3: high-resolution vision encoding with PS3 and S2."""
+"""ps3: high-resolution vision encoding with PS3 (select and encode the patches that matter, up
+to 4K) and S2 (multi-scale features from any backbone)."""
 __version__ = "0.1.0"
 
-from .config import PS3Config, PS3TextConfig, PS3VisionConfig  # noqa: E402
+from .config import PS3Config, PS3TextConfig, PS3VisionConfig
+from .model import PS3Model
+from .processor import PS3ImageProcessor
+from .selection import TokenCount
+from .text import PS3TextModel, PS3TextOutput
+from .tokenizer import PS3Tokenizer
+from .vision import PS3VisionModel, PS3VisionOutput
 
-__all__ = ["__version__", "PS3Config", "PS3TextConfig", "PS3VisionConfig"]
-
-from .vision import PS3VisionModel, PS3VisionOutput  # noqa: E402
-
-__all__ += ["PS3VisionModel", "PS3VisionOutput"]
+__all__ = ["__version__", "PS3Config", "PS3TextConfig", "PS3VisionConfig", "PS3Model", "PS3ImageProcessor",
+           "PS3TextModel", "PS3TextOutput", "PS3Tokenizer", "PS3VisionModel", "PS3VisionOutput", "TokenCount"]

@@ -169,8 +169,6 @@ class PretrainedMixin:
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
         state = load_state_dict(directory, cls.checkpoint_prefixes or None)
-        state = {k: v for k, v in state.items() if k in model.state_dict() or not cls.checkpoint_prefixes
-                 or k.startswith(cls.checkpoint_prefixes)}
         check_and_load(model, state, where=f"checkpoint in {directory}")
         model._init_non_persistent()
         dtype = parse_dtype(dtype)
