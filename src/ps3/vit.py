@@ -273,6 +273,10 @@ class VisionTransformer(nn.Module):
         else:
             raise ValueError(f"global_pool must be 'map' or 'avg', got {arch.global_pool!r}")
         self.grad_checkpointing = False
+        # timm's starting values, for training from scratch (loading a checkpoint overwrites them).
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.latent, std=arch.embed_dim ** -0.5)
 
     @property
     def pos_table(self) -> torch.Tensor:
