@@ -128,7 +128,9 @@ class PS3VisionEncoder(nn.Module):
         # keeping every layer holds 27 × 88,209 × 1,152 floats (~11 GB in float32).
         self.num_hidden_layers_to_return: int | None = None
         # At most this many high-res tokens go through the trunk in one batched pass of looks.
-        self.max_tokens_per_pass: int = 16384
+        # None: several looks per pass on a GPU (fuller kernels), one look per pass on a CPU
+        # (measured slower batched there: larger working sets, no idle compute to fill).
+        self.max_tokens_per_pass: int | None = None
         n_sel = len(config.select_based_on_layer)
         self.selection_feature_proj = Mlp(self.width * n_sel, self.width * n_sel, self.width * n_high,
                                           hidden_norm_eps=1e-5)
@@ -376,7 +378,7 @@ class PS3VisionEncoder(nn.Module):
 
         # Looks only see the low-res cache and themselves, so several go through the trunk as one
         # batch (looks stacked on the batch dimension), up to max_tokens_per_pass tokens per pass.
-        budget = max_tokens_per_pass or self.max_tokens_per_pass
+        budget = max_tokens_per_pass or self.max_tokens_per_pass or (16384 if x.device.type == "cuda" else 1)
         per_layer: list[list[torch.Tensor]] = [[] for _ in range(keep)]
         j = 0
         while j < len(order):

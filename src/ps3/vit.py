@@ -218,12 +218,30 @@ def interpolation_taps(src: int, dst: int, antialias: bool = True) -> tuple[torc
     (border clamping included). This lets a resampled image or position table be evaluated at a
     few selected cells without building the whole thing. Computed on the CPU (tiny) and cached.
     """
-    eye = torch.eye(src, dtype=torch.float32).view(src, 1, 1, src)
-    dense = F.interpolate(eye, size=(1, dst), mode="bicubic", align_corners=False, antialias=antialias)
-    dense = dense.view(src, dst).t()
-    k = int((dense != 0).sum(1).max())
-    index = dense.abs().topk(k, dim=1).indices
-    return index, dense.gather(1, index)
+    # Resample a few unit impulses at a time: the dense (dst, src) matrix of a 4K image would take
+    # hundreds of MB for a handful of non-zeros per row.
+    outs, sources, weights = [], [], []
+    for start in range(0, src, 128):
+        n = min(128, src - start)
+        impulses = torch.zeros(n, 1, 1, src)
+        impulses[torch.arange(n), 0, 0, start + torch.arange(n)] = 1.0
+        resampled = F.interpolate(impulses, size=(1, dst), mode="bicubic", align_corners=False,
+                                  antialias=antialias).view(n, dst)
+        i, j = resampled.nonzero(as_tuple=True)
+        outs.append(j)
+        sources.append(i + start)
+        weights.append(resampled[i, j])
+    out, source, weight = torch.cat(outs), torch.cat(sources), torch.cat(weights)
+    order = torch.argsort(out * src + source)
+    out, source, weight = out[order], source[order], weight[order]
+    counts = torch.bincount(out, minlength=dst)
+    k = max(int(counts.max()), 1)
+    slot = torch.arange(out.numel()) - (torch.cumsum(counts, 0) - counts)[out]
+    index = torch.zeros(dst, k, dtype=torch.long)
+    value = torch.zeros(dst, k)
+    index[out, slot] = source
+    value[out, slot] = weight
+    return index, value
 
 
 def resize_patches(images: torch.Tensor, size: tuple[int, int], patch_size: int, batch: torch.Tensor,
@@ -300,7 +318,7 @@ class VisionTransformer(nn.Module):
         index, weight = interpolation_taps(g, max(h, w), True)
         index, weight = index.to(table.device), weight.to(table.device)
         # Resample along rows for the whole table once (n, g, C), then mix each cell's column taps.
-        dense = torch.zeros(index.shape[0], g, device=table.device).scatter_(1, index, weight)
+        dense = torch.zeros(index.shape[0], g, device=table.device).scatter_add_(1, index, weight)
         by_row = (dense @ table.float().reshape(g, -1)).view(-1, g, table.shape[-1])
         taps = by_row[rows.unsqueeze(-1), index[cols]]  # (..., k, C)
         return torch.einsum("...k,...kc->...c", weight[cols], taps).to(table.dtype)

@@ -1,0 +1,74 @@
+"""The ``ps3`` command line, run as a user would (a real subprocess on real image files)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from golden import MODEL_DIR
+
+
+def ps3(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "ps3.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_help_and_version():
+    out = ps3("--help").stdout
+    for command in ("encode", "bench"):
+        assert command in out
+    assert ps3("--version").stdout.startswith("ps3 ")
+    assert "--looks" in ps3("encode", "--help").stdout
+
+
+def test_encode_writes_features_and_heatmaps(tmp_path, photo):
+    out = tmp_path / "feat.safetensors"
+    proc = ps3("encode", photo, "--model", MODEL_DIR, "--looks", "2", "--out", out, "--viz", tmp_path / "viz",
+               "--feature-maps", "--image-size", "224")
+    assert "tokens per high-res scale" in proc.stdout and "[32, 128]" in proc.stdout
+    tensors = load_file(str(out))
+    assert tensors["0.last_hidden_state"].shape == (16 + 160, 64)
+    assert tensors["0.selection_maps.1"].sum() == 128
+    assert tensors["0.feature_maps.2"].shape == (64, 16, 16)
+    for scale in (1, 2):
+        image = Image.open(tmp_path / "viz" / f"photo_scale{scale}.png")
+        assert image.width == 200 and image.height > 300  # the photo plus a title bar
+
+
+def test_encode_all_and_tokens(tmp_path, photo):
+    proc = ps3("encode", photo, "--model", MODEL_DIR, "--all", "--image-size", "112", "--quiet")
+    assert proc.stdout == ""
+    proc = ps3("encode", photo, "--model", MODEL_DIR, "--tokens", "20", "--image-size", "112")
+    assert "[4, 16]" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["encode", "missing.png", "--model", MODEL_DIR], "image not found: missing.png"),
+    (["encode", "PHOTO", "--model", "no/such/dir/x"], "neither an existing directory nor a hub id"),
+    (["encode", "PHOTO", "--model", MODEL_DIR, "--prompt", "a boat"], "no tokenizer_config.json"),
+    (["encode", "PHOTO", "--model", MODEL_DIR, "--looks", "-1"], "num_look_close must be"),
+])
+def test_user_mistakes_give_one_line(photo, args, message):
+    proc = ps3(*[photo if a == "PHOTO" else a for a in args], check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_flag_exits_nonzero():
+    proc = ps3("encode", "--looks", "1", "--all", "x.png", "--model", "m", check=False)
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
