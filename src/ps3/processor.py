@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import load_image
+
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 
@@ -63,8 +65,6 @@ class PS3ImageProcessor:
             if image.dtype != np.uint8 or image.ndim not in (2, 3):
                 raise ValueError(f"a numpy image must be HxW or HxWxC uint8, got {image.dtype} {image.shape}")
             image = Image.fromarray(image)
-        from .images import load_image
-
         rgb = load_image(image)
         size = image_size or self.image_size
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)

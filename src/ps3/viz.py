@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import load_image
+
 
 # Anchor colours of a perceptually ordered dark-to-bright map (black → purple → orange → yellow).
 _ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
@@ -46,8 +48,6 @@ def overlay_selection(image: Any, output: Any, scale: int = 1, sample: int = 0, 
         raise ValueError(f"sample must be in [0, {probs[0].shape[0]}), got {sample}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    from .images import load_image
-
     photo = load_image(image)
     ratio = min(1.0, max_side / max(photo.size))
     photo = photo.resize((max(1, round(photo.width * ratio)), max(1, round(photo.height * ratio))), Image.Resampling.BICUBIC)
