@@ -266,3 +266,17 @@ def test_bad_config_raises(change, match):
         setattr(cfg, k, v)
     with pytest.raises(ValueError, match=match):
         ps3.PS3VisionModel(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kw", [dict(num_look_close=2), dict(num_look_close="all"), dict(num_token_look_close=50)])
+def test_cuda_matches_cpu(model, kw):
+    x = images(2, 224, 160)
+    cpu = run(model, x, **kw)
+    gpu_model = ps3.PS3VisionModel.from_pretrained(MODEL_DIR, device="cuda")
+    gpu = run(gpu_model, x.cuda(), **kw)
+    for a, b in zip(cpu.selection_maps, gpu.selection_maps):
+        assert torch.equal(a, b.cpu())
+    torch.testing.assert_close(gpu.last_hidden_state.cpu(), cpu.last_hidden_state, atol=1e-3, rtol=1e-3)
+    bf16 = run(ps3.PS3VisionModel.from_pretrained(MODEL_DIR, device="cuda", dtype="bfloat16"), x.cuda().bfloat16(), **kw)
+    assert bf16.last_hidden_state.dtype == torch.bfloat16 and torch.isfinite(bf16.last_hidden_state.float()).all()
