@@ -169,12 +169,19 @@ class PretrainedMixin:
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
         state = load_state_dict(directory, cls.checkpoint_prefixes or None)
+        for key, value in cls._optional_tensors().items():
+            state.setdefault(key, value)
         check_and_load(model, state, where=f"checkpoint in {directory}")
         model._init_non_persistent()
         dtype = parse_dtype(dtype)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
+
+    @classmethod
+    def _optional_tensors(cls) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint may lack, with the values to use then."""
+        return {}
 
     def _init_non_persistent(self) -> None:
         """Rebuild buffers that are not saved (they were created on the meta device)."""

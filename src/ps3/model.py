@@ -33,6 +33,11 @@ class PS3Model(PretrainedMixin, nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
+    @classmethod
+    def _optional_tensors(cls) -> dict[str, torch.Tensor]:
+        # Released repos carry the SigLIP logit scale/bias; files exported without them still load.
+        return {"logit_scale": torch.tensor(math.log(10.0)), "logit_bias": torch.tensor(-10.0)}
+
     def encode_text(self, token_ids: torch.Tensor) -> PS3TextOutput:
         """Token ids (B, context_length) → pooled text feature and the selection prompt."""
         return self.text_model(token_ids)
