@@ -33,7 +33,7 @@ def test_towers_agree_with_single_tower_models(joint):
 
 def test_missing_logit_parameters_take_siglip_init(joint):
     assert "logit_scale" not in load_state_dict(MODEL_DIR)
-    assert float(joint.logit_scale) == pytest.approx(2.302585) and float(joint.logit_bias) == -10.0
+    assert joint.logit_scale.item() == pytest.approx(2.302585) and joint.logit_bias.item() == -10.0
 
 
 def test_round_trip_keeps_layout(tmp_path, joint):
