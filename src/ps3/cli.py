@@ -145,25 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ps3 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_encode(sub)
-    for register in _optional_commands():
-        register(sub)
+    from .bench import register as register_bench
+    from .train.cli import register as register_training
+
+    register_training(sub)  # train, export, data synthetic (webdataset is imported only when they run)
+    register_bench(sub)
     return parser
-
-
-def _optional_commands():
-    """Sub-commands that live in other modules (training needs the [train] extra)."""
-    out = []
-    try:
-        from .train.cli import register as register_train
-        out.append(register_train)
-    except ImportError:
-        pass
-    try:
-        from .bench import register as register_bench
-        out.append(register_bench)
-    except ImportError:
-        pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
