@@ -453,3 +453,30 @@ def test_selection_precision_by_hand():
     assert precision.tolist() == [1.0, 0.0] and chance.tolist() == [0.25, 0.25]
     probs[1, 2, 2] = 0.0  # now the box cell (0, 0) is among the top 4
     assert selection_precision(probs, gt)[0].tolist() == [1.0, 0.25]
+
+
+def test_training_over_damaged_data_completes_and_learns(setup, tmp_path):
+    """Good shards mixed with damaged ones (bad JPEGs, a truncated tar, invalid JSON, out-of-range
+    and inverted boxes, empty captions): the run finishes, reports the skips, and its loss falls."""
+    from ps3.train.synthetic import write_damaged_dataset
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write_synthetic_dataset(good, 40, seed=3, size=64, shard_size=8)
+    write_damaged_dataset(bad, seed=0, size=64)
+    mixed = tmp_path / "mixed"
+    for kind in ("images", "text_boxes"):
+        (mixed / kind).mkdir(parents=True)
+        for tag, root in (("a", good), ("b", bad)):
+            for shard in sorted((root / kind).glob("*.tar")):
+                shutil.copy(shard, mixed / kind / f"{tag}_{shard.name}")
+    args = argv(setup, tmp_path / "run", 30, 30)
+    args[args.index(str(setup["data"] / "images"))] = str(mixed / "images")
+    args[args.index(str(setup["data"] / "text_boxes"))] = str(mixed / "text_boxes")
+    assert train_in_process(args) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 30
+    skipped = lines[-1]["skipped"]
+    assert skipped and sum(skipped.values()) >= 5 and {"bad_image", "bad_json"} <= set(skipped)
+    losses = [line["total"] for line in lines]
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
