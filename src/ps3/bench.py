@@ -88,19 +88,25 @@ def _memory_case(scales: list[int], arch: dict, size: int, device: str, dtype: s
     else:
         with open("/proc/self/statm") as f:
             base = int(f.read().split()[1]) * resource.getpagesize()
+        # Reset this process's peak-RSS mark (VmHWM) so it measures the call alone. (ru_maxrss
+        # would not do: Linux carries the parent's size at fork into it.)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     with torch.no_grad():
         model(x, num_look_close=1, num_hidden_layers_to_return=1)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     queue.put(peak - base)
 
 
 def peak_extra_memory(scales: list[int], arch: dict, size: int, device, dtype) -> int:
     """Bytes one one-look encode needs beyond the model and its input, measured in a fresh process
-    (CPU: the peak resident set; CUDA: the allocator's peak), so earlier cases cannot hide it."""
+    (CPU: the peak resident set, Linux only; CUDA: the allocator's peak), so earlier cases cannot
+    hide it."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")

@@ -80,12 +80,12 @@ def _with_title(canvas: Image.Image, text: str) -> Image.Image:
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(lines):
         draw.text((6, 4 + i * line_h), line, fill=(0, 0, 0), font=font)
-    # A legend: the colour ramp from "skip" (0) to "select" (1).
-    ramp_w = min(200, canvas.width - 80)
+    # A legend: the colour ramp of the selection probability, from 0 to 1.
+    ramp_w = min(200, canvas.width - 50)
     if ramp_w > 20:
         ramp = Image.fromarray(colormap(np.linspace(0, 1, ramp_w)[None].repeat(8, 0)))
         y = bar - 14
         out.paste(ramp, (30, y))
         draw.text((6, y - 2), "0", fill=(0, 0, 0), font=font)
-        draw.text((34 + ramp_w, y - 2), "1  selection probability", fill=(0, 0, 0), font=font)
+        draw.text((34 + ramp_w, y - 2), "1", fill=(0, 0, 0), font=font)
     return out
