@@ -141,7 +141,8 @@ def _tokenizer_source(name: str, hub_kwargs: dict[str, Any]) -> tuple[Path, list
         path = _hub_file(name, filename, hub_kwargs, required=False)
         if path is not None:
             extras.append(_read_json(path))
-    assert tokenizer_file is not None
+    if tokenizer_file is None:  # required=True raises first; kept explicit for type checkers and -O
+        raise ValueError(f"hub repo {name!r} has no {TOKENIZER_FILE_NAME}")
     return tokenizer_file, extras
 
 
@@ -231,7 +232,8 @@ class PS3Tokenizer:
             own_file = _hub_file(text, TOKENIZER_FILE_NAME, hub_kwargs, required=False)
         else:
             raise ValueError(f"{text!r} is neither an existing directory nor a hub id like 'nvidia/PS3-4K-SigLIP2'")
-        assert config_file is not None
+        if config_file is None:  # required=True raises first; kept explicit for type checkers and -O
+            raise ValueError(f"{text!r} has no {TOKENIZER_CONFIG_NAME}")
         config = _read_json(config_file)
 
         # Which token pads (and on which side) may be said by our config or, as transformers

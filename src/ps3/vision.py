@@ -214,37 +214,48 @@ class PS3VisionEncoder(nn.Module):
         return probs, bottomup, topdown
 
     # ----------------------------------------------------------------- tokenising selected cells
-    def _embed_cells(self, pixel_values: torch.Tensor, sizes: Sequence[tuple[int, int]], scales: Sequence[int],
-                     canvas_index: torch.Tensor) -> torch.Tensor:
+    def _embed_cells(self, pixel_values: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                     counts: Sequence[Sequence[int]], canvas_index: torch.Tensor) -> torch.Tensor:
         """Tokens (R, T, C) for the cells at ``canvas_index`` (R, T) of the canvas of all high-res
         cells (scales ascending, row-major): patch embedding of the cell's pixels at its scale +
         trunk position embedding resampled to the scale's grid + the scale's residual embedding.
 
-        Rows may hold several looks stacked look-major (row r is image r % B). Only the selected
+        Rows may hold several looks stacked look-major (row r is image r % B). ``counts[s][r]`` is
+        how many of row r's cells lie at scale s (known from the look plan): canvas order puts
+        them in one run per scale, so each scale embeds only its own cells. Only the selected
         patches are resized (``resize_patches``), so no full-resolution copy is ever made.
         """
         R, T = canvas_index.shape
         B, _, H, W = pixel_values.shape
-        counts = [h * w for h, w in sizes]
-        starts = torch.tensor([0] + counts[:-1], device=canvas_index.device).cumsum(0)
-        scale_of = torch.bucketize(canvas_index.contiguous(), starts, right=True) - 1
-        batch = (torch.arange(R, device=canvas_index.device) % B).unsqueeze(1).expand(R, T)
+        device = canvas_index.device
+        cell_start = 0
+        first = [0] * R  # where each row's run of the current scale begins
         out = None
-        for s in scales:
-            h, w = sizes[s]
-            here = scale_of == s
-            local = torch.where(here, canvas_index - starts[s], 0)
-            rows, cols = local // w, local % w
-            image_size = scale_image_size(H, W, self.ps3_scales, self.patch_size, s + 1)
-            pix = resize_patches(pixel_values, image_size, self.patch_size, batch.reshape(-1), rows.reshape(-1),
-                                 cols.reshape(-1)).to(pixel_values.dtype).view(R, T, -1)
-            tok = self.trunk.patch_embed.embed_patches(pix)
-            tok = tok + self.trunk.pos_embed_at(h, w, rows, cols)
-            if self.pos_emb_residual is not None:
-                side = self.ps3_scales[s + 1] // self.patch_size
-                tok = tok + self.pos_emb_residual[s].view(side, side, self.width)[rows, cols]
-            out = tok if out is None else torch.where(here.unsqueeze(-1), tok, out)
-        return out
+        for s, (h, w) in enumerate(sizes):
+            ks = counts[s]
+            k = max(ks)
+            if k:
+                j = torch.arange(k, device=device)
+                valid = j < torch.tensor(ks, device=device).unsqueeze(1)
+                # Columns of this scale's tokens; rows with fewer write to a spare column T.
+                cols = torch.where(valid, torch.tensor(first, device=device).unsqueeze(1) + j, T)
+                local = torch.where(valid, canvas_index.gather(1, cols.clamp(max=T - 1)) - cell_start, 0)
+                rows, cols_in_grid = local // w, local % w
+                batch = (torch.arange(R, device=device) % B).unsqueeze(1).expand(R, k)
+                image_size = scale_image_size(H, W, self.ps3_scales, self.patch_size, s + 1)
+                pix = resize_patches(pixel_values, image_size, self.patch_size, batch.reshape(-1), rows.reshape(-1),
+                                     cols_in_grid.reshape(-1)).to(pixel_values.dtype).view(R, k, -1)
+                tok = self.trunk.patch_embed.embed_patches(pix)
+                tok = tok + self.trunk.pos_embed_at(h, w, rows, cols_in_grid)
+                if self.pos_emb_residual is not None:
+                    side = self.ps3_scales[s + 1] // self.patch_size
+                    tok = tok + self.pos_emb_residual[s].view(side, side, self.width)[rows, cols_in_grid]
+                if out is None:
+                    out = tok.new_zeros(R, T + 1, tok.shape[-1])
+                out = out.scatter(1, cols.unsqueeze(-1).expand(-1, -1, tok.shape[-1]), tok)
+            first = [f + n for f, n in zip(first, ks)]
+            cell_start += h * w
+        return out[:, :T]
 
     # ----------------------------------------------------------------- forward
     def forward_low_res(self, pixel_values: torch.Tensor, keep_kv: bool = True):
@@ -355,13 +366,12 @@ class PS3VisionEncoder(nn.Module):
             if len(set(counts)) > 1:
                 raise ValueError(f"look {j} selects {counts} tokens for the samples of this batch; samples with "
                                  "different only_select_first_n_scale must select equal totals: encode them separately")
-        used_scales = sorted({i for look in plan.budgets for i, ks in enumerate(look) if any(ks)})
         canvas = [torch.cat([m.flatten(1) for m in look], 1) for look in looks]
         order = [torch.argsort((~c).to(torch.int8), dim=1, stable=True)[:, :tokens_per_look[j][0]]
                  for j, c in enumerate(canvas)]
 
         if pretraining:
-            tokens = self._embed_cells(x, sizes[1:], used_scales, order[0])
+            tokens = self._embed_cells(x, sizes[1:], plan.budgets[0], order[0])
             y, _, _ = self.trunk.forward_blocks(tokens, kv_cache=low_kv)
             mask = None
             if pool_gt_token_only:
@@ -387,7 +397,8 @@ class PS3VisionEncoder(nn.Module):
             while j + n < len(order) and order[j + n].shape[1] == T and (n + 1) * T * B <= budget:
                 n += 1
             index = torch.cat(order[j:j + n], dim=0)
-            tokens = self._embed_cells(x, sizes[1:], used_scales, index)
+            counts = [[k for look in plan.budgets[j:j + n] for k in look[i]] for i in range(len(sizes) - 1)]
+            tokens = self._embed_cells(x, sizes[1:], counts, index)
             cache = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in low_kv] if n > 1 else low_kv
             _, hidden, _ = self.trunk.forward_blocks(tokens, kv_cache=cache, keep_hidden=keep)
             for layer, h in enumerate(hidden):

@@ -180,7 +180,8 @@ class _Reporter:
         self.counts: collections.Counter[str] = collections.Counter()
 
     def __call__(self, reason: str, shard: str, key: str | None, detail: str = "") -> None:
-        assert reason in SKIP_REASONS, reason
+        if reason not in SKIP_REASONS:
+            raise RuntimeError(f"internal error: unknown skip reason {reason!r}")
         if self.strict:
             where = f"shard {shard}" + (f", key {key!r}" if key is not None else "")
             raise ValueError(f"bad training data ({reason}) in {where}: {detail or SKIP_REASONS[reason]}")
@@ -803,7 +804,8 @@ class PretrainLoader:
             if to_skip > 0:  # placeholders, and real batches pulled forward by an early-ending worker
                 to_skip -= 1
                 continue
-            assert _CONTROL not in item, "a resume placeholder escaped the skipped range"
+            if _CONTROL in item:
+                raise RuntimeError("internal error: a resume placeholder escaped the skipped range")
             self.counter.update(item["skipped"])
             yield item
 
