@@ -280,3 +280,23 @@ def test_cuda_matches_cpu(model, kw):
     torch.testing.assert_close(gpu.last_hidden_state.cpu(), cpu.last_hidden_state, atol=1e-3, rtol=1e-3)
     bf16 = run(ps3.PS3VisionModel.from_pretrained(MODEL_DIR, device="cuda", dtype="bfloat16"), x.cuda().bfloat16(), **kw)
     assert bf16.last_hidden_state.dtype == torch.bfloat16 and torch.isfinite(bf16.last_hidden_state.float()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kw", [dict(num_look_close=1), dict(num_look_close="all", max_tokens_per_pass=10**6),
+                                dict(num_look_close="all", max_tokens_per_pass=1), dict(num_token_look_close=50),
+                                dict(num_look_close=2, only_select_first_n_scale=1)])
+def test_cuda_forward_never_waits_for_the_device(kw):
+    """The forward queues its work without host syncs (no .item(), no blocking copies): checked by
+    CUDA's sync debug mode, which raises on any synchronising call."""
+    gpu_model = ps3.PS3VisionModel.from_pretrained(MODEL_DIR, device="cuda")
+    x = images(2, 224, 160).cuda()
+    prompt = torch.randn(2, gpu_model.config.hidden_size, device="cuda")
+    run(gpu_model, x, prompt=prompt, **kw)  # warm-up: per-device tables are copied once here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run(gpu_model, x, prompt=prompt, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.last_hidden_state.is_cuda

@@ -6,6 +6,8 @@ Every figure is measured in the same run, so the ratios are comparable wherever 
 * ``speedup_all_batched_vs_sequential``: "all" at 1.5K with looks batched through the trunk vs the
   same looks one pass each;
 * ``trunk_matmul_fraction``: the trunk's achieved FLOP rate on one look over a plain matmul rate;
+* ``speedup_all_batched_upper_bound``: the most any batching could give there — the one-look-per-pass
+  time with its trunk passes replaced by their FLOPs at the matmul rate;
 * ``mem_ratio_4k_vs_1p5k_one_look``: (peak memory − model and input) of those two one-look encodes;
 plus S2 and a full-image ViT at the same resolutions for reference.
 Weights are random (no download): timing does not depend on them.
@@ -181,6 +183,20 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
                    trunk_matmul_fraction=flops / t_trunk / rate)
     log(f"trunk on one look: {t_trunk:.3f} s, {flops / t_trunk / 1e9:.1f} GFLOP/s = "
         f"{flops / t_trunk / rate:.0%} of the matmul rate")
+
+    # How far batching looks could possibly go: batching changes only how the looks pass through
+    # the trunk, and their trunk work cannot take less than its FLOPs at the matmul rate.
+    sizes = [sum(scale[0] for scale in look) for look in vm.plan(1512, 1512, 1, "all").budgets]
+    with torch.no_grad():
+        looks = [torch.randn(1, n, W, device=dev, dtype=dt) for n in sizes]
+        t_trunk_seq = timeit(lambda: [vm.trunk.forward_blocks(t, kv_cache=kv) for t in looks], dev, repeats)
+    floor = sum(trunk_flops(n, n + vm.low_res_token_num, W, D, mlp) for n in sizes) / rate
+    bound = t_seq / (t_seq - t_trunk_seq + floor)
+    results.update(all_1p5k_sequential_trunk_s=t_trunk_seq, all_1p5k_trunk_floor_s=floor,
+                   all_1p5k_sequential_trunk_matmul_fraction=floor / t_trunk_seq,
+                   speedup_all_batched_upper_bound=bound)
+    log(f"'all' at 1.5K, trunk one look per pass: {t_trunk_seq:.3f} s = {floor / t_trunk_seq:.0%} of the matmul "
+        f"rate, so no batching can beat {bound:.2f}x")
 
     from .s2 import multiscale_forward
 

@@ -216,7 +216,7 @@ def select_cells(probs: Sequence[torch.Tensor], taken: Sequence[torch.Tensor] | 
                 idx = flat.topk(k, dim=1).indices
                 new.scatter_(1, idx, True)
             else:
-                rows_t = torch.tensor(rows, device=flat.device)
+                rows_t = torch.tensor(rows).to(flat.device, non_blocking=True)
                 idx = flat[rows_t].topk(k, dim=1).indices
                 part = torch.zeros(len(rows), flat.shape[1], dtype=torch.bool, device=flat.device)
                 new[rows_t] = part.scatter_(1, idx, True)

@@ -88,7 +88,10 @@ class HighresSelectionFeatures(nn.Module):
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize computed in float32, returned in the input's dtype."""
+    """Bicubic resize computed in float32, returned in the input's dtype (a no-op at the same size:
+    bicubic weights at zero offset are exactly (0, 1, 0, 0))."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
     return F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False).to(x.dtype)
 
 
@@ -236,9 +239,12 @@ class PS3VisionEncoder(nn.Module):
             k = max(ks)
             if k:
                 j = torch.arange(k, device=device)
-                valid = j < torch.tensor(ks, device=device).unsqueeze(1)
+                # Host lists go over without waiting for the device (non_blocking copies of
+                # pageable memory are staged at once and never synchronise the stream).
+                per_row = torch.tensor([ks, first]).to(device, non_blocking=True).unsqueeze(-1)
+                valid = j < per_row[0]
                 # Columns of this scale's tokens; rows with fewer write to a spare column T.
-                cols = torch.where(valid, torch.tensor(first, device=device).unsqueeze(1) + j, T)
+                cols = torch.where(valid, per_row[1] + j, T)
                 local = torch.where(valid, canvas_index.gather(1, cols.clamp(max=T - 1)) - cell_start, 0)
                 rows, cols_in_grid = local // w, local % w
                 batch = (torch.arange(R, device=device) % B).unsqueeze(1).expand(R, k)

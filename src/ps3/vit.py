@@ -244,6 +244,14 @@ def interpolation_taps(src: int, dst: int, antialias: bool = True) -> tuple[torc
     return index, value
 
 
+@functools.lru_cache(maxsize=64)
+def interpolation_taps_on(src: int, dst: int, antialias: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``interpolation_taps`` already on ``device``: copied once, so a forward pass makes no
+    host-to-device copy (a blocking copy waits for the GPU's queue to drain)."""
+    index, weight = interpolation_taps(src, dst, antialias)
+    return index.to(device), weight.to(device)
+
+
 def resize_patches(images: torch.Tensor, size: tuple[int, int], patch_size: int, batch: torch.Tensor,
                    rows: torch.Tensor, cols: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Patches of ``F.interpolate(images, size, mode="bicubic")`` at cells (rows, cols) of the
@@ -255,8 +263,8 @@ def resize_patches(images: torch.Tensor, size: tuple[int, int], patch_size: int,
     """
     p = patch_size
     device = images.device
-    iy, wy = (t.to(device) for t in interpolation_taps(images.shape[-2], size[0], False))
-    ix, wx = (t.to(device) for t in interpolation_taps(images.shape[-1], size[1], False))
+    iy, wy = interpolation_taps_on(images.shape[-2], size[0], False, device)
+    ix, wx = interpolation_taps_on(images.shape[-1], size[1], False, device)
     offsets = torch.arange(p, device=device)
     out = []
     src = images.float()
@@ -315,8 +323,7 @@ class VisionTransformer(nn.Module):
         g = table.shape[0]
         if (h == w == g) or self.crop_pos_embed:
             return table[rows, cols]
-        index, weight = interpolation_taps(g, max(h, w), True)
-        index, weight = index.to(table.device), weight.to(table.device)
+        index, weight = interpolation_taps_on(g, max(h, w), True, table.device)
         # Resample along rows for the whole table once (n, g, C), then mix each cell's column taps.
         dense = torch.zeros(index.shape[0], g, device=table.device).scatter_add_(1, index, weight)
         by_row = (dense @ table.float().reshape(g, -1)).view(-1, g, table.shape[-1])
