@@ -300,3 +300,33 @@ def test_cuda_forward_never_waits_for_the_device(kw):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.last_hidden_state.is_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_match_eager():
+    gpu_model = ps3.PS3VisionModel.from_pretrained(MODEL_DIR, device="cuda")
+    vm = gpu_model.vision_model
+    prompt = torch.randn(2, gpu_model.config.hidden_size, device="cuda")
+    cases = [dict(num_look_close=1), dict(num_look_close="all", max_tokens_per_pass=10**6),
+             dict(num_look_close="all", max_tokens_per_pass=1), dict(num_look_close=2, prompt=prompt)]
+    for seed in (0, 1):  # a second image through the same graphs: inputs really are copied in
+        x = images(2, 224, 160, seed=seed).cuda()
+        for kw in cases:
+            vm.use_cuda_graphs = False
+            eager = run(gpu_model, x, **kw)
+            vm.use_cuda_graphs = True
+            graphed = run(gpu_model, x, **kw)
+            for a, b in zip(eager.selection_maps, graphed.selection_maps):
+                assert torch.equal(a, b)
+            for a, b in zip(eager.hidden_states, graphed.hidden_states):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    captured = len(vm._graphed_blocks.graphs)
+    run(gpu_model, images(2, 224, 160, seed=2).cuda(), num_look_close=1)
+    assert len(vm._graphed_blocks.graphs) == captured  # same shapes replay, no new capture
+    # Cast: new parameter storage is noticed and the graphs are captured again.
+    gpu_model.to(torch.bfloat16)
+    out = run(gpu_model, images(2, 224, 160).cuda().bfloat16(), num_look_close=1)
+    assert out.last_hidden_state.dtype == torch.bfloat16
+    assert torch.isfinite(out.last_hidden_state.float()).all()
+    with torch.enable_grad():  # training-style calls stay eager
+        gpu_model.float()(images(1, 224, 160).cuda(), num_look_close=1)

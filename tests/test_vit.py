@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ps3.vit import ViTArch, VisionTransformer, interpolation_taps, resize_patches
+from ps3.vit import Attention, ViTArch, VisionTransformer, interpolation_taps, resize_patches
 
 
 @pytest.mark.parametrize("g,h,w", [(4, 8, 8), (4, 16, 8), (4, 8, 4), (4, 3, 2), (4, 4, 4), (27, 54, 30), (27, 270, 270)])
@@ -53,3 +53,17 @@ def test_kv_prefix_equals_attending_to_concatenation():
     x = q_all + block.attn.proj(attn.transpose(1, 2).reshape(1, 24, 32))
     x = x + block.mlp(block.norm2(x))
     torch.testing.assert_close(with_cache, x[:, 16:], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_broadcasts_a_prefix_over_stacked_looks():
+    """Rows r of a pass stacking n looks of b images take prefix row r % b: same as repeating it."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4).eval()
+    b, n = 2, 3
+    x = torch.randn(n * b, 5, 32)
+    prefix = (torch.randn(b, 4, 7, 8), torch.randn(b, 4, 7, 8))
+    repeated = tuple(t.repeat(n, 1, 1, 1) for t in prefix)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, prefix), attn(x, repeated), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="prefix of batch 2"):
+            attn(torch.randn(5, 5, 32), prefix)

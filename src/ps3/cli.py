@@ -36,6 +36,8 @@ def _add_encode(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--image-size", type=int, help="resize images to this size (default: the model's preprocessor)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the trunk from CUDA graphs (faster on a GPU after the first image of each size)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_run_encode)
 
@@ -64,6 +66,10 @@ def _run_encode(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda given but CUDA is not available")
     model = PS3VisionModel.from_pretrained(args.model, dtype=args.dtype, device=device)
+    if args.cuda_graphs:
+        if device.type != "cuda":
+            raise UserError("--cuda-graphs needs --device cuda")
+        model.vision_model.use_cuda_graphs = True
     from .hub import resolve_model_dir
 
     directory = resolve_model_dir(args.model)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PS3VisionConfig
+from .cuda_graphs import GraphedBlocks
 from .hub import PretrainedMixin
 from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, scale_image_size,
                         select_cells)
@@ -134,6 +135,10 @@ class PS3VisionEncoder(nn.Module):
         # None: several looks per pass on a GPU (fuller kernels), one look per pass on a CPU
         # (measured slower batched there: larger working sets, no idle compute to fill).
         self.max_tokens_per_pass: int | None = None
+        # Replay the trunk from CUDA graphs in GPU inference (see ps3.cuda_graphs): far fewer
+        # kernel launches, at the cost of one capture per new input shape and its memory.
+        self.use_cuda_graphs = False
+        self._graphed_blocks: GraphedBlocks | None = None
         n_sel = len(config.select_based_on_layer)
         self.selection_feature_proj = Mlp(self.width * n_sel, self.width * n_sel, self.width * n_high,
                                           hidden_norm_eps=1e-5)
@@ -264,11 +269,20 @@ class PS3VisionEncoder(nn.Module):
         return out[:, :T]
 
     # ----------------------------------------------------------------- forward
+    def _blocks(self, x: torch.Tensor, kv_cache=None, return_kv: bool = False, keep_hidden: int = 0):
+        """The trunk's blocks: replayed from CUDA graphs when ``use_cuda_graphs`` is on and the
+        call is no-grad inference on a GPU, eager otherwise."""
+        if self.use_cuda_graphs and x.is_cuda and not torch.is_grad_enabled() and not self.training:
+            if self._graphed_blocks is None:
+                self._graphed_blocks = GraphedBlocks(self.trunk)
+            return self._graphed_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
+        return self.trunk.forward_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
+
     def forward_low_res(self, pixel_values: torch.Tensor, keep_kv: bool = True):
         """Low-res pass: (block outputs of every layer, per-layer (k, v), pooled feature)."""
         s0 = self.ps3_scales[0]
         tokens = self.trunk.embed(_resize(pixel_values, (s0, s0)))
-        x, hidden, kvs = self.trunk.forward_blocks(tokens, return_kv=keep_kv, keep_hidden=self.layers)
+        x, hidden, kvs = self._blocks(tokens, return_kv=keep_kv, keep_hidden=self.layers)
         return hidden, kvs, self.trunk.pool(x)
 
     def format_features_into_feature_maps(self, features: torch.Tensor,
@@ -405,8 +419,8 @@ class PS3VisionEncoder(nn.Module):
             index = torch.cat(order[j:j + n], dim=0)
             counts = [[k for look in plan.budgets[j:j + n] for k in look[i]] for i in range(len(sizes) - 1)]
             tokens = self._embed_cells(x, sizes[1:], counts, index)
-            cache = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in low_kv] if n > 1 else low_kv
-            _, hidden, _ = self.trunk.forward_blocks(tokens, kv_cache=cache, keep_hidden=keep)
+            # Row r of the pass is image r % B: each layer broadcasts the low-res cache to the rows.
+            _, hidden, _ = self._blocks(tokens, kv_cache=low_kv, keep_hidden=keep)
             for layer, h in enumerate(hidden):
                 per_layer[layer].extend(h.split(B, dim=0))
             j += n

@@ -103,6 +103,20 @@ class Mlp(nn.Module):
         return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
+def _prepend(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``prefix`` (b, H, P, d) before ``x`` (B, H, N, d) along the tokens. B may be a
+    multiple of b (several looks of the same b images stacked look-major): row r then takes
+    prefix row r % b, broadcast inside the one copy the concatenation makes anyway."""
+    b, B = prefix.shape[0], x.shape[0]
+    if b == B:
+        return torch.cat([prefix, x], dim=2)
+    if B % b:
+        raise ValueError(f"a key/value prefix of batch {b} cannot serve a batch of {B} rows")
+    n = B // b
+    out = torch.cat([prefix.unsqueeze(0).expand(n, *prefix.shape), x.view(n, b, *x.shape[1:])], dim=3)
+    return out.view(B, *out.shape[2:])
+
+
 class Attention(nn.Module):
     """Multi-head self-attention that can prepend cached keys/values of other tokens."""
 
@@ -121,8 +135,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         own_kv = (k, v)
         if kv_prefix is not None:
-            k = torch.cat([kv_prefix[0], k], dim=2)
-            v = torch.cat([kv_prefix[1], v], dim=2)
+            k, v = _prepend(kv_prefix[0], k), _prepend(kv_prefix[1], v)
         out = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, own_kv) if return_kv else out
