@@ -201,6 +201,17 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
                    trunk_matmul_fraction=flops / t_trunk / rate)
     log(f"trunk on one look: {t_trunk:.3f} s, {flops / t_trunk / 1e9:.1f} GFLOP/s = "
         f"{flops / t_trunk / rate:.0%} of the matmul rate")
+    if dev.type == "cuda":
+        # Eager on a GPU mostly measures how fast the host launches kernels; replayed from a CUDA
+        # graph it measures the kernels.
+        from .cuda_graphs import GraphedBlocks
+
+        graphed = GraphedBlocks(vm.trunk)
+        with torch.no_grad():
+            t_trunk_g = timeit(lambda: graphed(tokens, kv_cache=kv), dev, repeats)
+        del graphed
+        results.update(trunk_one_look_graphs_s=t_trunk_g, trunk_graphs_matmul_fraction=flops / t_trunk_g / rate)
+        log(f"trunk on one look, CUDA graph: {t_trunk_g * 1e3:.1f} ms = {flops / t_trunk_g / rate:.0%} of the matmul rate")
 
     # How far batching looks could possibly go: batching changes only how the looks pass through
     # the trunk, and their trunk work cannot take less than its FLOPs at the matmul rate.
@@ -247,8 +258,10 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
     if final > rate:
         scale = rate / final
         results["matmul_gflops"] = final / 1e9
-        for key in ("trunk_matmul_fraction", "all_1p5k_sequential_trunk_matmul_fraction"):
-            results[key] *= scale
+        for key in ("trunk_matmul_fraction", "all_1p5k_sequential_trunk_matmul_fraction",
+                    "trunk_graphs_matmul_fraction"):
+            if key in results:
+                results[key] *= scale
         results["all_1p5k_trunk_floor_s"] *= scale
         results["speedup_all_batched_upper_bound"] = t_seq / (t_seq - t_trunk_seq + results["all_1p5k_trunk_floor_s"])
         log(f"matmul rate measured again, higher: {final / 1e9:.1f} GFLOP/s; trunk on one look "

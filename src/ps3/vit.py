@@ -12,10 +12,8 @@ Parameter names follow timm's ``VisionTransformer`` so published checkpoints loa
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
