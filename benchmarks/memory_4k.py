@@ -2,7 +2,9 @@
 
 python benchmarks/memory_4k.py [--device cuda] [--dtype bfloat16]
 Prints, for one look and for "all", the peak GPU memory beyond the weights with every layer's
-hidden states returned and with only the last layer (num_hidden_layers_to_return=1).
+hidden states returned and with only the last layer (num_hidden_layers_to_return=1); the same two
+calls with the trunk replayed from CUDA graphs (peak includes the graphs' memory pool); and S2 at
+378/756/1512 px on the same trunk (its last layer's features).
 """
 import argparse
 import time
@@ -44,6 +46,36 @@ def main() -> None:
             print(f"num_look_close={looks!s:>3} layers kept={kept:>2}: tokens {out.last_hidden_state.shape[1]:>6}, "
                   f"{seconds * 1000:8.1f} ms, peak beyond weights+input {peak / 2**30:6.2f} GiB")
             del out
+    vm = model.vision_model
+
+    def measure(label, fn):
+        with torch.no_grad():
+            # The peak covers the warm-up too: with graphs that is the capture, whose memory pool
+            # stays allocated afterwards.
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) - base
+        print(f"{label}: {seconds * 1000:8.1f} ms, peak beyond weights+input {peak / 2**30:6.2f} GiB")
+
+    vm.use_cuda_graphs = True
+    for looks in (1, "all"):
+        measure(f"num_look_close={looks!s:>3} layers kept= 1, CUDA graphs",
+                lambda: model(x, num_look_close=looks, num_hidden_layers_to_return=1))
+    vm.use_cuda_graphs = False
+    vm._graphed_blocks = None
+    torch.cuda.empty_cache()
+    trunk = vm.trunk
+    x1512 = torch.randn(1, 3, 1512, 1512, device=device, dtype=dtype)
+    measure("S2 378/756/1512 px (21 pieces of 378 px), last layer",
+            lambda: ps3.s2.multiscale_forward(lambda im: trunk.forward_blocks(trunk.embed(im))[0], x1512,
+                                              img_sizes=[378, 756, 1512], max_split_size=378))
 
 
 if __name__ == "__main__":

@@ -330,3 +330,15 @@ def test_cuda_graphs_match_eager():
     assert torch.isfinite(out.last_hidden_state.float()).all()
     with torch.enable_grad():  # training-style calls stay eager
         gpu_model.float()(images(1, 224, 160).cuda(), num_look_close=1)
+
+
+def test_cuda_graphs_flag_is_a_no_op_off_the_gpu(model):
+    x = images(1, 224, 160)
+    eager = run(model, x, num_look_close=1)
+    model.vision_model.use_cuda_graphs = True
+    try:
+        flagged = run(model, x, num_look_close=1)
+    finally:
+        model.vision_model.use_cuda_graphs = False
+    assert model.vision_model._graphed_blocks is None
+    torch.testing.assert_close(flagged.last_hidden_state, eager.last_hidden_state, rtol=0, atol=0)

@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -289,9 +290,10 @@ def register(sub) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError("--repeats must be >= 1")
-    quiet = args.quiet or args.json
+    # With --json the progress lines go to stderr, so stdout is one JSON object.
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else print
     results = run_bench(args.preset, args.device, args.dtype, args.repeats, args.width, args.depth,
-                        args.skip_full_vit, log=(lambda s: None) if quiet else print)
+                        args.skip_full_vit, log=log)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
