@@ -323,6 +323,16 @@ def test_cuda_graphs_match_eager():
     captured = len(vm._graphed_blocks.graphs)
     run(gpu_model, images(2, 224, 160, seed=2).cuda(), num_look_close=1)
     assert len(vm._graphed_blocks.graphs) == captured  # same shapes replay, no new capture
+    x = images(2, 224, 160).cuda()
+    with torch.inference_mode():  # captured separately: inference tensors cannot be written outside it
+        in_inference = gpu_model(x, num_look_close=1).last_hidden_state.clone()
+    torch.testing.assert_close(run(gpu_model, x, num_look_close=1).last_hidden_state, in_inference)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        vm.use_cuda_graphs = False
+        eager = gpu_model(x, num_look_close=1).last_hidden_state
+        vm.use_cuda_graphs = True
+        graphed = gpu_model(x, num_look_close=1).last_hidden_state
+    torch.testing.assert_close(graphed, eager)
     # Cast: new parameter storage is noticed and the graphs are captured again.
     gpu_model.to(torch.bfloat16)
     out = run(gpu_model, images(2, 224, 160).cuda().bfloat16(), num_look_close=1)

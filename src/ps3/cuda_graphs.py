@@ -62,8 +62,10 @@ class GraphedBlocks:
             self.graphs.clear()
             self.pool = None
             self._weights = weights
-        key = (tuple(x.shape), x.dtype, x.device,
-               tuple(kv_cache[0][0].shape) if kv_cache is not None else None, return_kv, keep_hidden)
+        # Inference mode and autocast change what a capture records (tensor kind, kernel dtypes).
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (tuple(x.shape), x.dtype, x.device, tuple(kv_cache[0][0].shape) if kv_cache is not None else None,
+               return_kv, keep_hidden, torch.is_inference_mode_enabled(), autocast)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(x, kv_cache, return_kv, keep_hidden)
