@@ -352,3 +352,13 @@ def test_cuda_graphs_flag_is_a_no_op_off_the_gpu(model):
         model.vision_model.use_cuda_graphs = False
     assert model.vision_model._graphed_blocks is None
     torch.testing.assert_close(flagged.last_hidden_state, eager.last_hidden_state, rtol=0, atol=0)
+
+
+def test_low_precision_resize_is_the_float32_resize_without_a_full_float32_copy():
+    from ps3.vision import _resize
+
+    x = images(2, 300, 260).bfloat16()
+    expected = torch.nn.functional.interpolate(x.float(), size=(378, 378), mode="bicubic",
+                                               align_corners=False).bfloat16()
+    assert torch.equal(_resize(x, (378, 378)), expected)
+    assert _resize(x, (300, 260)) is x

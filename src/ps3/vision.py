@@ -93,7 +93,12 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     bicubic weights at zero offset are exactly (0, 1, 0, 0))."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False).to(x.dtype)
+    if x.dtype == torch.float32:
+        return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    # One channel at a time: a float32 copy of a whole 3780 px bf16 image would be 171 MB, the
+    # largest transient of a 4K call. Channels resample independently, so this is exact.
+    return torch.cat([F.interpolate(x[:, c:c + 1].float(), size=size, mode="bicubic", align_corners=False)
+                      .to(x.dtype) for c in range(x.shape[1])], dim=1)
 
 
 def _check_vision_config(config: PS3VisionConfig, patch: int) -> None:

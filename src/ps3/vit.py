@@ -278,13 +278,14 @@ def resize_patches(images: torch.Tensor, size: tuple[int, int], patch_size: int,
     ix, wx = interpolation_taps_on(images.shape[-1], size[1], False, device)
     offsets = torch.arange(p, device=device)
     out = []
-    src = images.float()
     for start in range(0, batch.numel(), chunk):
         b, r, c = batch[start:start + chunk], rows[start:start + chunk], cols[start:start + chunk]
         ys, xs = r[:, None] * p + offsets, c[:, None] * p + offsets  # (n, p) output pixel rows / cols
         ty, tx = iy[ys], ix[xs]  # (n, p, k) source rows / cols
         # (n, p, k, p, k, 3): the source pixels each output pixel mixes.
-        pix = src[b[:, None, None, None, None], :, ty[:, :, :, None, None], tx[:, None, None, :, :]]
+        # Gathered in the input's dtype and only then widened (exactly): no float32 copy of the
+        # whole full-resolution image.
+        pix = images[b[:, None, None, None, None], :, ty[:, :, :, None, None], tx[:, None, None, :, :]].float()
         patch = torch.einsum("npa,nqb,npaqbc->ncpq", wy[ys], wx[xs], pix)
         out.append(patch.reshape(patch.shape[0], -1))
     return torch.cat(out) if out else images.new_zeros(0, 3 * p * p, dtype=torch.float32)
