@@ -61,6 +61,7 @@ def test_encode_all_and_tokens(tmp_path, photo):
     (["encode", "PHOTO", "--model", "no/such/dir/x"], "neither an existing directory nor a hub id"),
     (["encode", "PHOTO", "--model", MODEL_DIR, "--prompt", "a boat"], "no tokenizer_config.json"),
     (["encode", "PHOTO", "--model", MODEL_DIR, "--looks", "-1"], "num_look_close must be"),
+    (["encode", "PHOTO", "--model", MODEL_DIR, "--cuda-graphs"], "--cuda-graphs needs --device cuda"),
 ])
 def test_user_mistakes_give_one_line(photo, args, message):
     proc = ps3(*[photo if a == "PHOTO" else a for a in args], check=False)
