@@ -143,3 +143,22 @@ def test_keep_aspect_patch_multiples_and_pixel_budget():
     # the 4K long side: 3780 is 270 patches of 14 exactly
     big = PS3ImageProcessor(image_size=3780, resize_mode="keep_aspect", patch_size=14)
     assert big.output_size(1000, 4000) == (938, 3780) and big.output_size(3000, 1000) == (3780, 1260)
+
+
+def test_keep_aspect_output_runs_through_the_model():
+    # The tiny fixture model (scales 56/112/224, patch 14): a 4:1 panorama kept at 56 x 224 gets
+    # 4:1 high-res grids (2x8 and 4x16 cells, design §3.1) instead of the squashed 8x8 and 16x16.
+    from pathlib import Path
+
+    import ps3
+
+    vision = ps3.PS3VisionModel.from_pretrained(Path(__file__).parent / "fixtures" / "ps3_tiny" / "model")
+    proc = PS3ImageProcessor(image_size=vision.config.ps3_scales[-1], resize_mode="keep_aspect", patch_size=14)
+    pixels = proc(photo(400, 100, seed=5))["pixel_values"][0]
+    assert pixels.shape == (3, 56, 224)
+    with torch.no_grad():
+        out = vision(pixels[None], num_look_close="all")
+    kept = vision.count_tokens(56, 224, num_look_close="all")
+    assert kept.per_scale == [2 * 8, 4 * 16] and out.last_hidden_state.shape[1] == kept.total == 16 + 80
+    assert [tuple(m.shape[1:]) for m in out.selection_maps] == [(2, 8), (4, 16)]
+    assert vision.count_tokens(224, 224, num_look_close="all").total == 16 + 64 + 256
