@@ -133,18 +133,18 @@ class _Bench:
     # ------------------------------------------------------------------ what each step costs
     def steps(self) -> list[tuple[str, Callable[[], None], float, float]]:
         """(name, method, predicted FLOPs, fixed seconds) in the order they run."""
-        one_look = self._trunk(LOOK_TOKENS) + self._trunk(self.vm.low_res_token_num, self.vm.low_res_token_num)
+        low_res = self._trunk(self.vm.low_res_token_num, self.vm.low_res_token_num)  # also one S2 piece
+        one_look = self._trunk(LOOK_TOKENS) + low_res
         calls_once = self.once["repeats"] + (1 if self.once.get("warmup", True) else 0)
         calls = self.repeats + 1
-        all_looks = sum(self._trunk(n) for n in self.look_sizes) + one_look - self._trunk(LOOK_TOKENS)
+        all_looks = sum(self._trunk(n) for n in self.look_sizes) + low_res
         trunk_calls = self.repeats + (1 if self.once.get("warmup", True) else 0)
         steps = [
             ("one look", self.step_one_look, 2 * calls * one_look, 0.0),
             ("memory", self.step_memory, 2 * one_look, 2 * _PROCESS_START_S),
             ("all", self.step_all, 2 * calls_once * all_looks, 0.0),
             ("trunk", self.step_trunk, trunk_calls * sum(self._trunk(n) for n in set(self.look_sizes)), 0.0),
-            ("s2", self.step_s2, calls_once * self.s2_pieces * self._trunk(self.vm.low_res_token_num, self.vm.low_res_token_num),
-             0.0),
+            ("s2", self.step_s2, calls_once * self.s2_pieces * low_res, 0.0),
         ]
         if self.dev.type == "cuda":
             steps.insert(3, ("graphs", self.step_graphs, 4 * calls * one_look, 0.0))

@@ -109,7 +109,8 @@ def _load_for_encode(args) -> tuple[LoadedModel, torch.Tensor | None]:
     if flag is not None:
         with user_input(flag):  # the look plan checks the number without running the model
             size = args.image_size or loaded.processor.image_size
-            loaded.vision.count_tokens(size, size, **_look_kwargs(args))
+            height, width = (size, size) if isinstance(size, int) else size
+            loaded.vision.count_tokens(height, width, **_look_kwargs(args))
     prompt = loaded.prompts([args.prompt]) if args.prompt is not None else None
     return loaded, prompt
 
