@@ -77,15 +77,20 @@ def main() -> None:
     res["outside_trunk_s"] = res["all_sequential_call_s"] - res["trunk_sequential_s"]
     print(json.dumps(res, indent=2))
     if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if dev.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            looks_arg = "all" if args.profile_looks == "all" else int(args.profile_looks)
-            call(num_look_close=looks_arg, max_tokens_per_pass=max(look_tokens))
-            synchronize(dev)
-        for key in (["cuda_time_total"] if dev.type == "cuda" else []) + ["self_cpu_time_total"]:
-            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=50))
+        looks_arg = "all" if args.profile_looks == "all" else int(args.profile_looks)
+        profile(lambda: call(num_look_close=looks_arg, max_tokens_per_pass=max(look_tokens)), dev)
+
+
+def profile(fn, dev: torch.device) -> None:
+    """torch.profiler's top operators of one call of ``fn``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        synchronize(dev)
+    for key in (["cuda_time_total"] if dev.type == "cuda" else []) + ["self_cpu_time_total"]:
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=50))
 
 
 if __name__ == "__main__":
