@@ -4,6 +4,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_json_reports_every_figure():
     proc = subprocess.run([sys.executable, "-m", "ps3.cli", "bench", "--width", "64", "--depth", "1", "--repeats", "1",
@@ -20,3 +22,17 @@ def test_bench_json_reports_every_figure():
     assert res["mem_one_look_1p5k_mb"] > 0 and res["mem_one_look_4k_mb"] > 0
     # The trunk floor is its work at the matmul rate: the measured trunk cannot be far below it.
     assert res["all_1p5k_trunk_floor_s"] < 3 * res["all_1p5k_sequential_trunk_s"]
+    # The bounded default leaves the full-image ViT to --full.
+    assert res["full"] is False and "full_vit_1512_s" not in res
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--device", "nonsense"], "--device: device must be cpu, cuda"),
+])
+def test_bench_user_mistakes_give_one_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "ps3.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ps3 bench: error: ")
