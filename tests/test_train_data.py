@@ -14,16 +14,13 @@ from PIL import Image
 from webdataset import TarWriter
 
 from ps3.processor import PS3ImageProcessor
-from ps3.train.data import (
-    SKIP_REASONS,
-    box_to_gt_map,
-    build_dataloader,
-    clean_caption,
-    list_shards,
-    mask_sentences,
-    shape_caption,
-)
-from ps3.train.synthetic import write_damaged_dataset, write_synthetic_dataset
+from ps3.data.boxes import box_to_gt_map
+from ps3.data.shards import SKIP_REASONS, list_shards
+from ps3.train.captions import clean_caption, mask_sentences, shape_caption
+from ps3.train.data import build_dataloader
+from ps3.train.synthetic import write_synthetic_dataset
+
+from damaged_data import write_damaged_dataset
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 

@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from webdataset import TarWriter
 
-from ps3.train.data import box_to_gt_map, build_dataloader
+from ps3.data.boxes import box_to_gt_map
+from ps3.train.data import build_dataloader
 from test_train_data import _jpeg
 
 
