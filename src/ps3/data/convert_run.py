@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -113,18 +114,26 @@ def _shard_paths(root: Path, index: int) -> tuple[Path, Path, Path]:
 
 
 def _convert_shard(root: Path, index: int, sources: Sequence[SourceImage], options: SampleOptions) -> dict:
-    """Convert and write one shard pair (nothing when no image is usable); returns its stats."""
+    """Convert and write one shard pair, streaming (nothing is written when no image is usable);
+    returns its stats."""
     drops = DropLog()
-    samples = [s for s in (build_sample(source, options, drops) for source in sources) if s is not None]
     image_path, record_path, stats_path = _shard_paths(root, index)
-    if samples:
-        with ShardWriter(image_path) as images, ShardWriter(record_path) as records:
-            for sample in samples:
-                images.write({"__key__": sample.key, "jpg": sample.jpeg})
-                records.write({"__key__": sample.key, "json": encode_record(sample.record)})
-    stats = {"images": len(samples), "regions": sum(len(s.record["text"]) for s in samples),
-             "global_only": sum(not s.record["text"] for s in samples), "sources": len(sources),
-             "shard": image_path.name if samples else None, "drops": drops.to_json()}
+    stats = {"images": 0, "regions": 0, "global_only": 0, "sources": len(sources), "shard": None}
+    with ExitStack() as stack:
+        writers = None
+        for source in sources:
+            sample = build_sample(source, options, drops)
+            if sample is None:
+                continue
+            if writers is None:  # both renamed into place only if the whole shard succeeds
+                writers = (stack.enter_context(ShardWriter(image_path)), stack.enter_context(ShardWriter(record_path)))
+            writers[0].write({"__key__": sample.key, "jpg": sample.jpeg})
+            writers[1].write({"__key__": sample.key, "json": encode_record(sample.record)})
+            stats["images"] += 1
+            stats["regions"] += len(sample.record["text"])
+            stats["global_only"] += not sample.record["text"]
+        stats["shard"] = image_path.name if writers is not None else None
+    stats["drops"] = drops.to_json()
     _write_json(stats_path, stats)
     return stats
 
