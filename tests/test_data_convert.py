@@ -194,3 +194,6 @@ def test_argument_errors_are_one_line(tmp_path, capsys):
         assert code == 2 and message in output and len(output.strip().splitlines()) == 1
     code, output = _convert(capsys, tmp_path / "nope.jsonl", "--out", tmp_path / "x")
     assert code == 2 and "cannot read" in output
+    code, output = _convert(capsys, _jsonl(tmp_path / "bad.jsonl", ["[1]", '{"image": 3}']), "--out", tmp_path / "x")
+    assert code == 1 and _dropped(output) == {"bad_line": 2} and "nothing to convert" in output
+    assert "e.g. line 2: no 'image' path" in output

@@ -234,7 +234,7 @@ def test_check_and_train_on_every_converter(tmp_path, capsys):
         outputs.append(out)
     code, output = _run(capsys, "data", "check", outputs[0])
     assert "2 image/record pair(s) read, 2 usable" in output and "1 image(s) with a global caption only" in output
-    assert "image width:         min 64, median 92, mean 92, max 120" in output
+    assert "image width:         min 64, median 92, mean 92.0, max 120" in output
 
     data = tmp_path / "all"
     (data / "images").mkdir(parents=True)

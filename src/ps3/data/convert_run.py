@@ -252,8 +252,10 @@ def run_conversion(args: argparse.Namespace, sources: Sequence[SourceImage], rea
 
     options = options_from_args(args)
     _check_options(options, args.shard_size, args.workers)
-    if not sources:
-        raise ValueError(f"the {source_name} annotations list no image: nothing to convert")
+    if not sources:  # say why before giving up: the reader's drops explain it
+        result = ConvertResult(drops=reader_drops)
+        print("\n".join(summary_lines(result, args.out, reasons)[1:] + ["nothing to convert: no usable image listed"]))
+        return 1
     with tqdm(total=len(sources), unit="image", desc=source_name, disable=args.quiet) as bar:
         result = convert(sources, args.out, source_name=source_name, settings=settings, options=options,
                          shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite,

@@ -115,11 +115,11 @@ def _add_usable(report: DatasetReport, pair) -> None:
 
 
 def _spread(values: Sequence[float], digits: int = 0) -> str:
+    """min, median, mean and max; the mean gets one more digit than the rest."""
     if not values:
         return "none"
-    fmt = f"{{:.{digits}f}}"
-    return (f"min {fmt.format(min(values))}, median {fmt.format(statistics.median(values))}, "
-            f"mean {fmt.format(statistics.fmean(values))}, max {fmt.format(max(values))}")
+    low, middle, mean, high = min(values), statistics.median(values), statistics.fmean(values), max(values)
+    return f"min {low:.{digits}f}, median {middle:.{digits}f}, mean {mean:.{digits + 1}f}, max {high:.{digits}f}"
 
 
 def report_lines(report: DatasetReport, root: str | Path) -> list[str]:
@@ -130,11 +130,11 @@ def report_lines(report: DatasetReport, root: str | Path) -> list[str]:
         lines += [
             f"image width:         {_spread([w for w, _ in report.sizes])}",
             f"image height:        {_spread([h for _, h in report.sizes])}",
-            f"boxes per image:     {_spread(report.boxes_per_image, 1)} ({sum(report.boxes_per_image)} in all; "
+            f"boxes per image:     {_spread(report.boxes_per_image)} ({sum(report.boxes_per_image)} in all; "
             f"{report.global_only} image(s) with a global caption only)",
-            f"box area / image:    {_spread(report.box_area_fractions, 4)}",
-            f"local caption words: {_spread(report.local_words, 1)}",
-            f"global caption words: {_spread(report.global_words, 1)} ({len(report.global_words)} image(s) with one)",
+            f"box area / image:    {_spread(report.box_area_fractions, 3)}",
+            f"local caption words: {_spread(report.local_words)}",
+            f"global caption words: {_spread(report.global_words)} ({len(report.global_words)} image(s) with one)",
         ]
     if not report.skips:
         lines.append("skipped: nothing")
