@@ -96,7 +96,7 @@ def test_max_side_scales_images_and_boxes(source, capsys):
     assert_box_covers(image_b, record_b["box"][0], "yellow", margin=2)
 
 
-@pytest.mark.parametrize("max_side", [None, 60])
+@pytest.mark.parametrize("max_side", [None, 60, 40])  # 40: decoded at half scale first (JPEG draft)
 def test_exif_rotated_images_get_rotated_boxes(tmp_path, max_side):
     """The annotation is in the stored pixels; the trainer sees the image upright."""
     drops = DropLog()
@@ -108,7 +108,7 @@ def test_exif_rotated_images_get_rotated_boxes(tmp_path, max_side):
                              regions=[("red", [8, 4, 30, 20]), ("blue", [50, 24, 72, 44])])
         sample = build_sample(source, options, drops)
         upright = load_image(sample.jpeg)
-        long, short = (80, 48) if max_side is None else (60, 36)
+        long, short = {None: (80, 48), 60: (60, 36), 40: (40, 24)}[max_side]
         assert upright.size == ((short, long) if orientation >= 5 else (long, short))
         for text, box in zip(sample.record["text"], sample.record["box"]):
             assert_box_covers(upright, box, text, margin=2)

@@ -12,8 +12,8 @@ sample that goes into the shards:
    EXIF-upright size. The trainer decodes images upright (:func:`ps3.images.load_image`), so
    boxes of an image with an EXIF rotation are rotated with it. A declared size matching
    neither is a ``size_mismatch`` and the image is dropped (its boxes cannot be trusted).
-3. ``max_side``: a larger image is downscaled (Lanczos) so its longer side is ``max_side``, and
-   the boxes with it. Otherwise JPEG bytes are copied as they are; other formats are re-encoded
+3. ``max_side``: a larger image is downscaled (Lanczos; a JPEG 2x or more too large is first
+   decoded at a reduced DCT scale) so its longer side is ``max_side``, and the boxes with it. Otherwise JPEG bytes are copied as they are; other formats are re-encoded
    as JPEG.
 4. Regions: texts have their whitespace collapsed; boxes are clipped to the image
    (:func:`ps3.data.boxes.clip_box`), those thinner than ``min_box_side`` output pixels are
@@ -213,13 +213,17 @@ def _to_upright(box: Sequence[float], orientation: int, width: int, height: int)
 @dataclass
 class _Decoded:
     data: bytes
-    image: Image.Image  # upright RGB, what the trainer will see
+    image: Image.Image  # upright RGB as the trainer will see it; smaller when decoded at a reduced scale
+    upright_size: tuple[int, int]  # full-resolution size of the upright image
     is_jpeg: bool
     orientation: int
     stored_size: tuple[int, int]
 
 
-def _decode(source: SourceImage, drops: DropLog) -> _Decoded | None:
+def _decode(source: SourceImage, max_side: int | None, drops: DropLog) -> _Decoded | None:
+    """Read and fully decode the file (a broken one is dropped here, not during training). A JPEG
+    that will be downscaled at least 2x is decoded at a reduced DCT scale still larger than the
+    target (``draft``): several times cheaper, and the whole file is still decoded."""
     try:
         with open(source.path, "rb") as handle:
             data = handle.read()
@@ -227,13 +231,20 @@ def _decode(source: SourceImage, drops: DropLog) -> _Decoded | None:
         drops.add("missing_image_file", f"{source.name}: {exc.strerror or exc}")
         return None
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            is_jpeg, orientation, stored = probe.format == "JPEG", _orientation(probe), probe.size
-        image = load_image(data, name=source.name)
+        probe = Image.open(io.BytesIO(data))
+        is_jpeg, orientation, stored = probe.format == "JPEG", _orientation(probe), probe.size
+        upright_size = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
+        if is_jpeg and max_side is not None and max(stored) >= 2 * max_side:
+            factor = max_side / max(stored)
+            probe.draft("RGB", (math.ceil(stored[0] * factor), math.ceil(stored[1] * factor)))
+            image = load_image(probe, name=source.name)
+        else:
+            image = load_image(data, name=source.name)
+            upright_size = image.size
     except Exception as exc:  # PIL raises many types for broken files
         drops.add("bad_image", f"{source.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         return None
-    return _Decoded(data, image, is_jpeg, orientation, stored)
+    return _Decoded(data, image, upright_size, is_jpeg, orientation, stored)
 
 
 def _frame_is_stored(decoded: _Decoded, declared: tuple[int, int] | None) -> bool | None:
@@ -241,14 +252,14 @@ def _frame_is_stored(decoded: _Decoded, declared: tuple[int, int] | None) -> boo
     fits neither."""
     if declared is None or tuple(declared) == decoded.stored_size:
         return True
-    if tuple(declared) == decoded.image.size:
+    if tuple(declared) == decoded.upright_size:
         return False
     return None
 
 
 def _output_image(decoded: _Decoded, options: SampleOptions) -> tuple[bytes, float, float, tuple[int, int]]:
     """(JPEG bytes, x scale, y scale, output size) of the upright image."""
-    width, height = decoded.image.size
+    width, height = decoded.upright_size
     if options.max_side is not None and max(width, height) > options.max_side:
         factor = options.max_side / max(width, height)
         size = (max(1, round(width * factor)), max(1, round(height * factor)))
@@ -317,7 +328,7 @@ def _clean_regions(source: SourceImage, decoded: _Decoded, stored_frame: bool, s
 
 def build_sample(source: SourceImage, options: SampleOptions, drops: DropLog) -> Sample | None:
     """The training sample of one source image, or None when it is dropped (counted in ``drops``)."""
-    decoded = _decode(source, drops)
+    decoded = _decode(source, options.max_side, drops)
     if decoded is None:
         return None
     stored_frame = _frame_is_stored(decoded, source.declared_size)
