@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..data.convert_common import DropLog
 from ..data.shards import IMAGE_EXTENSIONS, SKIP_REASONS, iter_paired_shard, list_shard_pairs
 from ..data.writer import IMAGE_DIR, TEXT_BOX_DIR
 from .captions import usable_captions
@@ -26,7 +27,6 @@ from .data import DataOptions, PretrainDataset
 
 __all__ = ["DatasetReport", "check_dataset", "report_lines", "add_arguments", "run_from_args"]
 
-_EXAMPLES = 3
 _UPRIGHT_SWAPS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -36,15 +36,11 @@ class _ExampleReporter:
     strict = False
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.examples: dict[str, list[str]] = {}
+        self.log = DropLog()
 
     def __call__(self, reason: str, shard: str, key: str | None, detail: str = "") -> None:
-        self.counts[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < _EXAMPLES:
-            where = Path(shard).name + (f" key {key}" if key is not None else "")
-            shown.append(f"{where}: {detail}" if detail else where)
+        where = Path(shard).name + (f" key {key}" if key is not None else "")
+        self.log.add(reason, f"{where}: {detail}" if detail else where)
 
 
 def _ignore(reason: str, shard: str, key: str | None, detail: str = "") -> None:
@@ -93,7 +89,7 @@ def check_dataset(root: str | Path) -> DatasetReport:
             if dataset._sample(pair, "check", reporter, placeholder=True) is None:
                 continue
             _add_usable(report, pair)
-    report.skips, report.examples = reporter.counts, reporter.examples
+    report.skips, report.examples = reporter.log.counts, reporter.log.examples
     return report
 
 
