@@ -146,6 +146,13 @@ def test_visual_genome(tmp_path, capsys):
     assert record2["text"] == ["yellow bar"] and record2["source"] == "VG_100K_2/2.jpg"
     assert_box_covers(image2, record2["box"][0], "yellow")
 
+    # Without image_data.json the files are found as VG_100K*/ID.jpg or ID.jpg.
+    code, output = _run(capsys, "data", "from-vg", "--images", source["images"], "--regions", source["regions"],
+                        "--out", tmp_path / "no_image_data", "--workers", "1")
+    assert code == 0 and "missing_image_file" not in output
+    assert [r["source"] for _, _, r, _ in read_samples(tmp_path / "no_image_data")] == ["VG_100K/1.jpg",
+                                                                                       "VG_100K_2/2.jpg"]
+
 
 # --------------------------------------------------------------------------------------------
 # Flickr30k Entities: Sentences/ID.txt markup and Annotations/ID.xml (1-based inclusive boxes)

@@ -55,7 +55,7 @@ DROP_REASONS: dict[str, str] = {
     "empty_text": "region: text empty after collapsing whitespace",
     "bad_box": "region: box not 4 finite numbers, inverted, or of zero area",
     "box_outside_image": "region: nothing of the box left after clipping it to the image",
-    "small_box": "region: box thinner than --min-box-side output pixels after clipping and scaling",
+    "small_box": "region: box thinner than --min-box-side output pixels after clipping, scaling and rounding",
     "duplicate_region": "region: same text on the same box as an earlier region of the image",
     "merged_same_box": "region: another text on an earlier region's box; its text was appended there",
     "empty_global_text": "global caption: empty after collapsing whitespace",
@@ -312,10 +312,12 @@ def _clean_regions(source: SourceImage, decoded: _Decoded, stored_frame: bool, s
         if isinstance(clipped, str):
             drops.add("box_outside_image" if clipped == "box_outside_image" else "bad_box", where)
             continue
-        if min(clipped[2] - clipped[0], clipped[3] - clipped[1]) < options.min_box_side:
+        rounded = tuple(_round(v) for v in clipped)
+        side = min(rounded[2] - rounded[0], rounded[3] - rounded[1])
+        if side <= 0 or side < options.min_box_side:
             drops.add("small_box", where)
             continue
-        texts = by_box.setdefault(tuple(_round(v) for v in clipped), [])
+        texts = by_box.setdefault(rounded, [])
         if any(t.lower() == text.lower() for t in texts):
             drops.add("duplicate_region", where)
         else:
