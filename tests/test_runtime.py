@@ -9,8 +9,8 @@ import torch
 
 import ps3
 from golden import MODEL_DIR
-from ps3.runtime import (UserError, load_model, measure, parse_device, parse_dtype, run_command, timeit,
-                         user_input)
+from ps3.runtime import (UserError, legacy_user_errors, load_model, measure, parse_device, parse_dtype,
+                         run_command, timeit, user_input)
 
 
 def test_user_input_names_the_flag_and_keeps_the_cause():
@@ -65,6 +65,20 @@ def test_run_command_prints_only_user_errors(capsys, monkeypatch):
     monkeypatch.setenv("PS3_DEBUG", "1")
     with pytest.raises(UserError):
         run_command(user_mistake, _args(), "ps3 encode")
+
+
+def test_legacy_commands_keep_value_and_os_errors_one_line(capsys):
+    def missing_dir(args):
+        raise FileNotFoundError(2, "no such run directory", "runs/x")
+
+    assert run_command(legacy_user_errors(missing_dir), _args(), "ps3 export") == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+    def bug(args):
+        raise TypeError("unsupported operand")
+
+    with pytest.raises(TypeError):
+        run_command(legacy_user_errors(bug), _args(), "ps3 train")
 
 
 def test_device_and_dtype_parsing():

@@ -11,34 +11,25 @@ import argparse
 __all__ = ["register", "main_train"]
 
 
-# Interim (issue 12.6): until the trainer's checks raise ps3.runtime.UserError where they read the
-# flags, data and run directory, a ValueError or OSError of a training-side command counts as the
-# user's (a TypeError, RuntimeError or anything else shows its traceback).
 def _run_train(args: argparse.Namespace) -> int:
-    from ..runtime import user_input
     from .loop import run
 
-    with user_input(errors=(ValueError, OSError)):
-        return run(args)
+    return run(args)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from ..runtime import user_input
     from .export import export
 
-    with user_input(errors=(ValueError, OSError)):
-        out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint)
+    out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint)
     if not args.quiet:
         print(f"exported {out['checkpoint']} (step {out['step']}) to {args.out_dir}")
     return 0
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    from ..runtime import user_input
     from .synthetic import run_from_args
 
-    with user_input(errors=(ValueError, OSError)):
-        return run_from_args(args)
+    return run_from_args(args)
 
 
 def add_train_parser(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +75,9 @@ def register(subparsers) -> None:
 def main_train(argv: list[str] | None = None) -> int:
     """``python -m ps3.train``: the ``ps3 train`` flags; a user mistake ends with one line and exit
     code 2, an internal bug with its traceback (:func:`ps3.runtime.run_command`)."""
-    from ..runtime import run_command
+    from ..runtime import legacy_user_errors, run_command
 
     parser = argparse.ArgumentParser(prog="python -m ps3.train", description="Pre-train PS3.")
     add_train_parser(parser)
     args = parser.parse_args(argv)
-    return run_command(args.func, args, prog="ps3 train")
+    return run_command(legacy_user_errors(args.func), args, prog="ps3 train")
