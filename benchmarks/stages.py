@@ -15,10 +15,10 @@ import json
 
 import torch
 
-from ps3.bench import PRESETS, build_model, matmul_rate, trunk_flops
+from ps3.bench import PRESETS, build_model, trunk_flops
 from ps3.cuda_graphs import GraphedBlocks
 from ps3.registry import SCALES_1P5K
-from ps3.runtime import parse_device, parse_dtype, synchronize, timeit
+from ps3.runtime import matmul_rate, parse_device, parse_dtype, synchronize, timeit
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     dt = parse_dtype(args.dtype, dev)
     if args.cuda_graphs and dev.type != "cuda":
         raise SystemExit("--cuda-graphs needs --device cuda")
-    rate = matmul_rate(dev, dt, 2048 if dev.type == "cpu" else 8192)
+    rate = matmul_rate(dev, dt)
     model = build_model(SCALES_1P5K, args.preset, device=dev, dtype=dt)
     vm = model.vision_model
     arch = vm.trunk.arch

@@ -9,8 +9,8 @@ import torch
 
 import ps3
 from golden import MODEL_DIR
-from ps3.runtime import (UserError, legacy_user_errors, load_model, measure, parse_device, parse_dtype,
-                         run_command, timeit, user_input)
+from ps3.runtime import (UserError, legacy_user_errors, load_model, matmul_rate, measure, parse_device,
+                         parse_dtype, run_command, timeit, user_input)
 
 
 def test_user_input_names_the_flag_and_keeps_the_cause():
@@ -112,6 +112,8 @@ def test_timeit_counts_calls_and_measures():
     assert len(calls) == 2 and 0.01 <= best < 0.02
     with pytest.raises(ValueError, match="repeats"):
         timeit(work, cpu, repeats=0)
+    rate = matmul_rate(cpu, n=256)
+    assert 1e8 < rate < 1e14  # FLOP/s of a real matmul on any CPU
 
 
 def test_measure_sees_time_and_peak_memory():

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .registry import BENCH_PRESETS, PUBLISHED, SCALES_1P5K, SCALES_4K, ViTArch, bench_vision_config
-from .runtime import DTYPE_NAMES, UserError, measure, parse_device, parse_dtype, timeit, user_input
+from .runtime import DTYPE_NAMES, UserError, matmul_rate, measure, parse_device, parse_dtype, timeit, user_input
 from .vision import PS3VisionModel
 
 PRESETS = BENCH_PRESETS
@@ -50,14 +50,6 @@ def build_model(scales, preset: str = "cpu", *, width: int | None = None, depth:
             if not p.any():
                 p.normal_(std=0.02)
     return model.to(device=parse_device(device), dtype=parse_dtype(dtype, device)).eval()
-
-
-def matmul_rate(device, dtype, n: int) -> float:
-    """FLOP/s of an n×n @ n×n matmul in ``dtype``: the best of 10, as the reference must be the
-    machine's ceiling (a shared machine's slow moments would otherwise flatter every ratio)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / timeit(lambda: a @ b, device, 10, best=True)
 
 
 def trunk_flops(tokens: int, context: int, arch: ViTArch) -> float:
@@ -284,8 +276,7 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
     start = time.perf_counter()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
-    matmul_n = 2048 if dev.type == "cpu" else 8192
-    first_rate = matmul_rate(dev, dt, matmul_n)
+    first_rate = matmul_rate(dev, dt)
     bench = _Bench(preset, dev, dt, repeats, width, depth, full, skip_full_vit)
     steps = bench.steps()
     rate_guess = first_rate * _ASSUMED_MATMUL_SHARE
@@ -301,7 +292,7 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
         log(f"[{k + 1}/{len(steps)}] {line}   ({time.perf_counter() - start:.0f} s elapsed, about {left:.0f} s left)")
     # The matmul rate is read again at the end and the higher reading kept, so every figure below
     # is against the machine's best, not a slow moment of a shared machine.
-    rate = max(first_rate, matmul_rate(dev, dt, matmul_n))
+    rate = max(first_rate, matmul_rate(dev, dt))
     for line in bench.derive(rate):
         log(line)
     bench.results["elapsed_s"] = time.perf_counter() - start

@@ -24,8 +24,8 @@ import torch
 
 from .hub import parse_dtype as _dtype_from_name, resolve_model_dir
 
-__all__ = ["UserError", "user_input", "run_command", "legacy_user_errors", "DTYPE_NAMES", "parse_device", "parse_dtype", "synchronize",
-           "timeit", "Measurement", "measure", "LoadedModel", "load_model"]
+__all__ = ["UserError", "user_input", "run_command", "legacy_user_errors", "DTYPE_NAMES", "parse_device", "parse_dtype",
+           "synchronize", "timeit", "matmul_rate", "Measurement", "measure", "LoadedModel", "load_model"]
 
 # The dtype names the command lines offer (hub.parse_dtype also takes aliases such as "bf16").
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -143,6 +143,16 @@ def timeit(fn: Callable[[], Any], device: torch.device, repeats: int = 3, best: 
         synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times) if best else statistics.median(times)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None) -> float:
+    """FLOP/s of an n×n @ n×n matmul (n: 2048 on a CPU, 8192 on an accelerator): the best of 10,
+    as a reference must be the machine's ceiling (a shared machine's slow moments would otherwise
+    flatter every figure compared with it)."""
+    n = n or (2048 if device.type == "cpu" else 8192)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timeit(lambda: a @ b, device, 10, best=True)
 
 
 def _cpu_resident_bytes() -> int | None:
