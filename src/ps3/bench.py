@@ -37,7 +37,7 @@ LOOK_TOKENS = PUBLISHED["PS3-4K-SigLIP2"].max_select_num  # one look's high-res 
 # Before anything is timed, a whole encode is assumed to run at this share of the matmul rate
 # (what the CPU preset measures, roughly); the first timed case replaces the guess.
 _ASSUMED_MATMUL_SHARE = 0.6
-_PROCESS_START_S = 4.0  # a fresh Python process importing torch (the memory cases)
+_PROCESS_START_S = 4.0  # fresh Python processes importing torch (the memory cases, side by side)
 
 
 def build_model(scales, preset: str = "cpu", *, width: int | None = None, depth: int | None = None,
@@ -59,29 +59,33 @@ def trunk_flops(tokens: int, context: int, arch: ViTArch) -> float:
     return per_layer * arch.depth
 
 
-def _memory_case(scales, preset: str, width, depth, size: int, device: str, dtype: str, queue) -> None:
+def _memory_case(index: int, scales, preset: str, width, depth, size: int, device: str, dtype: str, queue) -> None:
     """Child process: peak memory of one one-look encode beyond the model and the input (bytes)."""
     model = build_model(scales, preset, width=width, depth=depth, device=device, dtype=dtype)
     x = torch.randn(1, 3, size, size, device=device, dtype=parse_dtype(dtype))
     with measure(torch.device(device)) as cost, torch.no_grad():
         model(x, num_look_close=1, num_hidden_layers_to_return=1)
-    queue.put(cost.extra_bytes)
+    queue.put((index, cost.extra_bytes))
 
 
-def peak_extra_memory(scales, preset: str, width, depth, size: int, device, dtype) -> int:
-    """Bytes one one-look encode needs beyond the model and its input, measured in a fresh process
-    (CPU: the peak resident set, Linux only; CUDA: the allocator's peak), so earlier cases cannot
-    hide it."""
+def peak_extra_memory(cases, preset: str, width, depth, device, dtype) -> list[int]:
+    """Bytes one one-look encode needs beyond the model and its input, for each (scales, image
+    size) in ``cases``. Each case runs in a fresh process, so no other case can hide its peak
+    (CPU: the process's peak resident set, Linux only; CUDA: its allocator's peak); the processes
+    run at the same time, as only their memory is measured."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    args = (list(scales), preset, width, depth, size, str(device), str(dtype).replace("torch.", ""), queue)
-    proc = ctx.Process(target=_memory_case, args=args)
-    proc.start()
-    result = queue.get(timeout=1800)
-    proc.join()
-    return int(result)
+    procs = [ctx.Process(target=_memory_case, args=(i, list(scales), preset, width, depth, size, str(device),
+                                                    str(dtype).replace("torch.", ""), queue))
+             for i, (scales, size) in enumerate(cases)]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=1800) for _ in procs)
+    for proc in procs:
+        proc.join()
+    return [int(results[i]) for i in range(len(cases))]
 
 
 class _Bench:
@@ -133,7 +137,7 @@ class _Bench:
         trunk_calls = self.repeats + (1 if self.once.get("warmup", True) else 0)
         steps = [
             ("one look", self.step_one_look, 2 * calls * one_look, 0.0),
-            ("memory", self.step_memory, 2 * one_look, 2 * _PROCESS_START_S),
+            ("memory", self.step_memory, 2 * one_look, _PROCESS_START_S),
             ("all", self.step_all, 2 * calls_once * all_looks, 0.0),
             ("trunk", self.step_trunk, trunk_calls * sum(self._trunk(n) for n in set(self.look_sizes)), 0.0),
             ("s2", self.step_s2, calls_once * self.s2_pieces * low_res, 0.0),
@@ -154,9 +158,8 @@ class _Bench:
                 f"ratio {t4k / t15:.2f}")
 
     def step_memory(self) -> str:
-        case = (self.preset, self.width_override, self.depth_override)
-        mem15 = peak_extra_memory(SCALES_1P5K, *case, self.size15, self.dev, self.dt)
-        mem4k = peak_extra_memory(SCALES_4K, *case, self.size4k, self.dev, self.dt)
+        mem15, mem4k = peak_extra_memory([(SCALES_1P5K, self.size15), (SCALES_4K, self.size4k)], self.preset,
+                                         self.width_override, self.depth_override, self.dev, self.dt)
         self.results.update(mem_one_look_1p5k_mb=mem15 / 2**20, mem_one_look_4k_mb=mem4k / 2**20,
                             mem_ratio_4k_vs_1p5k_one_look=mem4k / max(mem15, 1))
         return (f"peak extra memory, one look: 1.5K {mem15 / 2**20:.0f} MiB | 4K {mem4k / 2**20:.0f} MiB | "
