@@ -401,3 +401,23 @@ def test_low_res_pass_of_other_images_is_refused(model):
         assert model(images(1), num_look_close=0, low_res=no_kv).last_hidden_state.shape == (1, 16, 64)
         with pytest.raises(ValueError, match="no key/value cache"):
             model(images(1), num_look_close=1, low_res=no_kv)
+
+
+def test_explicit_modes_are_what_the_upstream_flag_selects(model):
+    x = images(2, 224, 160, seed=4)
+    gt = torch.zeros(2, 224, 160)
+    gt[:, 50:150, 20:90] = 1
+    with torch.no_grad():
+        looks = model.encode_looks(x, num_look_close=2, gt_selection_maps=gt)
+        pooled = model.encode_pooled(x, gt_selection_maps=gt, pool_gt_token_only=True)
+        assert torch.equal(looks.last_hidden_state, model(x, num_look_close=2, gt_selection_maps=gt).last_hidden_state)
+        shim = model(x, gt_selection_maps=gt, pool_gt_token_only=True, output_hidden_states=False)
+    assert torch.equal(pooled.pooled_output, shim.pooled_output) and pooled.last_hidden_state is None
+    # One signature, stated once: the model and the joint model show the encoder's.
+    import inspect
+
+    encoder = inspect.signature(ps3.vision.PS3VisionEncoder.forward)
+    assert inspect.signature(ps3.PS3VisionModel.forward) == encoder
+    assert inspect.signature(ps3.PS3Model.encode_image) == encoder
+    assert list(inspect.signature(model.forward).parameters)[:3] == ["pixel_values", "num_look_close",
+                                                                     "num_token_look_close"]
