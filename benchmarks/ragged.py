@@ -9,7 +9,9 @@ three ways in one run: one ragged call; one call per image; one call per first-n
 grouping VILA-HD's ``encode_images_ps3`` does). Prints time (median of ``--repeats`` after a
 warm-up), the peak memory of each way (measured in a fresh process on a CPU: peak resident set
 beyond the model and the images; on a GPU: the allocator's peak beyond them), and the ragged
-call's padding: tokens computed by the trunk's look passes over tokens returned. One JSON line.
+call's padding: tokens computed by the trunk's look passes over tokens returned (measured; and,
+from the look plans alone, for the same images with token budgets only, where looks of many
+lengths share masked passes). One JSON line.
 Weights are random (no download): timing does not depend on them.
 """
 import argparse
@@ -21,6 +23,7 @@ import torch
 
 import ps3
 from ps3.bench import build_model, timeit
+from ps3.looks import plan_passes
 
 SCALES = [378, 756, 1512]
 # (height, width, num_token_look_close) of the eight images.
@@ -108,6 +111,16 @@ def padding(model, inputs) -> tuple[int, int]:
     return sum(computed), returned
 
 
+def planned_padding(model, budgets) -> float:
+    """Tokens computed over tokens returned for a ragged call with token budgets only, from the look
+    plans (the rows a call packs) without running the model."""
+    vm = model.vision_model
+    rows = [n for (h, w, _), t in zip(IMAGES, budgets)
+            for n in (look[0] for look in vm.plan(h, w, 1, num_token_look_close=t).tokens_per_look())]
+    passes = plan_passes(rows, len(IMAGES), 1)
+    return sum(max(rows[i] for i in p) * len(p) for p in passes) / sum(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -137,6 +150,7 @@ def main() -> None:
     computed, returned = padding(model, inputs)
     res.update(look_tokens_computed=computed, look_tokens_returned=returned,
                padding_ratio=round(computed / returned, 4),
+               padding_ratio_token_budgets_only=round(planned_padding(model, inputs[1]), 4),
                ragged_vs_loop_time=round(res["ragged_s"] / res["loop_s"], 3),
                grouped_vs_loop_time=round(res["grouped_s"] / res["loop_s"], 3))
     print(json.dumps(res))
