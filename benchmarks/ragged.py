@@ -6,8 +6,8 @@ python benchmarks/ragged.py --width 768 --depth 4 --device cuda
 Eight images of eight sizes (4:1 and 1:4 among them), each with its own token budget and its
 ``only_select_first_n_scale`` from VILA-HD's rule (``ps3.first_n_scales_for_sizes``), encoded
 three ways in one run: one ragged call; one call per image; one call per first-n value (the
-grouping VILA-HD's ``encode_images_ps3`` does). Prints time (median of ``--repeats`` after a
-warm-up), the peak memory of each way (measured in a fresh process on a CPU: peak resident set
+grouping VILA-HD's ``encode_images_ps3`` does). Prints time (median of ``--repeats`` rounds, the
+three ways taking turns, each call after a warm-up call), the peak memory of each way (measured in a fresh process on a CPU: peak resident set
 beyond the model and the images; on a GPU: the allocator's peak beyond them), and the ragged
 call's padding: tokens computed by the trunk's look passes over tokens returned (measured; and,
 from the look plans alone, for the same images with token budgets only, where looks of many
@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import multiprocessing
+import statistics
 
 import torch
 
@@ -26,6 +27,7 @@ from ps3.bench import build_model, timeit
 from ps3.looks import plan_passes
 
 SCALES = [378, 756, 1512]
+WAYS = ("ragged", "loop", "grouped")
 # (height, width, num_token_look_close) of the eight images.
 IMAGES = [(1512, 1512, 2560), (378, 1512, 800), (1512, 378, 1600), (1000, 1400, 2000),
           (600, 800, 400), (2000, 1200, 1200), (500, 900, 640), (1200, 1000, 3000)]
@@ -143,9 +145,14 @@ def main() -> None:
     res = {"device": str(dev), "dtype": str(dt).replace("torch.", ""), "width": args.width, "depth": args.depth,
            "images": [[h, w] for h, w, _ in IMAGES], "num_token_look_close": inputs[1],
            "only_select_first_n_scale": inputs[2]}
-    for way in ("ragged", "loop", "grouped"):
-        res[f"{way}_s"] = round(timeit(lambda: encode(model, way, *inputs), dev, args.repeats), 4)
-    for way in ("ragged", "loop", "grouped"):
+    # Round-robin, so that a shared machine's slow spells fall on every way alike.
+    times: dict[str, list[float]] = {way: [] for way in WAYS}
+    for _ in range(args.repeats):
+        for way in WAYS:
+            times[way].append(timeit(lambda: encode(model, way, *inputs), dev, 1))
+    for way in WAYS:
+        res[f"{way}_s"] = round(statistics.median(times[way]), 4)
+    for way in WAYS:
         res[f"{way}_peak_mb"] = round(peak_memory(way, model, inputs, args) / 2**20, 1)
     computed, returned = padding(model, inputs)
     res.update(look_tokens_computed=computed, look_tokens_returned=returned,
