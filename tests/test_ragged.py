@@ -74,7 +74,7 @@ def single_kwargs(kw, b):
     return one
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(10))
 def test_ragged_call_equals_single_calls(model, seed):
     rng = random.Random(seed)
     images, kw = random_call(rng, rng.randint(2, 5))
