@@ -101,21 +101,7 @@ def _check_first_n(first_n: Sequence[int] | None, n_highres: int) -> None:
             raise ValueError(f"only_select_first_n_scale must be an int in [1, {n_highres}] (or one per sample), got {m!r}")
 
 
-def plan_looks(highres_sizes: Sequence[Size], max_budgets: Sequence[int], batch_size: int,
-               num_look_close: int | str | None = None, num_token_look_close: int | str | None = None,
-               only_select_first_n_scale: int | Sequence[int] | None = None,
-               pretraining: bool = False) -> LookPlan:
-    """How many looks a call makes and how many cells each takes per scale and sample (SPEC §3.9).
-
-    ``"all"`` encodes every high-res cell (of the first m scales with ``only_select_first_n_scale``)
-    exactly once. Upstream stops after ceil(total / Σb) looks, which misses cells when the
-    per-scale budgets do not divide the grids; here looks continue until nothing is left, and a
-    budget lost past the last scale is given to the earliest scale that still has cells. On the
-    published configs both give the same looks.
-    """
-    n_highres = len(max_budgets)
-    cells = [h * w for h, w in highres_sizes]
-    step = sum(max_budgets)
+def _first_n_per_sample(only_select_first_n_scale, batch_size: int, n_highres: int) -> list[int] | None:
     if isinstance(only_select_first_n_scale, bool):
         raise TypeError("only_select_first_n_scale must be an int or a sequence of ints, not a bool")
     if isinstance(only_select_first_n_scale, int):
@@ -127,69 +113,99 @@ def plan_looks(highres_sizes: Sequence[Size], max_budgets: Sequence[int], batch_
         if len(first_n) != batch_size:
             raise ValueError(f"only_select_first_n_scale has {len(first_n)} entries for a batch of {batch_size}")
     _check_first_n(first_n, n_highres)
-    covered = max(first_n) if first_n is not None else n_highres
-    total = sum(cells[:covered])
+    return first_n
 
-    if pretraining:
-        tokens = num_token_look_close if isinstance(num_token_look_close, int) and num_token_look_close <= step else None
-        b = look_budgets(max_budgets, cells, tokens)
-        return LookPlan([[[b[i]] * batch_size for i in range(n_highres)]])
 
-    first_tokens, last_tokens, until_done = None, None, False
+@dataclass(frozen=True)
+class _LookCount:
+    looks: int
+    first_tokens: int | None = None  # tokens of the first look, when it is shrunk
+    last_tokens: int | None = None  # tokens of the last look, when it is shrunk
+    until_done: bool = False  # "all": continue until every covered cell is taken
+
+
+def _look_count(num_look_close, num_token_look_close, total: int, step: int) -> _LookCount:
+    """How many looks (design §3.9), and the token counts of shrunk first/last looks."""
     for name, value in (("num_look_close", num_look_close), ("num_token_look_close", num_token_look_close)):
         if value is None or value == "all":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int or 'all', got {value!r}")
     if num_look_close == 0 or num_token_look_close == 0:
-        return LookPlan([])
-    if num_look_close == "all" or num_token_look_close == "all":
-        looks, until_done = math.ceil(total / step), True
-    elif num_look_close is not None:
-        looks = min(num_look_close, math.ceil(total / step))
-    elif num_token_look_close is not None:
-        tokens = min(num_token_look_close, total)
-        looks = math.ceil(tokens / step)
-        last_tokens = tokens % step or step
-        first_tokens = tokens if tokens <= step else None
-    else:
-        raise ValueError("pass num_look_close (an int >= 0 or 'all') or num_token_look_close (an int >= 0 or 'all')")
+        return _LookCount(0)
+    first_tokens = last_tokens = None
     if num_look_close is not None and isinstance(num_token_look_close, int) and num_token_look_close <= step:
         first_tokens = num_token_look_close  # both given: upstream shrinks the first look only
+    if num_look_close == "all" or num_token_look_close == "all":
+        return _LookCount(math.ceil(total / step), first_tokens, until_done=True)
+    if num_look_close is not None:
+        return _LookCount(min(num_look_close, math.ceil(total / step)), first_tokens)
+    if num_token_look_close is not None:
+        tokens = min(num_token_look_close, total)
+        return _LookCount(math.ceil(tokens / step), tokens if tokens <= step else None, tokens % step or step)
+    raise ValueError("pass num_look_close (an int >= 0 or 'all') or num_token_look_close (an int >= 0 or 'all')")
 
+
+def _plan_samples(cells: Sequence[int], max_budgets: Sequence[int], count: _LookCount, first_n: int | None,
+                  covered: int) -> list[list[int]]:
+    """Per look, the cells each scale takes for samples sharing ``first_n``."""
+    step = sum(max_budgets)
+    remaining = list(cells)
+    plan: list[list[int]] = []
+    for j in range(count.looks):
+        tokens = count.first_tokens if j == 0 else (count.last_tokens if j == count.looks - 1 else None)
+        b = look_budgets(max_budgets, remaining, tokens, first_n)
+        remaining = [r - n for r, n in zip(remaining, b)]
+        plan.append(b)
+    # Only where the looks above leave cells (budgets that do not divide the grids): more
+    # looks, each giving a budget lost past the last scale to the earliest scale with cells.
+    while count.until_done and sum(remaining[:covered if first_n is None else first_n]) > 0:
+        b = look_budgets(max_budgets, remaining, None, first_n)
+        lost = step - sum(b)
+        for i in range(len(max_budgets)):
+            extra = min(lost, remaining[i] - b[i])
+            if extra > 0:
+                b[i] += extra
+                lost -= extra
+        if sum(b) == 0:
+            break
+        remaining = [r - n for r, n in zip(remaining, b)]
+        plan.append(b)
+    return plan
+
+
+def plan_looks(highres_sizes: Sequence[Size], max_budgets: Sequence[int], batch_size: int,
+               num_look_close: int | str | None = None, num_token_look_close: int | str | None = None,
+               only_select_first_n_scale: int | Sequence[int] | None = None,
+               pretraining: bool = False) -> LookPlan:
+    """How many looks a call makes and how many cells each takes per scale and sample (design §3.9).
+
+    ``"all"`` encodes every high-res cell (of the first m scales with ``only_select_first_n_scale``)
+    exactly once. Upstream stops after ceil(total / Σb) looks, which misses cells when the
+    per-scale budgets do not divide the grids; here looks continue until nothing is left, and a
+    budget lost past the last scale is given to the earliest scale that still has cells. On the
+    published configs both give the same looks.
+    """
+    n_highres = len(max_budgets)
+    cells = [h * w for h, w in highres_sizes]
+    step = sum(max_budgets)
+    first_n = _first_n_per_sample(only_select_first_n_scale, batch_size, n_highres)
+    covered = max(first_n) if first_n is not None else n_highres
+    if pretraining:
+        tokens = num_token_look_close if isinstance(num_token_look_close, int) and num_token_look_close <= step else None
+        b = look_budgets(max_budgets, cells, tokens)
+        return LookPlan([[[b[i]] * batch_size for i in range(n_highres)]])
+    count = _look_count(num_look_close, num_token_look_close, sum(cells[:covered]), step)
+    if count.looks == 0:
+        return LookPlan([])
     samples = first_n if first_n is not None else [None] * batch_size
-    groups = {m: [b for b in range(batch_size) if samples[b] == m] for m in dict.fromkeys(samples)}
-    per_group: dict[int | None, list[list[int]]] = {}
-    for m in groups:
-        remaining = list(cells)
-        plan: list[list[int]] = []
-        for j in range(looks):
-            tokens = first_tokens if j == 0 else (last_tokens if j == looks - 1 else None)
-            b = look_budgets(max_budgets, remaining, tokens, m)
-            remaining = [r - n for r, n in zip(remaining, b)]
-            plan.append(b)
-        # Only where the looks above leave cells (budgets that do not divide the grids): more
-        # looks, each giving a budget lost past the last scale to the earliest scale with cells.
-        while until_done and sum(remaining[:covered if m is None else m]) > 0:
-            b = look_budgets(max_budgets, remaining, None, m)
-            lost = step - sum(b)
-            for i in range(n_highres):
-                extra = min(lost, remaining[i] - b[i])
-                if extra > 0:
-                    b[i] += extra
-                    lost -= extra
-            if sum(b) == 0:
-                break
-            remaining = [r - n for r, n in zip(remaining, b)]
-            plan.append(b)
-        per_group[m] = plan
+    per_group = {m: _plan_samples(cells, max_budgets, count, m, covered) for m in dict.fromkeys(samples)}
     n_looks = max(len(p) for p in per_group.values())
     budgets = [[[0] * batch_size for _ in range(n_highres)] for _ in range(n_looks)]
-    for m, rows in groups.items():
+    for r, m in enumerate(samples):
         for j, b in enumerate(per_group[m]):
             for i in range(n_highres):
-                for r in rows:
-                    budgets[j][i][r] = b[i]
+                budgets[j][i][r] = b[i]
     return LookPlan(budgets)
 
 
@@ -235,3 +251,27 @@ class TokenCount:
     @property
     def total(self) -> int:
         return self.low_res + sum(self.per_scale)
+
+
+def first_n_scales_for_sizes(sizes: Sequence, scales: Sequence[int]) -> list[int]:
+    """Per-image ``only_select_first_n_scale`` by VILA-HD's rule: an image whose original long side
+    is below the midpoint of the two largest scales (2646 px for 378/756/1512/3780) skips the
+    largest scale; larger images use every high-res scale.
+
+    ``sizes``: (height, width) pairs, image tensors (..., H, W) or PIL images. ``scales``: the
+    model's ``ps3_scales``. A model with a single high-res scale always keeps it.
+    """
+    n_high = len(scales) - 1
+    if n_high < 1:
+        raise ValueError(f"scales needs a low-res and at least one high-res scale, got {list(scales)}")
+    midpoint = (scales[-1] + scales[-2]) / 2
+    out = []
+    for size in sizes:
+        if isinstance(size, torch.Tensor):
+            height, width = size.shape[-2:]
+        elif hasattr(size, "size") and not isinstance(size, (tuple, list)):
+            width, height = size.size  # PIL: (width, height)
+        else:
+            height, width = size
+        out.append(max(n_high - 1, 1) if max(height, width) < midpoint else n_high)
+    return out
