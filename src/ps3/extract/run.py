@@ -1,0 +1,202 @@
+"""``extract``: encode a whole dataset into feature shards, resumable and split across ranks.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) rank ``r`` takes the work units with ``index % world ==
+r`` and writes their shards itself; rank 0 then waits for every shard of the job to appear and
+merges their sidecars into ``index.json``. The only collective is one barrier at the start (so
+``--overwrite`` has removed the old files before anyone writes); the wait at the end watches the
+files, so ranks of unequal speed never run into a collective's timeout.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .dataset import SKIP_REASONS, build_loader, default_workers
+from .inputs import WorkUnit, plan_units, read_prompts
+from .output import INDEX_NAME, UnitOutput, is_finished, remove_outputs, write_index
+
+__all__ = ["extract"]
+
+_POLL_SECONDS = 0.5
+
+
+def _selection(looks: int | None, tokens: int | None, all_patches: bool) -> dict[str, Any]:
+    if sum(x is not None and x is not False for x in (looks, tokens, all_patches or None)) > 1:
+        raise ValueError("pass at most one of looks, tokens and all_patches (--looks/--tokens/--all)")
+    if tokens is not None:
+        return {"num_token_look_close": tokens}
+    if all_patches:
+        return {"num_look_close": "all"}
+    return {"num_look_close": 1 if looks is None else looks}
+
+
+def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("gloo")  # coordination only: one barrier, on any device
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device is cuda but CUDA is not available: pass --device cpu")
+        if device.index is None and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def _wait_for_shards(directory: Path, units: list[WorkUnit]) -> None:
+    waiting = [u for u in units if not (directory / f"{u.name}.tar").is_file()]
+    while waiting:
+        time.sleep(_POLL_SECONDS)
+        waiting = [u for u in waiting if not (directory / f"{u.name}.tar").is_file()]
+
+
+def extract(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *, model: str,
+            looks: int | None = None, tokens: int | None = None, all_patches: bool = False,
+            prompt: str | None = None, prompts: str | os.PathLike | None = None, layers: int = 1,
+            dtype: str = "float32", device: str | torch.device = "cpu", batch_size: int = 8,
+            workers: int | None = None, feature_maps: bool = False, strict: bool = False, overwrite: bool = False,
+            max_pixels: int | None = None, shard_size: int = 1000, image_size: int | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Encode every image of ``inputs`` with the PS3 model ``model`` into shards under ``out``.
+
+    ``inputs``: directories of images, list files, images or image webdataset shards (see
+    :mod:`ps3.extract.inputs`). Selection as in ``ps3 encode``: ``looks`` (default 1),
+    ``tokens`` or ``all_patches``; ``prompt`` steers every image, ``prompts`` (a JSON-lines file
+    of ``{"key", "prompt"}``) steers the images it names. ``layers``: how many last layers to
+    keep. Returns the summary of ``index.json`` (on ranks other than 0 under torchrun: the
+    counts of that rank's shards, with ``"partial": True``). See :mod:`ps3.extract` for the
+    output format.
+    """
+    start, started_at = time.perf_counter(), time.time()
+    selection = _selection(looks, tokens, all_patches)
+    for name, value, minimum in (("layers", layers, 1), ("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
+        _check_positive(name, value, minimum)
+    workers = default_workers() if workers is None else workers
+    _check_positive("workers", workers, 0)
+    if max_pixels is not None:
+        _check_positive("max_pixels", max_pixels)
+    if image_size is not None:
+        _check_positive("image_size", image_size)
+    by_key = read_prompts(prompts) if prompts is not None else {}
+    units = plan_units(inputs, shard_size)
+    device = _device(device)
+    settings = {"model": os.fspath(model), "selection": selection, "layers": layers, "dtype": str(dtype),
+                "feature_maps": bool(feature_maps), "image_size": image_size, "prompt": prompt,
+                "prompts": hashlib.sha256(Path(prompts).read_bytes()).hexdigest()[:16] if prompts else None,
+                "max_pixels": max_pixels}
+    directory = Path(out)
+    rank, world, created_group = _distributed()
+    try:
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                remove_outputs(directory)
+            else:
+                (directory / INDEX_NAME).unlink(missing_ok=True)  # rewritten when the job is complete
+        if world > 1:
+            torch.distributed.barrier()
+        mine = [u for u in units if u.index % world == rank]
+        pending = [u for u in mine if not is_finished(directory, u, settings)]
+        local = {"images": 0, "tokens": 0, "skipped": {}}
+        if pending:
+            from .encode import FeatureEncoder
+
+            encoder = FeatureEncoder(model, device=device, dtype=dtype, selection=selection, layers=layers,
+                                     feature_maps=feature_maps, image_size=image_size,
+                                     use_prompts=prompt is not None or bool(by_key))
+            loop = _Loop(directory, settings, rank, encoder, strict, prompt, by_key, max(1, workers), local)
+            loop.run(pending, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
+                     progress=progress and rank == 0)
+        if rank != 0:
+            return {**local, "partial": True, "rank": rank}
+        _wait_for_shards(directory, units)
+        return write_index(directory, units, settings, time.perf_counter() - start, started_at)
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+class _Loop:
+    """Feeds the loader's messages to the encoder and the open shards."""
+
+    def __init__(self, directory: Path, settings: dict[str, Any], rank: int, encoder, strict: bool,
+                 prompt: str | None, by_key: dict[str, str], workers: int, local: dict[str, Any]) -> None:
+        self.directory, self.settings, self.rank, self.encoder = directory, settings, rank, encoder
+        self.strict, self.prompt, self.by_key, self.workers, self.local = strict, prompt, by_key, workers, local
+        self.open: dict[int, tuple[UnitOutput, float]] = {}
+
+    def run(self, pending: list[WorkUnit], *, batch_size: int, workers: int, max_pixels: int | None,
+            progress: bool) -> None:
+        from tqdm import tqdm
+
+        units = {u.index: u for u in pending}
+        sizes = [u.known_size for u in pending]
+        total = None if any(s is None for s in sizes) else sum(sizes)
+        loader = build_loader(pending, image_size=self.encoder.image_size, batch_size=batch_size, workers=workers,
+                              max_pixels=max_pixels, pin_memory=self.encoder.device.type == "cuda")
+        bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1)
+        try:
+            for message in loader:
+                self._handle(message, units[message["unit"]], bar)
+        except BaseException:
+            for output, _ in self.open.values():
+                output.abort()
+            raise
+        finally:
+            bar.close()
+
+    def _output(self, unit: WorkUnit) -> UnitOutput:
+        if unit.index not in self.open:
+            output = UnitOutput(self.directory, unit, self.settings, self.rank)
+            output.pending_workers = self.workers
+            self.open[unit.index] = (output, time.perf_counter())
+        return self.open[unit.index][0]
+
+    def _handle(self, message: dict[str, Any], unit: WorkUnit, bar) -> None:
+        output = self._output(unit)
+        kind = message["kind"]
+        if kind == "skip":
+            key, reason, detail = message["key"], message["reason"], message["detail"]
+            if self.strict:
+                raise ValueError(f"bad input ({reason}: {SKIP_REASONS[reason]}) {key!r}: {detail}")
+            output.skip(key, reason, detail)
+            self.local["skipped"][reason] = self.local["skipped"].get(reason, 0) + 1
+            bar.update(1)
+        elif kind == "batch":
+            keys = message["keys"]
+            texts = [self.by_key.get(k, self.prompt) for k in keys]
+            encoded = self.encoder.encode(message, texts)
+            for (key, blob, tokens), source, (width, height), text in zip(encoded, message["sources"],
+                                                                          message["sizes"], texts):
+                info = {"source": source, "width": width, "height": height}
+                if text is not None:
+                    info["prompt"] = text
+                output.add(key, blob, tokens, info)
+                self.local["tokens"] += tokens
+            self.local["images"] += len(keys)
+            bar.update(len(keys))
+        else:
+            output.pending_workers -= 1
+            if output.pending_workers == 0:
+                _, started = self.open.pop(unit.index)
+                output.finish(time.perf_counter() - started)
