@@ -53,12 +53,28 @@ def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
-def ps3_command(*args) -> list[str]:
-    return [sys.executable, "-m", "ps3.cli", "extract", *map(str, args), "--model", str(MODEL_DIR)]
+def ps3_command(*args, model: Path = MODEL_DIR) -> list[str]:
+    return [sys.executable, "-m", "ps3.cli", "extract", *map(str, args), "--model", str(model)]
 
 
-def run_extract(*args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(ps3_command(*args), capture_output=True, text=True, timeout=300, env=environment())
+def run_extract(*args, check: bool = True, model: Path = MODEL_DIR) -> subprocess.CompletedProcess:
+    proc = subprocess.run(ps3_command(*args, model=model), capture_output=True, text=True, timeout=300,
+                          env=environment())
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def fast_model(directory: Path) -> Path:
+    """The fixture's architecture without the high-res selection module (random weights): its
+    1512-px bicubic resize dominates the fixture model's time on a CPU, and tests that encode many
+    images only need the pipeline around the model."""
+    import torch
+
+    from ps3 import PS3VisionConfig, PS3VisionModel
+
+    config = PS3VisionConfig.from_pretrained(MODEL_DIR)
+    config.highres_selection_feature = False
+    torch.manual_seed(0)
+    PS3VisionModel(config).save_pretrained(directory)
+    return directory
