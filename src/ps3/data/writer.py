@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from webdataset import TarWriter
 
@@ -38,9 +38,30 @@ __all__ = [
 FIXED_MTIME = 946684800  # 2000-01-01: tar member timestamps, so shards are byte-reproducible
 IMAGE_DIR, TEXT_BOX_DIR = "images", "text_boxes"
 _OWNER = "ps3"
+_T = TypeVar("_T", bound="_Transaction")
 
 
-class ShardWriter:
+class _Transaction:
+    """``with`` support: ``close()`` when the block ends normally, ``abort()`` on an exception."""
+
+    def close(self) -> Any:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardWriter(_Transaction):
     """One tar shard, written to ``<path>.tmp`` and renamed to ``path`` on a clean close.
 
     Use as a context manager; ``write({"__key__": key, ext: bytes, ...})`` adds one sample (its
@@ -82,16 +103,6 @@ class ShardWriter:
             self._handle.close()
             self.temporary.unlink(missing_ok=True)
 
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def encode_record(record: Any) -> bytes:
     """A text-box record as JSON bytes (sorted keys, so equal records give equal bytes)."""
@@ -127,7 +138,7 @@ def prepare_paired_output(root: str | os.PathLike, *, overwrite: bool = False) -
     return images, records
 
 
-class PairedShardWriter:
+class PairedShardWriter(_Transaction):
     """Streams (key, image bytes, record) samples into the paired layout under ``root``: shard
     pair ``i`` is ``images/image_{i:05d}.tar`` + ``text_boxes/text_box_{i:05d}.tar`` with the same
     keys in the same order, ``shard_size`` samples each (the last may hold fewer).
@@ -183,16 +194,6 @@ class PairedShardWriter:
             for writer in self._open:
                 writer.abort()
             self._open = None
-
-    def __enter__(self) -> PairedShardWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_paired_shards(root: str | os.PathLike, samples: Iterable[tuple[str, bytes, bytes | Mapping[str, Any]]],

@@ -1,36 +1,22 @@
 """Pre-training data: paired image / text-box webdatasets → batches for PS3 (design §5).
 
-Layout
-------
-Two shard sets with the same shard layout and the same keys, in the same order:
-
-* images: ``KEY.jpg`` (``.jpeg``, ``.png`` and ``.webp`` are accepted too);
-* text-boxes: ``KEY.json`` = ``{"text": [local captions], "box": [[x0, y0, x1, y1], ...],
-  "global_text": "..."}`` with boxes in the original image's pixels (edge coordinates).
-
-Each set is given as a directory (every ``*.tar`` inside, sorted by name), a brace pattern such
-as ``"/data/image_{00000..00099}.tar"`` (``::`` joins several), or a list of paths/URLs. Shard
-``i`` of one set is read together with shard ``i`` of the other, sample by sample, and the keys
-must agree (listing, reading and pairing: :mod:`ps3.data.shards`).
-
-Everything else that shapes the stream is one :class:`DataOptions` (validated when it is made);
-:func:`build_dataloader` takes it, or its fields as keywords.
+Input
+-----
+Two shard sets (images ``KEY.jpg``; text-boxes ``KEY.json`` with local captions, their boxes and
+a global caption; layout in :mod:`ps3.data.writer`), each a directory, brace pattern or list of
+shards. Shard ``i`` of one set is read with shard ``i`` of the other, sample by sample, and the
+keys must agree (listing, reading and lockstep pairing: :mod:`ps3.data.shards`). Everything else
+that shapes the stream is one :class:`DataOptions`; :func:`build_dataloader` takes it, or its
+fields as keywords.
 
 Per sample (design §5)
---------------------
-1. Captions are shaped (:mod:`ps3.train.captions`): a leading "The image is a close-up of" /
-   "The second image is a close-up of" is dropped, so is a final sentence that mentions both
-   "text" and "visible" (whole words, any case) when other sentences exist; with
-   ``sentence_masking`` a random contiguous run of sentences is kept.
-2. If both a global caption and local captions exist, the global one is used with probability
-   ``global_caption_prob``; only a global one → global; otherwise ``sample_n_box_each_image``
-   local caption/box pairs are drawn without replacement. An image with fewer usable pairs than
-   that takes all of them and then draws again from a fresh permutation (so every image
-   contributes exactly ``n`` texts). A global caption is repeated ``n`` times.
-3. The image is squash-resized to ``image_size`` with PIL bicubic, scaled to [0, 1] and
-   normalised (:func:`ps3.processor.resize_and_normalize`, the inference processor's steps). A box is clipped to the image, scaled by the same squash, and rows
-   ``floor(y0)..ceil(y1)`` and columns ``floor(x0)..ceil(x1)`` (inclusive, clipped to the map)
-   of an (S, S) map of zeros are set to 1 (:func:`ps3.data.boxes.box_to_gt_map`). A global caption's map is all 1.
+----------------------
+1. Captions are shaped and an image's ``n = sample_n_box_each_image`` texts are drawn
+   (global vs local, boxes without replacement, sentence masking): :mod:`ps3.train.captions`.
+2. The image is squash-resized to ``image_size`` and normalised
+   (:func:`ps3.processor.resize_and_normalize`, the inference processor's steps); each box is
+   clipped, scaled by the same squash and drawn as an (S, S) map of ones
+   (:func:`ps3.data.boxes.box_to_gt_map`). A global caption's map is all 1.
 
 Batches
 -------
@@ -43,11 +29,11 @@ reason → count of what was dropped since the previous batch of the same worker
 Bad data
 --------
 Nothing in the data stops a run. Every dropped item is counted under one of
-:data:`ps3.data.shards.SKIP_REASONS`; counts travel with the batches (so they reach the main process from
-DataLoader workers) and :class:`PretrainLoader` sums them in ``loader.counter``. When the keys of
-the two sets disagree, both are looked ahead (up to :data:`ps3.data.shards.RESYNC_WINDOW` samples) for the point
-where they line up again, so a missing file costs one sample, not the rest of the shard. With
-``strict=True`` the first problem raises ``ValueError`` naming the reason, shard and key.
+:data:`ps3.data.shards.SKIP_REASONS`; counts travel with the batches (so they reach the main
+process from DataLoader workers) and :class:`PretrainLoader` sums them in ``loader.counter``.
+After a key mismatch the two sets are realigned, so a missing file costs one sample, not the
+rest of the shard. With ``strict=True`` the first problem raises ``ValueError`` naming the
+reason, shard and key.
 
 Determinism and exact resume
 ----------------------------
@@ -91,29 +77,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.boxes import box_cells
-from ..data.shards import (
-    IMAGE_EXTENSIONS,
-    SKIP_REASONS,
-    ShardPair,
-    SkipCounter,
-    SkipReporter,
-    iter_paired_shard,
-    list_shard_pairs,
-    list_shards,
-)
+from ..data.shards import (IMAGE_EXTENSIONS, SKIP_REASONS, ShardPair, SkipCounter, SkipReporter, iter_paired_shard,
+                           list_shard_pairs, list_shards)
 from ..images import MAX_IMAGE_PIXELS, load_image
 from ..processor import PS3ImageProcessor, resize_and_normalize
 from .captions import choose_captions, usable_captions
 
-__all__ = [
-    "SKIP_REASONS",  # re-exported from ps3.data.shards, with SkipCounter and list_shards
-    "SkipCounter",
-    "list_shards",
-    "DataOptions",
-    "PretrainDataset",
-    "PretrainLoader",
-    "build_dataloader",
-]
+# SKIP_REASONS, SkipCounter and list_shards are re-exported from ps3.data.shards.
+__all__ = ["SKIP_REASONS", "SkipCounter", "list_shards", "DataOptions", "PretrainDataset", "PretrainLoader",
+           "build_dataloader"]
 
 _CONTROL = "_control"  # marks non-batch items (placeholders, worker tails) inside the stream
 
