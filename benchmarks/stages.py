@@ -15,7 +15,10 @@ import json
 
 import torch
 
-from ps3.bench import PRESETS, build_model, matmul_rate, timeit, trunk_flops
+from ps3.bench import PRESETS, build_model, matmul_rate, trunk_flops
+from ps3.cuda_graphs import GraphedBlocks
+from ps3.registry import SCALES_1P5K
+from ps3.runtime import parse_device, parse_dtype, synchronize, timeit
 
 
 def main() -> None:
@@ -28,16 +31,19 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of 'all'")
     parser.add_argument("--profile-looks", default="all", help="what the profiled call encodes: 'all' or a look count")
     args = parser.parse_args()
-    dev = torch.device(args.device)
-    dt = getattr(torch, args.dtype) if args.dtype else (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    arch = dict(PRESETS[args.preset])
-    W, D = arch["width"], arch["depth"]
-    mlp = int(W * 3.7362)
+    dev = parse_device(args.device)
+    dt = parse_dtype(args.dtype, dev)
+    if args.cuda_graphs and dev.type != "cuda":
+        raise SystemExit("--cuda-graphs needs --device cuda")
     rate = matmul_rate(dev, dt, 2048 if dev.type == "cpu" else 8192)
-    model = build_model([378, 756, 1512], **arch, device=dev, dtype=dt)
+    model = build_model(SCALES_1P5K, args.preset, device=dev, dtype=dt)
     vm = model.vision_model
+    arch = vm.trunk.arch
     vm.use_cuda_graphs = args.cuda_graphs
-    x = torch.randn(1, 3, 1512, 1512, device=dev, dtype=dt)
+    # The trunk's blocks as the encoder runs them: replayed from CUDA graphs, or eager.
+    blocks = GraphedBlocks(vm.trunk) if args.cuda_graphs else vm.trunk.forward_blocks
+    size = SCALES_1P5K[-1]
+    x = torch.randn(1, 3, size, size, device=dev, dtype=dt)
     r = args.repeats
     res: dict[str, float] = {"matmul_gflops": rate / 1e9}
 
@@ -45,7 +51,7 @@ def main() -> None:
         with torch.no_grad():
             return model(x, num_hidden_layers_to_return=1, **kw)
 
-    plan = vm.plan(1512, 1512, 1, "all")
+    plan = vm.plan(size, size, 1, "all")
     look_tokens = [sum(b[0] for b in look) for look in plan.budgets]
     res["looks"] = len(look_tokens)
     res["one_look_call_s"] = timeit(lambda: call(num_look_close=1), dev, r)
@@ -56,16 +62,15 @@ def main() -> None:
         res["low_res_s"] = timeit(lambda: vm.forward_low_res(x), dev, r)
         hidden, kv, _ = vm.forward_low_res(x)
         res["selection_probs_s"] = timeit(lambda: vm.selection_probs(x, hidden), dev, r)
-        looks = [torch.randn(1, t, W, device=dev, dtype=dt) for t in look_tokens]
-        res["trunk_sequential_s"] = timeit(lambda: [vm._blocks(t, kv_cache=kv) for t in looks], dev, r)
+        looks = [torch.randn(1, t, arch.embed_dim, device=dev, dtype=dt) for t in look_tokens]
+        res["trunk_sequential_s"] = timeit(lambda: [blocks(t, kv_cache=kv) for t in looks], dev, r)
         full = [t for t in looks if t.shape[1] == look_tokens[0]]
         batch = torch.cat(full)
         rest = [t for t in looks if t.shape[1] != look_tokens[0]]
-        res["trunk_batched_s"] = timeit(
-            lambda: (vm._blocks(batch, kv_cache=kv), [vm._blocks(t, kv_cache=kv) for t in rest]),
-            dev, r)
+        res["trunk_batched_s"] = timeit(lambda: (blocks(batch, kv_cache=kv), [blocks(t, kv_cache=kv) for t in rest]),
+                                        dev, r)
     ctx = vm.low_res_token_num
-    flops = sum(trunk_flops(t, t + ctx, W, D, mlp) for t in look_tokens)
+    flops = sum(trunk_flops(t, t + ctx, arch) for t in look_tokens)
     res["trunk_gflop"] = flops / 1e9
     res["trunk_sequential_matmul_fraction"] = flops / res["trunk_sequential_s"] / rate
     res["trunk_batched_matmul_fraction"] = flops / res["trunk_batched_s"] / rate
@@ -78,8 +83,7 @@ def main() -> None:
         with torch.profiler.profile(activities=activities) as prof:
             looks_arg = "all" if args.profile_looks == "all" else int(args.profile_looks)
             call(num_look_close=looks_arg, max_tokens_per_pass=max(look_tokens))
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(dev)
         for key in (["cuda_time_total"] if dev.type == "cuda" else []) + ["self_cpu_time_total"]:
             print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=50))
 

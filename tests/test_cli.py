@@ -73,3 +73,21 @@ def test_user_mistakes_give_one_line(photo, args, message):
 def test_bad_flag_exits_nonzero():
     proc = ps3("encode", "--looks", "1", "--all", "x.png", "--model", "m", check=False)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
+def test_internal_bug_shows_traceback_user_mistake_one_line(photo):
+    # The same ValueError class, two origins: raised deep inside the encoder (a bug, injected
+    # here) it keeps its traceback; a user mistake caught at the flag is one line.
+    bug = ("import sys, ps3.cli, ps3.vision\n"
+           "def broken(self, *a, **k):\n"
+           "    raise ValueError('internal invariant broken')\n"
+           "ps3.vision.PS3VisionEncoder.forward = broken\n"
+           "sys.exit(ps3.cli.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", bug, "encode", str(photo), "--model", str(MODEL_DIR),
+                           "--image-size", "112"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ValueError: internal invariant broken" in proc.stderr
+    proc = ps3("encode", photo, "--model", MODEL_DIR, "--tokens", "-3", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["ps3 encode: error: --tokens: num_token_look_close must be a "
+                                                "non-negative int or 'all', got -3"]

@@ -143,6 +143,27 @@ def test_resize_mode_grows_then_area_shrinks(img):
     close(out.transpose(1, 2).reshape(2, 3, 12, 12), expect)
 
 
+def test_resize_mode_token_counts_follow_the_original_aspect():
+    # Upstream s2wrapper (any-shape branch) documents this call: a 112x224 input with
+    # img_sizes=[(112, 224), (224, 448)], max_split_size=224 and a patch-16 ViT gives 98 = 7·14
+    # tokens: the 112x224 image is resized up to 224x224 (14x14 tokens), then that map is
+    # area-resized back to ceil(112/224·14) x ceil(224/224·14) = 7x14. Only the count is asserted
+    # here; the numbers are compared with the loop reference below.
+    x = torch.randn(1, 3, 112, 224)
+    out = multiscale_forward(patchify(16), x, img_sizes=[(112, 224), (224, 448)], max_split_size=224)
+    assert out.shape == (1, 98, 6)
+    # Issue 13's example: 24x40 input, img_sizes=[(24, 40), (48, 80)], max_split_size=16, patch 8,
+    # one class token. Scale 0 is grown to 32x48 (4x6 tokens), then area-resized to
+    # ceil(24/32·4) x ceil(40/48·6) = 3x5: 1 + 15 = 16 tokens (pad mode crops to the same 3x5).
+    x = torch.randn(1, 3, 24, 40)
+    for mode in ("resize", "pad"):
+        out = multiscale_forward(with_prefix(patchify(8), 1), x, img_sizes=[(24, 40), (48, 80)],
+                                 max_split_size=16, num_prefix_token=1, split_mode=mode)
+        assert out.shape == (1, 1 + 3 * 5, 6)
+        close(out, reference(with_prefix(patchify(8), 1), x, [(24, 40), (48, 80)], (16, 16), 8,
+                             split_mode=mode, prefix=1))
+
+
 def test_prefix_tokens_are_averaged_over_pieces(img):
     # Prefix = mean of a piece's pooled tokens; averaged over equal pieces it is the image mean.
     out = multiscale_forward(with_prefix(patchify(2), 2), img, scales=[1, 2], num_prefix_token=2)

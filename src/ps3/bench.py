@@ -9,63 +9,47 @@ Every figure is measured in the same run, so the ratios are comparable wherever 
 * ``speedup_all_batched_upper_bound``: the most any batching could give there — the one-look-per-pass
   time with its trunk passes replaced by their FLOPs at the matmul rate;
 * ``mem_ratio_4k_vs_1p5k_one_look``: (peak memory − model and input) of those two one-look encodes;
-plus S2 and a full-image ViT at the same resolutions for reference.
-Weights are random (no download): timing does not depend on them.
+plus S2 at the same resolutions for reference.
+
+By default it is bounded for a slow laptop: one-look figures take the median of ``--repeats``
+calls after a warm-up; on a CPU each multi-look call ("all", S2) is timed once, its shapes already
+warm, and the trunk is timed on shapes the "all" call already ran. ``--full`` times every case with
+``--repeats`` after a warm-up and adds the full-image ViT (``full_vit_1512_s``, absent otherwise).
+Before starting it prints how long it expects to take, from the measured matmul rate. Weights
+are random (no download): timing does not depend on them.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
 import sys
 import time
 from typing import Any, Callable
 
 import torch
 
-from .config import PS3VisionConfig
+from .registry import BENCH_PRESETS, PUBLISHED, SCALES_1P5K, SCALES_4K, ViTArch, bench_vision_config
+from .runtime import DTYPE_NAMES, UserError, measure, parse_device, parse_dtype, timeit, user_input
 from .vision import PS3VisionModel
 
-PRESETS = {
-    # A CPU-sized trunk with the published geometry (patch 14, scales, budgets, selection module).
-    "cpu": dict(width=768, depth=4, heads=12),
-    # The published so400m trunk (PS3-4K-SigLIP2 sized); for a GPU.
-    "so400m": dict(width=1152, depth=27, heads=16),
-}
+PRESETS = BENCH_PRESETS
+LOOK_TOKENS = PUBLISHED["PS3-4K-SigLIP2"].max_select_num  # one look's high-res tokens (the bench configs' budget)
+# Before anything is timed, a whole encode is assumed to run at this share of the matmul rate
+# (what the CPU preset measures, roughly); the first timed case replaces the guess.
+_ASSUMED_MATMUL_SHARE = 0.6
+_PROCESS_START_S = 4.0  # a fresh Python process importing torch (the memory cases)
 
 
-def build_model(scales: list[int], width: int, depth: int, heads: int, device, dtype) -> PS3VisionModel:
-    layers = sorted({0, depth // 3, 2 * depth // 3, depth - 1})
-    cfg = PS3VisionConfig(model_name=f"bench_vit_w{width}_d{depth}", hidden_size=width, pool="map",
-                          ps3_scales=scales, max_select_num=2560, select_based_on_layer=layers,
-                          vit=dict(patch_size=14, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=3.7362,
-                                   class_token=False, global_pool="map", img_size=378))
+def build_model(scales, preset: str = "cpu", *, width: int | None = None, depth: int | None = None,
+                device=None, dtype=None) -> PS3VisionModel:
+    """A random-weight encoder of a bench preset (registry) at ``scales``."""
     torch.manual_seed(0)
-    model = PS3VisionModel(cfg)
+    model = PS3VisionModel(bench_vision_config(preset, scales, width=width, depth=depth))
     with torch.no_grad():  # zero-initialised tables (residual position embeddings) get values too
         for p in model.parameters():
             if not p.any():
                 p.normal_(std=0.02)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn: Callable[[], Any], device, repeats: int, best: bool = False) -> float:
-    """Median (or best) seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times) if best else statistics.median(times)
+    return model.to(device=parse_device(device), dtype=parse_dtype(dtype, device)).eval()
 
 
 def matmul_rate(device, dtype, n: int) -> float:
@@ -73,41 +57,26 @@ def matmul_rate(device, dtype, n: int) -> float:
     machine's ceiling (a shared machine's slow moments would otherwise flatter every ratio)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timeit(lambda: a @ b, device, 10, best=True)
-    return 2 * n ** 3 / seconds
+    return 2 * n ** 3 / timeit(lambda: a @ b, device, 10, best=True)
 
 
-def _memory_case(scales: list[int], arch: dict, size: int, device: str, dtype: str, queue) -> None:
+def trunk_flops(tokens: int, context: int, arch: ViTArch) -> float:
+    """Matmul FLOPs of the trunk blocks for ``tokens`` queries attending over ``context`` keys."""
+    width = arch.embed_dim
+    per_layer = 2 * tokens * width * (3 * width + width + 2 * arch.mlp_hidden) + 4 * tokens * context * width
+    return per_layer * arch.depth
+
+
+def _memory_case(scales, preset: str, width, depth, size: int, device: str, dtype: str, queue) -> None:
     """Child process: peak memory of one one-look encode beyond the model and the input (bytes)."""
-    import resource
-
-    dev, dt = torch.device(device), getattr(torch, dtype)
-    model = build_model(scales, **arch, device=dev, dtype=dt)
-    x = torch.randn(1, 3, size, size, device=dev, dtype=dt)
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    else:
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * resource.getpagesize()
-        # Reset this process's peak-RSS mark (VmHWM) so it measures the call alone. (ru_maxrss
-        # would not do: Linux carries the parent's size at fork into it.)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    with torch.no_grad():
+    model = build_model(scales, preset, width=width, depth=depth, device=device, dtype=dtype)
+    x = torch.randn(1, 3, size, size, device=device, dtype=parse_dtype(dtype))
+    with measure(torch.device(device)) as cost, torch.no_grad():
         model(x, num_look_close=1, num_hidden_layers_to_return=1)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    queue.put(peak - base)
+    queue.put(cost.extra_bytes)
 
 
-def peak_extra_memory(scales: list[int], arch: dict, size: int, device, dtype) -> int:
+def peak_extra_memory(scales, preset: str, width, depth, size: int, device, dtype) -> int:
     """Bytes one one-look encode needs beyond the model and its input, measured in a fresh process
     (CPU: the peak resident set, Linux only; CUDA: the allocator's peak), so earlier cases cannot
     hide it."""
@@ -115,168 +84,248 @@ def peak_extra_memory(scales: list[int], arch: dict, size: int, device, dtype) -
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_case, args=(scales, arch, size, str(device), str(dtype).replace("torch.", ""), queue))
+    args = (list(scales), preset, width, depth, size, str(device), str(dtype).replace("torch.", ""), queue)
+    proc = ctx.Process(target=_memory_case, args=args)
     proc.start()
     result = queue.get(timeout=1800)
     proc.join()
     return int(result)
 
 
-def trunk_flops(tokens: int, context: int, width: int, depth: int, mlp: int) -> float:
-    """Matmul FLOPs of the trunk blocks for ``tokens`` queries attending over ``context`` keys."""
-    per_layer = 2 * tokens * width * (3 * width + width + 2 * mlp) + 4 * tokens * context * width
-    return per_layer * depth
+class _Bench:
+    """One run: the models, inputs and results, one method per printed figure."""
+
+    def __init__(self, preset, device, dtype, repeats, width, depth, full, skip_full_vit):
+        self.dev, self.dt = device, dtype
+        self.preset, self.width_override, self.depth_override = preset, width, depth
+        self.repeats, self.full = repeats, full
+        self.run_full_vit = full and not skip_full_vit
+        # On a CPU a multi-look call takes seconds: by default one timed call, its shapes already warm.
+        self.once = dict(repeats=repeats) if full or device.type != "cpu" else dict(repeats=1, warmup=False)
+        self.m15 = self._model(SCALES_1P5K)
+        self.m4k = self._model(SCALES_4K)
+        self.vm = self.m15.vision_model
+        self.arch = self.vm.trunk.arch
+        self.size15, self.size4k = SCALES_1P5K[-1], SCALES_4K[-1]
+        self.x15 = torch.randn(1, 3, self.size15, self.size15, device=device, dtype=dtype)
+        self.x4k = torch.randn(1, 3, self.size4k, self.size4k, device=device, dtype=dtype)
+        plan = self.vm.plan(self.size15, self.size15, 1, "all")
+        self.look_sizes = [sum(scale[0] for scale in look) for look in plan.budgets]
+        self.looks_4k = self.m4k.vision_model.plan(self.size4k, self.size4k, 1, "all").num_looks
+        self.s2_pieces = sum((s // SCALES_1P5K[0]) ** 2 for s in SCALES_1P5K)
+        self.full_tokens = (self.size15 // self.arch.patch_size) ** 2
+        self.results: dict[str, Any] = {
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "width": self.arch.embed_dim,
+            "depth": self.arch.depth, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "full": full, "repeats": repeats}
+
+    def _model(self, scales) -> PS3VisionModel:
+        return build_model(scales, self.preset, width=self.width_override, depth=self.depth_override,
+                           device=self.dev, dtype=self.dt)
+
+    def call(self, model, x, **kw):
+        with torch.no_grad():
+            return model(x, num_hidden_layers_to_return=1, **kw)
+
+    def _trunk(self, tokens: int, context: int | None = None) -> float:
+        return trunk_flops(tokens, tokens + self.vm.low_res_token_num if context is None else context, self.arch)
+
+    # ------------------------------------------------------------------ what each step costs
+    def steps(self) -> list[tuple[str, Callable[[], None], float, float]]:
+        """(name, method, predicted FLOPs, fixed seconds) in the order they run."""
+        one_look = self._trunk(LOOK_TOKENS) + self._trunk(self.vm.low_res_token_num, self.vm.low_res_token_num)
+        calls_once = self.once["repeats"] + (1 if self.once.get("warmup", True) else 0)
+        calls = self.repeats + 1
+        all_looks = sum(self._trunk(n) for n in self.look_sizes) + one_look - self._trunk(LOOK_TOKENS)
+        trunk_calls = self.repeats + (1 if self.once.get("warmup", True) else 0)
+        steps = [
+            ("one look", self.step_one_look, 2 * calls * one_look, 0.0),
+            ("memory", self.step_memory, 2 * one_look, 2 * _PROCESS_START_S),
+            ("all", self.step_all, 2 * calls_once * all_looks, 0.0),
+            ("trunk", self.step_trunk, trunk_calls * sum(self._trunk(n) for n in set(self.look_sizes)), 0.0),
+            ("s2", self.step_s2, calls_once * self.s2_pieces * self._trunk(self.vm.low_res_token_num, self.vm.low_res_token_num),
+             0.0),
+        ]
+        if self.dev.type == "cuda":
+            steps.insert(3, ("graphs", self.step_graphs, 4 * calls * one_look, 0.0))
+            steps.append(("all 4k", self.step_all_4k, 2 * self.looks_4k * one_look, 0.0))
+        if self.run_full_vit:
+            steps.append(("full vit", self.step_full_vit, 2 * self._trunk(self.full_tokens, self.full_tokens), 0.0))
+        return steps
+
+    # ------------------------------------------------------------------ the steps
+    def step_one_look(self) -> str:
+        t15 = timeit(lambda: self.call(self.m15, self.x15, num_look_close=1), self.dev, self.repeats)
+        t4k = timeit(lambda: self.call(self.m4k, self.x4k, num_look_close=1), self.dev, self.repeats)
+        self.results.update(one_look_1p5k_s=t15, one_look_4k_s=t4k, ratio_4k_vs_1p5k_one_look=t4k / t15)
+        return (f"one look, 1.5K model @{self.size15}px: {t15:.3f} s | 4K model @{self.size4k}px: {t4k:.3f} s | "
+                f"ratio {t4k / t15:.2f}")
+
+    def step_memory(self) -> str:
+        case = (self.preset, self.width_override, self.depth_override)
+        mem15 = peak_extra_memory(SCALES_1P5K, *case, self.size15, self.dev, self.dt)
+        mem4k = peak_extra_memory(SCALES_4K, *case, self.size4k, self.dev, self.dt)
+        self.results.update(mem_one_look_1p5k_mb=mem15 / 2**20, mem_one_look_4k_mb=mem4k / 2**20,
+                            mem_ratio_4k_vs_1p5k_one_look=mem4k / max(mem15, 1))
+        return (f"peak extra memory, one look: 1.5K {mem15 / 2**20:.0f} MiB | 4K {mem4k / 2**20:.0f} MiB | "
+                f"ratio {mem4k / max(mem15, 1):.2f}")
+
+    def _all_pair(self) -> tuple[float, float]:
+        # Sequential first: one look per pass runs the shapes the one-look calls already warmed.
+        t_seq = timeit(lambda: self.call(self.m15, self.x15, num_look_close="all", max_tokens_per_pass=LOOK_TOKENS),
+                       self.dev, **self.once)
+        t_all = timeit(lambda: self.call(self.m15, self.x15, num_look_close="all",
+                                         max_tokens_per_pass=len(self.look_sizes) * LOOK_TOKENS), self.dev, **self.once)
+        return t_all, t_seq
+
+    def step_all(self) -> str:
+        t_all, t_seq = self._all_pair()
+        self.results.update(all_1p5k_batched_s=t_all, all_1p5k_sequential_s=t_seq,
+                            speedup_all_batched_vs_sequential=t_seq / t_all)
+        return (f"'all' at 1.5K ({len(self.look_sizes)} looks): batched {t_all:.3f} s | one look per pass "
+                f"{t_seq:.3f} s | speedup {t_seq / t_all:.2f}x")
+
+    def step_graphs(self) -> str:
+        """The same calls with the trunk replayed from CUDA graphs (first calls capture, then timed)."""
+        for m in (self.m15, self.m4k):
+            m.vision_model.use_cuda_graphs = True
+        t15 = timeit(lambda: self.call(self.m15, self.x15, num_look_close=1), self.dev, self.repeats)
+        t4k = timeit(lambda: self.call(self.m4k, self.x4k, num_look_close=1), self.dev, self.repeats)
+        t_all, t_seq = self._all_pair()
+        for m in (self.m15, self.m4k):
+            m.vision_model.release_cuda_graphs()
+        torch.cuda.empty_cache()
+        self.results.update(one_look_1p5k_graphs_s=t15, one_look_4k_graphs_s=t4k, all_1p5k_batched_graphs_s=t_all,
+                            all_1p5k_sequential_graphs_s=t_seq)
+        return (f"with CUDA graphs: one look 1.5K {t15 * 1e3:.1f} ms | 4K {t4k * 1e3:.1f} ms | 'all' at 1.5K "
+                f"batched {t_all * 1e3:.1f} ms, one look per pass {t_seq * 1e3:.1f} ms")
+
+    def step_trunk(self) -> str:
+        """The trunk alone on each look size with the low-res cache: one look's achieved rate, and
+        "all" one look per pass as the sum over its looks (each pass is independent)."""
+        with torch.no_grad():
+            _, kv, _ = self.vm.forward_low_res(self.x15)
+            per_size = {}
+            for n in sorted(set(self.look_sizes), reverse=True):
+                tokens = torch.randn(1, n, self.arch.embed_dim, device=self.dev, dtype=self.dt)
+                per_size[n] = timeit(lambda: self.vm.trunk.forward_blocks(tokens, kv_cache=kv), self.dev,
+                                     **(self.once | dict(repeats=self.repeats)))
+            t_trunk = per_size[LOOK_TOKENS]
+            self.results.update(trunk_one_look_s=t_trunk, trunk_gflops=self._trunk(LOOK_TOKENS) / t_trunk / 1e9,
+                                all_1p5k_sequential_trunk_s=sum(per_size[n] for n in self.look_sizes))
+            if self.dev.type == "cuda":
+                # Eager on a GPU mostly measures how fast the host launches kernels; replayed from a
+                # CUDA graph it measures the kernels.
+                from .cuda_graphs import GraphedBlocks
+
+                graphed = GraphedBlocks(self.vm.trunk)
+                tokens = torch.randn(1, LOOK_TOKENS, self.arch.embed_dim, device=self.dev, dtype=self.dt)
+                self.results["trunk_one_look_graphs_s"] = timeit(lambda: graphed(tokens, kv_cache=kv), self.dev,
+                                                                 self.repeats)
+                del graphed
+        return f"trunk on one look: {t_trunk:.3f} s, {self.results['trunk_gflops']:.1f} GFLOP/s"
+
+    def _backbone(self, images):
+        trunk = self.vm.trunk
+        return trunk.forward_blocks(trunk.embed(images))[0]
+
+    def step_s2(self) -> str:
+        from .s2 import multiscale_forward
+
+        low = SCALES_1P5K[0]
+        x = torch.randn(1, 3, low, low, device=self.dev, dtype=self.dt)
+        with torch.no_grad():
+            t_s2 = timeit(lambda: multiscale_forward(self._backbone, x, img_sizes=list(SCALES_1P5K),
+                                                     max_split_size=low), self.dev, **self.once)
+        self.results["s2_1512_s"] = t_s2
+        return (f"S2 ({'/'.join(map(str, SCALES_1P5K))} px, {self.s2_pieces} pieces of {low} px) on the same trunk: "
+                f"{t_s2:.3f} s")
+
+    def step_full_vit(self) -> str:
+        with torch.no_grad():
+            t_full = timeit(lambda: self._backbone(self.x15), self.dev, 1)
+        self.results["full_vit_1512_s"] = t_full
+        return f"full-image ViT at {self.size15} px ({self.full_tokens:,} tokens): {t_full:.3f} s"
+
+    def step_all_4k(self) -> str:
+        t = timeit(lambda: self.call(self.m4k, self.x4k, num_look_close="all"), self.dev, 1)
+        with measure(self.dev) as cost:
+            self.call(self.m4k, self.x4k, num_look_close="all")
+        self.results.update(all_4k_s=t, mem_all_4k_mb=cost.extra_bytes / 2**20)
+        return (f"'all' at 4K ({self.looks_4k} looks, last layer kept): {t:.3f} s, "
+                f"{cost.extra_bytes / 2**20:.0f} MiB")
+
+    # ------------------------------------------------------------------ figures against the matmul rate
+    def derive(self, rate: float) -> list[str]:
+        r = self.results
+        look_flops = self._trunk(LOOK_TOKENS)
+        floor = sum(self._trunk(n) for n in self.look_sizes) / rate  # the looks' trunk work at the matmul rate
+        t_seq, t_trunk_seq = r["all_1p5k_sequential_s"], r["all_1p5k_sequential_trunk_s"]
+        bound = t_seq / (t_seq - t_trunk_seq + floor)
+        r.update(matmul_gflops=rate / 1e9, trunk_matmul_fraction=look_flops / r["trunk_one_look_s"] / rate,
+                 all_1p5k_trunk_floor_s=floor, all_1p5k_sequential_trunk_matmul_fraction=floor / t_trunk_seq,
+                 speedup_all_batched_upper_bound=bound)
+        lines = [f"trunk on one look: {r['trunk_gflops']:.1f} GFLOP/s = {r['trunk_matmul_fraction']:.0%} of the "
+                 f"matmul rate ({rate / 1e9:.1f} GFLOP/s, best of start and end)"]
+        if "trunk_one_look_graphs_s" in r:
+            r["trunk_graphs_matmul_fraction"] = look_flops / r["trunk_one_look_graphs_s"] / rate
+            lines.append(f"trunk on one look, CUDA graph: {r['trunk_one_look_graphs_s'] * 1e3:.1f} ms = "
+                         f"{r['trunk_graphs_matmul_fraction']:.0%} of the matmul rate")
+        lines.append(f"'all' at 1.5K, trunk one look per pass: {t_trunk_seq:.3f} s = {floor / t_trunk_seq:.0%} of "
+                     f"the matmul rate, so no batching can beat {bound:.2f}x")
+        return lines
 
 
 def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None, repeats: int = 3,
               width: int | None = None, depth: int | None = None, skip_full_vit: bool = False,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    dev = torch.device(device)
-    dt = getattr(torch, dtype) if dtype else (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    arch = dict(PRESETS[preset])
-    arch["width"] = width or arch["width"]
-    arch["depth"] = depth or arch["depth"]
-    arch["heads"] = arch["width"] // 64
-    W, D = arch["width"], arch["depth"]
-    mlp = int(W * 3.7362)
-    torch.manual_seed(0)
-    results: dict[str, Any] = {"device": str(dev), "dtype": str(dt).replace("torch.", ""), "width": W, "depth": D,
-                               "torch": torch.__version__, "threads": torch.get_num_threads()}
+              log: Callable[[str], None] = print, full: bool = False) -> dict[str, Any]:
+    """Measure every figure (see the module docstring) and return them; ``log`` gets each line as
+    it is measured, with the time left."""
+    start = time.perf_counter()
+    dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
     matmul_n = 2048 if dev.type == "cpu" else 8192
     first_rate = matmul_rate(dev, dt, matmul_n)
-    log(f"matmul rate ({results['dtype']}): {first_rate / 1e9:.1f} GFLOP/s")
-
-    m15 = build_model([378, 756, 1512], **arch, device=dev, dtype=dt)
-    m4k = build_model([378, 756, 1512, 3780], **arch, device=dev, dtype=dt)
-    x15 = torch.randn(1, 3, 1512, 1512, device=dev, dtype=dt)
-    x4k = torch.randn(1, 3, 3780, 3780, device=dev, dtype=dt)
-
-    def call(model, x, **kw):
-        with torch.no_grad():
-            return model(x, num_hidden_layers_to_return=1, **kw)
-
-    t15 = timeit(lambda: call(m15, x15, num_look_close=1), dev, repeats)
-    t4k = timeit(lambda: call(m4k, x4k, num_look_close=1), dev, repeats)
-    results.update(one_look_1p5k_s=t15, one_look_4k_s=t4k, ratio_4k_vs_1p5k_one_look=t4k / t15)
-    log(f"one look, 1.5K model @1512px: {t15:.3f} s | 4K model @3780px: {t4k:.3f} s | ratio {t4k / t15:.2f}")
-
-    mem15 = peak_extra_memory([378, 756, 1512], arch, 1512, dev, dt)
-    mem4k = peak_extra_memory([378, 756, 1512, 3780], arch, 3780, dev, dt)
-    results.update(mem_one_look_1p5k_mb=mem15 / 2**20, mem_one_look_4k_mb=mem4k / 2**20,
-                   mem_ratio_4k_vs_1p5k_one_look=mem4k / max(mem15, 1))
-    log(f"peak extra memory, one look: 1.5K {mem15 / 2**20:.0f} MiB | 4K {mem4k / 2**20:.0f} MiB | "
-        f"ratio {mem4k / max(mem15, 1):.2f}")
-
-    look_tokens = 2560
-    t_all = timeit(lambda: call(m15, x15, num_look_close="all", max_tokens_per_pass=6 * look_tokens), dev, repeats)
-    t_seq = timeit(lambda: call(m15, x15, num_look_close="all", max_tokens_per_pass=look_tokens), dev, repeats)
-    results.update(all_1p5k_batched_s=t_all, all_1p5k_sequential_s=t_seq, speedup_all_batched_vs_sequential=t_seq / t_all)
-    log(f"'all' at 1.5K (6 looks): batched {t_all:.3f} s | one look per pass {t_seq:.3f} s | "
-        f"speedup {t_seq / t_all:.2f}x")
-
-    if dev.type == "cuda":
-        # The same calls with the trunk replayed from CUDA graphs (first calls capture, then timed).
-        for m in (m15, m4k):
-            m.vision_model.use_cuda_graphs = True
-        t15g = timeit(lambda: call(m15, x15, num_look_close=1), dev, repeats)
-        t4kg = timeit(lambda: call(m4k, x4k, num_look_close=1), dev, repeats)
-        t_allg = timeit(lambda: call(m15, x15, num_look_close="all", max_tokens_per_pass=6 * look_tokens), dev, repeats)
-        t_seqg = timeit(lambda: call(m15, x15, num_look_close="all", max_tokens_per_pass=look_tokens), dev, repeats)
-        for m in (m15, m4k):
-            m.vision_model.use_cuda_graphs = False
-            m.vision_model._graphed_blocks = None
-        torch.cuda.empty_cache()
-        results.update(one_look_1p5k_graphs_s=t15g, one_look_4k_graphs_s=t4kg, all_1p5k_batched_graphs_s=t_allg,
-                       all_1p5k_sequential_graphs_s=t_seqg)
-        log(f"with CUDA graphs: one look 1.5K {t15g * 1e3:.1f} ms | 4K {t4kg * 1e3:.1f} ms | 'all' at 1.5K batched "
-            f"{t_allg * 1e3:.1f} ms, one look per pass {t_seqg * 1e3:.1f} ms")
-
-    # The trunk alone on one look's tokens with the low-res cache: achieved rate vs matmul rate.
-    vm = m15.vision_model
-    with torch.no_grad():
-        _, kv, _ = vm.forward_low_res(x15)
-        tokens = torch.randn(1, look_tokens, W, device=dev, dtype=dt)
-    t_trunk = timeit(lambda: vm.trunk.forward_blocks(tokens, kv_cache=kv), dev, repeats)
-    flops = trunk_flops(look_tokens, look_tokens + vm.low_res_token_num, W, D, mlp)
-    results.update(trunk_one_look_s=t_trunk, trunk_gflops=flops / t_trunk / 1e9)
-    t_trunk_g = None
-    if dev.type == "cuda":
-        # Eager on a GPU mostly measures how fast the host launches kernels; replayed from a CUDA
-        # graph it measures the kernels.
-        from .cuda_graphs import GraphedBlocks
-
-        graphed = GraphedBlocks(vm.trunk)
-        with torch.no_grad():
-            t_trunk_g = timeit(lambda: graphed(tokens, kv_cache=kv), dev, repeats)
-        del graphed
-        results["trunk_one_look_graphs_s"] = t_trunk_g
-
-    # How far batching looks could possibly go: batching changes only how the looks pass through
-    # the trunk, and their trunk work cannot take less than its FLOPs at the matmul rate.
-    sizes = [sum(scale[0] for scale in look) for look in vm.plan(1512, 1512, 1, "all").budgets]
-    with torch.no_grad():
-        looks = [torch.randn(1, n, W, device=dev, dtype=dt) for n in sizes]
-        t_trunk_seq = timeit(lambda: [vm.trunk.forward_blocks(t, kv_cache=kv) for t in looks], dev, repeats)
-    all_flops = sum(trunk_flops(n, n + vm.low_res_token_num, W, D, mlp) for n in sizes)
-    results["all_1p5k_sequential_trunk_s"] = t_trunk_seq
-
-    from .s2 import multiscale_forward
-
-    trunk = vm.trunk
-
-    def backbone(images):
-        return trunk.forward_blocks(trunk.embed(images))[0]
-
-    x378 = torch.randn(1, 3, 378, 378, device=dev, dtype=dt)
-    with torch.no_grad():
-        t_s2 = timeit(lambda: multiscale_forward(backbone, x378, img_sizes=[378, 756, 1512], max_split_size=378), dev, repeats)
-    results["s2_1512_s"] = t_s2
-    log(f"S2 (378/756/1512 px, 21 pieces of 378 px) on the same trunk: {t_s2:.3f} s")
-    if not skip_full_vit:
-        full = torch.randn(1, 3, 1512, 1512, device=dev, dtype=dt)
-        with torch.no_grad():
-            t_full = timeit(lambda: backbone(full), dev, 1)
-        results["full_vit_1512_s"] = t_full
-        log(f"full-image ViT at 1512 px (11,664 tokens): {t_full:.3f} s")
-    if dev.type == "cuda":
-        t_all4k = timeit(lambda: call(m4k, x4k, num_look_close="all"), dev, 1)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        call(m4k, x4k, num_look_close="all")
-        mem_all4k = torch.cuda.max_memory_allocated(dev) - base
-        results.update(all_4k_s=t_all4k, mem_all_4k_mb=mem_all4k / 2**20)
-        log(f"'all' at 4K (35 looks, 88,209 tokens, last layer kept): {t_all4k:.3f} s, {mem_all4k / 2**20:.0f} MiB")
+    bench = _Bench(preset, dev, dt, repeats, width, depth, full, skip_full_vit)
+    steps = bench.steps()
+    rate_guess = first_rate * _ASSUMED_MATMUL_SHARE
+    total = sum(flops / rate_guess + fixed for _, _, flops, fixed in steps)
+    log(f"matmul rate ({bench.results['dtype']}): {first_rate / 1e9:.1f} GFLOP/s; {len(steps)} steps, expected "
+        f"about {total:.0f} s" + ("" if full else " (--full adds the full-image ViT and repeats every case)"))
+    for k, (name, method, flops, fixed) in enumerate(steps):
+        step_start = time.perf_counter()
+        line = method()
+        if k == 0:  # calibrate the estimate on what the first step achieved
+            rate_guess = flops / max(time.perf_counter() - step_start - fixed, 1e-9)
+        left = sum(f / rate_guess + x for _, _, f, x in steps[k + 1:])
+        log(f"[{k + 1}/{len(steps)}] {line}   ({time.perf_counter() - start:.0f} s elapsed, about {left:.0f} s left)")
     # The matmul rate is read again at the end and the higher reading kept, so every figure below
     # is against the machine's best, not a slow moment of a shared machine.
     rate = max(first_rate, matmul_rate(dev, dt, matmul_n))
-    floor = all_flops / rate  # the looks' trunk work at the matmul rate
-    bound = t_seq / (t_seq - t_trunk_seq + floor)
-    results.update(matmul_gflops=rate / 1e9, trunk_matmul_fraction=flops / t_trunk / rate,
-                   all_1p5k_trunk_floor_s=floor, all_1p5k_sequential_trunk_matmul_fraction=floor / t_trunk_seq,
-                   speedup_all_batched_upper_bound=bound)
-    log(f"matmul rate, best of start and end: {rate / 1e9:.1f} GFLOP/s")
-    log(f"trunk on one look: {t_trunk:.3f} s, {flops / t_trunk / 1e9:.1f} GFLOP/s = {flops / t_trunk / rate:.0%} "
-        "of the matmul rate")
-    if t_trunk_g is not None:
-        results["trunk_graphs_matmul_fraction"] = flops / t_trunk_g / rate
-        log(f"trunk on one look, CUDA graph: {t_trunk_g * 1e3:.1f} ms = {flops / t_trunk_g / rate:.0%} of the matmul rate")
-    log(f"'all' at 1.5K, trunk one look per pass: {t_trunk_seq:.3f} s = {floor / t_trunk_seq:.0%} of the matmul "
-        f"rate, so no batching can beat {bound:.2f}x")
-    return results
+    for line in bench.derive(rate):
+        log(line)
+    bench.results["elapsed_s"] = time.perf_counter() - start
+    return bench.results
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="measure encode time, memory and FLOP rate (random weights)",
                        description="Benchmark PS3 with random weights of a named size: one look at 1.5K vs 4K, "
                                    "'all' with batched vs sequential looks, the trunk's FLOP rate against a plain "
-                                   "matmul measured in the same run, S2 and a full-image ViT for reference.")
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="trunk size (default cpu: width 768, depth 4)")
+                                   "matmul measured in the same run, S2 for reference (--full: every case "
+                                   "repeated, and a full-image ViT).")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                   help="trunk size: " + "; ".join(f"{k}: width {v.width}, depth {v.depth}, {v.description}"
+                                                   for k, v in PRESETS.items()))
     p.add_argument("--width", type=int, help="override the trunk width")
     p.add_argument("--depth", type=int, help="override the trunk depth")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip-full-vit", action="store_true", help="skip the full-image ViT reference")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per case after a warm-up (median; default 3)")
+    p.add_argument("--full", action="store_true",
+                   help="the full sweep: every case with --repeats after a warm-up, plus the full-image ViT "
+                        "(several times longer on a CPU)")
+    p.add_argument("--skip-full-vit", action="store_true", help="with --full: leave out the full-image ViT")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
@@ -284,11 +333,17 @@ def register(sub) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
-        raise ValueError("--repeats must be >= 1")
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    for flag in ("width", "depth"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    with user_input("--device"):
+        parse_device(args.device)
     # With --json the progress lines go to stderr, so stdout is one JSON object.
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else print
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)) if args.json \
+        else (lambda s: print(s, flush=True))
     results = run_bench(args.preset, args.device, args.dtype, args.repeats, args.width, args.depth,
-                        args.skip_full_vit, log=log)
+                        args.skip_full_vit, log=log, full=args.full)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0

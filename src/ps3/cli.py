@@ -1,21 +1,21 @@
 """The ``ps3`` command line: ``encode``, ``data synthetic``, ``train``, ``export``, ``bench``.
 
-User mistakes (a missing file, an unknown model, a bad flag) end with a one-line reason and a
-non-zero exit code, never a traceback. ``PS3_DEBUG=1`` shows the traceback.
+User mistakes (a missing file, an unknown model, a bad flag) end with a one-line reason and exit
+code 2; an internal bug shows its traceback (see :mod:`ps3.runtime`). ``PS3_DEBUG=1`` shows the
+traceback of user mistakes too.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
+import torch
+
 from . import __version__
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line."""
+from .runtime import (DTYPE_NAMES, LoadedModel, Measurement, UserError, load_model, measure, parse_device,
+                      run_command, user_input)
+from .vision import PS3VisionOutput
 
 
 def _add_encode(sub) -> None:
@@ -34,7 +34,7 @@ def _add_encode(sub) -> None:
     p.add_argument("--feature-maps", action="store_true", help="also write per-scale feature maps to --out")
     p.add_argument("--viz", help="write selection heatmaps (PNG) into this directory")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--image-size", type=int, help="resize images to this size (default: the model's preprocessor)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the trunk from CUDA graphs (faster on a GPU after the first image of each size)")
@@ -42,95 +42,93 @@ def _add_encode(sub) -> None:
     p.set_defaults(func=_run_encode)
 
 
-def _peak_memory_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _look_kwargs(args) -> dict:
+    if args.looks is not None:
+        return {"num_look_close": args.looks}
+    if args.tokens is not None:
+        return {"num_token_look_close": args.tokens}
+    return {"num_look_close": "all" if args.all else 1}
 
 
-def _run_encode(args) -> int:
-    import torch
-    from safetensors.torch import save_file
+def encode_pixels(loaded: LoadedModel, pixel_values: torch.Tensor, prompt: torch.Tensor | None = None,
+                  **look_kwargs) -> tuple[PS3VisionOutput, Measurement]:
+    """Encode preprocessed images (``loaded.pixel_values``) with a loaded model: its output, and the
+    time and peak memory of the encode."""
+    with measure(loaded.device) as cost, torch.no_grad():
+        out = loaded.vision(pixel_values, prompt=prompt, **look_kwargs)
+    return out, cost
 
-    from .processor import PS3ImageProcessor
-    from .vision import PS3VisionModel
 
+def save_heatmaps(image_path: str | Path, out: PS3VisionOutput, scales: list[int], outdir: str | Path,
+                  prompt_text: str | None = None) -> list[Path]:
+    """One selection heatmap PNG per high-res scale, named ``<image stem>_scale<k>.png``."""
+    from .viz import overlay_selection
+
+    name, outdir = Path(image_path), Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    per_scale = [int(m.sum()) for m in out.selection_maps] if out.selection_maps else []
+    written = []
+    for scale in range(1, len(out.selection_probs) + 1):
+        title = f"{name.name} | scale {scale} ({scales[scale]} px)"
+        if per_scale:
+            title += f": {per_scale[scale - 1]} patches selected"
+        title += f"\nprompt: {prompt_text!r}" if prompt_text else "\nbottom-up (no prompt)"
+        written.append(outdir / f"{name.stem}_scale{scale}.png")
+        overlay_selection(image_path, out, scale=scale, title=title).save(written[-1])
+    return written
+
+
+def _output_tensors(k: int, out: PS3VisionOutput, loaded: LoadedModel, feature_maps: bool) -> dict[str, torch.Tensor]:
+    tensors = {f"{k}.last_hidden_state": out.last_hidden_state[0].float().cpu()}
+    for i, p in enumerate(out.selection_probs):
+        tensors[f"{k}.selection_probs.{i}"] = p[0].float().cpu()
+    for i, m in enumerate(out.selection_maps or []):
+        tensors[f"{k}.selection_maps.{i}"] = m[0].cpu()
+    if feature_maps and out.selection_maps:
+        maps = loaded.vision.vision_model.format_features_into_feature_maps(out.last_hidden_state, out.selection_maps)
+        for i, fm in enumerate(maps):
+            tensors[f"{k}.feature_maps.{i}"] = fm[0].float().cpu()
+    return tensors
+
+
+def _load_for_encode(args) -> tuple[LoadedModel, torch.Tensor | None]:
+    """Everything the user named, checked before the first image is encoded."""
     for path in args.images:
         if not Path(path).is_file():
             raise UserError(f"image not found: {path}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda given but CUDA is not available")
-    model = PS3VisionModel.from_pretrained(args.model, dtype=args.dtype, device=device)
-    if args.cuda_graphs:
-        if device.type != "cuda":
-            raise UserError("--cuda-graphs needs --device cuda")
-        model.vision_model.use_cuda_graphs = True
-    from .hub import resolve_model_dir
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError(f"--image-size must be a positive number of pixels, got {args.image_size}")
+    with user_input("--device"):
+        device = parse_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError("--cuda-graphs needs --device cuda")
+    with user_input("--model"):
+        loaded = load_model(args.model, device=device, dtype=args.dtype, text=args.prompt is not None)
+    loaded.vision.vision_model.use_cuda_graphs = args.cuda_graphs
+    flag = "--looks" if args.looks is not None else "--tokens" if args.tokens is not None else None
+    if flag is not None:
+        with user_input(flag):  # the look plan checks the number without running the model
+            size = args.image_size or loaded.processor.image_size
+            loaded.vision.count_tokens(size, size, **_look_kwargs(args))
+    prompt = loaded.prompts([args.prompt]) if args.prompt is not None else None
+    return loaded, prompt
 
-    directory = resolve_model_dir(args.model)
-    if (directory / "preprocessor_config.json").is_file():
-        processor = PS3ImageProcessor.from_pretrained(directory)
-    else:
-        processor = PS3ImageProcessor(image_size=model.config.ps3_scales[-1])
-    prompt = None
-    if args.prompt is not None:
-        from .text import PS3TextModel
-        from .tokenizer import PS3Tokenizer
 
-        if not (directory / "tokenizer_config.json").is_file():
-            raise UserError(f"--prompt needs a tokenizer: {directory} has no tokenizer_config.json")
-        tokenizer = PS3Tokenizer.from_pretrained(directory)
-        text = PS3TextModel.from_pretrained(directory, dtype=args.dtype, device=device)
-        with torch.no_grad():
-            prompt = text(tokenizer([args.prompt]).to(device)).prompt
-    kwargs = {"num_look_close": 1}
-    if args.looks is not None:
-        kwargs = {"num_look_close": args.looks}
-    elif args.tokens is not None:
-        kwargs = {"num_token_look_close": args.tokens}
-    elif args.all:
-        kwargs = {"num_look_close": "all"}
-    tensors, rows = {}, []
+def _run_encode(args) -> int:
+    from safetensors.torch import save_file
     from tqdm import tqdm
 
+    loaded, prompt = _load_for_encode(args)
+    tensors, rows = {}, []
     for k, path in enumerate(tqdm(args.images, desc="encoding", disable=args.quiet or len(args.images) < 2)):
-        pixels = processor(path, image_size=args.image_size)["pixel_values"][0][None].to(device, getattr(torch, args.dtype))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model(pixels, prompt=prompt, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        with user_input(str(path)):  # an unreadable image file
+            pixels = loaded.pixel_values(path, args.image_size)
+        out, cost = encode_pixels(loaded, pixels, prompt, **_look_kwargs(args))
         per_scale = [int(m.sum()) for m in out.selection_maps] if out.selection_maps else []
-        rows.append((Path(path).name, per_scale, out.last_hidden_state.shape[1], seconds, _peak_memory_mb(device)))
-        tensors[f"{k}.last_hidden_state"] = out.last_hidden_state[0].float().cpu()
-        for i, p in enumerate(out.selection_probs):
-            tensors[f"{k}.selection_probs.{i}"] = p[0].float().cpu()
-        for i, m in enumerate(out.selection_maps or []):
-            tensors[f"{k}.selection_maps.{i}"] = m[0].cpu()
-        if args.feature_maps and out.selection_maps:
-            maps = model.vision_model.format_features_into_feature_maps(out.last_hidden_state, out.selection_maps)
-            for i, fm in enumerate(maps):
-                tensors[f"{k}.feature_maps.{i}"] = fm[0].float().cpu()
+        rows.append((Path(path).name, per_scale, out.last_hidden_state.shape[1], cost.seconds, cost.peak_bytes / 2**20))
+        tensors.update(_output_tensors(k, out, loaded, args.feature_maps))
         if args.viz:
-            from .viz import overlay_selection
-
-            outdir = Path(args.viz)
-            outdir.mkdir(parents=True, exist_ok=True)
-            for scale in range(1, len(out.selection_probs) + 1):
-                title = f"{Path(path).name} | scale {scale} ({model.config.ps3_scales[scale]} px)"
-                if per_scale:
-                    title += f": {per_scale[scale - 1]} patches selected"
-                title += f"\nprompt: {args.prompt!r}" if args.prompt else "\nbottom-up (no prompt)"
-                overlay_selection(path, out, scale=scale, title=title).save(outdir / f"{Path(path).stem}_scale{scale}.png")
+            save_heatmaps(path, out, loaded.vision.config.ps3_scales, args.viz, args.prompt)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, args.out,
@@ -167,17 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None or not hasattr(args, "func"):
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("ps3: interrupted", file=sys.stderr)
-        return 130
-    except (UserError, ValueError, TypeError, FileNotFoundError, PermissionError, OSError) as exc:
-        if os.environ.get("PS3_DEBUG"):
-            raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"ps3 {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, prog=f"ps3 {args.command}")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,44 @@
-"""Configuration classes for the PS3 vision tower, text tower and the joint model.
+"""Typed configuration classes for the PS3 vision tower, text tower and the joint model.
 
-Configs read and write the published ``config.json`` layout (SPEC §1). Every key a file holds is
-kept, known or not, so a config loaded and saved again is the same file.
+Configs read and write the published ``config.json`` layout (design §1). Each class is a
+dataclass whose fields are the keys this library knows, with their types and the defaults used
+when a file lacks them. Every other key a file holds is kept too — as an attribute and on save —
+so a config loaded and saved again is the same file (``config.extra_keys()`` lists them).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 CONFIG_NAME = "config.json"
 
 
 class ConfigBase:
-    """A bag of keys with defaults. Attribute access reads keys; unknown keys are preserved."""
+    """Keyword arguments set the dataclass fields (unset ones take their defaults); unknown keys
+    are kept as attributes. ``to_dict`` gives ``model_type``, the fields, then the unknown keys."""
 
-    model_type: str = ""
-    defaults: dict[str, Any] = {}
+    model_type: ClassVar[str] = ""
 
     def __init__(self, **kwargs: Any):
-        values = copy.deepcopy(self.defaults)
-        values.update(copy.deepcopy(kwargs))
-        values["model_type"] = self.model_type
-        self.__dict__.update(values)
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(self, f.name, copy.deepcopy(default))
+        for key, value in kwargs.items():
+            if key != "model_type":  # fixed by the class
+                setattr(self, key, copy.deepcopy(value))
+
+    def extra_keys(self) -> list[str]:
+        """Keys this config carries that are not fields of its class (kept on save, unread here)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        return [k for k in self.__dict__ if k not in known]
 
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(dict(self.__dict__))
+        return {"model_type": self.model_type, **copy.deepcopy(self.__dict__)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ConfigBase":
@@ -53,7 +64,11 @@ class ConfigBase:
         file = directory / CONFIG_NAME
         if not file.is_file():
             raise ValueError(f"no {CONFIG_NAME} in {directory}: pass a directory written by save_pretrained")
-        return cls.from_dict(json.loads(file.read_text()))
+        try:
+            data = json.loads(file.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{file} is not valid JSON ({exc}): fix it or download the model again") from exc
+        return cls.from_dict(data)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
@@ -62,73 +77,114 @@ class ConfigBase:
         return type(self) is type(other) and self.to_dict() == other.to_dict()  # type: ignore[union-attr]
 
 
+def _sub_config(data: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    """``data[key]`` of a joint config; a stand-alone tower config as is."""
+    if data.get("model_type") == "ps3" or key in data:
+        if not isinstance(data.get(key), dict):
+            raise ValueError(f"joint PS3 config has no '{key}' dict{what}")
+        return data[key]
+    return data
+
+
+@dataclass(init=False, eq=False, repr=False)
 class PS3VisionConfig(ConfigBase):
-    model_type = "ps3_vision_model"
-    defaults = {
-        "model_name": "vit_so400m_patch14_siglip_378",
-        "hidden_size": 1152,
-        "pool": "avg",
-        "dynamic_img_size": True,
-        "ps3_scales": [378, 756, 1512, 3780],
-        "select_based_on_layer": [0, 9, 18, 26],
-        "min_select_num": 1,
-        "max_select_num": 1280,
-        "max_select_num_each_scale": None,
-        "separate_pos_emb": True,
-        "highres_selection_feature": True,
-        "highres_selection_module_hidden_dim": 512,
-        "highres_selection_module_out_dim": 512,
-        "highres_selection_module_depth": 3,
-        "highres_selection_module_kernel_size": 28,
-        "radio": False,
-        "vit": None,
-    }
+    """The vision tower (``model_type: ps3_vision_model``).
+
+    Read by this library:
+        model_name: timm backbone name (see ``ps3.registry.VIT_REGISTRY``), or any name when
+            ``vit`` describes the backbone.
+        vit: the backbone's architecture as a dict (patch_size, embed_dim, depth, num_heads,
+            mlp_ratio, img_size, global_pool, act), for backbones outside the registry.
+        hidden_size: trunk width C (must equal the backbone's).
+        ps3_scales: s_0 < s_1 < … in pixels, multiples of the patch size.
+        select_based_on_layer: blocks whose outputs make the selection features.
+        max_select_num: high-res tokens of one look, split over the scales by pixel count
+            (unless ``max_select_num_each_scale`` gives them).
+        separate_pos_emb: add a learned per-scale residual position table.
+        highres_selection_feature, highres_selection_module_*: the ConvNeXt selection branch
+            on a 1512 px view.
+        radio: C-RADIO backbones (refused: not supported by this release).
+
+    Carried only (kept on save, not read): ``pool`` (the trunk's pooling comes from the
+    backbone: MAP for every supported one), ``dynamic_img_size`` (inputs of any size are always
+    accepted), ``min_select_num`` (a look selects exactly its budget), and any unknown key such
+    as ``ps3``.
+    """
+
+    model_type: ClassVar[str] = "ps3_vision_model"
+
+    model_name: str = "vit_so400m_patch14_siglip_378"
+    hidden_size: int = 1152
+    pool: str = "avg"
+    dynamic_img_size: bool = True
+    ps3_scales: list[int] = field(default_factory=lambda: [378, 756, 1512, 3780])
+    select_based_on_layer: list[int] = field(default_factory=lambda: [0, 9, 18, 26])
+    min_select_num: int = 1
+    max_select_num: int = 1280
+    max_select_num_each_scale: list[int] | None = None
+    separate_pos_emb: bool = True
+    highres_selection_feature: bool = True
+    highres_selection_module_hidden_dim: int = 512
+    highres_selection_module_out_dim: int = 512
+    highres_selection_module_depth: int = 3
+    highres_selection_module_kernel_size: int = 28
+    radio: bool = False
+    vit: dict[str, Any] | None = None
 
     @classmethod
     def _select(cls, data: dict[str, Any]) -> dict[str, Any]:
-        if data.get("model_type") == "ps3" or "vision_config" in data:
-            if not isinstance(data.get("vision_config"), dict):
-                raise ValueError("joint PS3 config has no 'vision_config' dict")
-            data = data["vision_config"]
-        return super()._select(data)
+        return super()._select(_sub_config(data, "vision_config", ""))
 
 
+@dataclass(init=False, eq=False, repr=False)
 class PS3TextConfig(ConfigBase):
-    model_type = "ps3_text_model"
-    defaults = {
-        "output_dim": 1152,
-        "prompt_proj_dim": 1152,
-        "context_length": 77,
-        "vocab_size": 49408,
-        "width": 512,
-        "heads": 8,
-        "layers": 12,
-        "mlp_ratio": 4.0,
-        "embed_cls": False,
-        "pad_id": 0,
-        "no_causal_mask": False,
-        "pool_type": "argmax",
-        "proj_bias": False,
-        "norm_kwargs": {},
-        "act_kwargs": {},
-        "hf_tokenizer_name": None,
-        "tokenizer_kwargs": None,
-    }
+    """The text tower (``model_type: ps3_text_model``), open_clip's text-tower keys.
+
+    Read by the text tower: ``width``, ``heads``, ``layers``, ``mlp_ratio``, ``context_length``,
+    ``vocab_size`` (None in a training config whose tokenizer is built from captions),
+    ``output_dim``, ``prompt_proj_dim`` (= the vision width), ``no_causal_mask``, ``pool_type``
+    (``argmax``/``first``/``last``), ``proj_bias``, ``norm_kwargs`` (``eps``), ``act_kwargs``
+    (``approximate``), ``embed_cls`` (must be false). Read by the tokenizer and the trainer:
+    ``hf_tokenizer_name``, ``tokenizer_kwargs`` (``clean``), ``pad_id``.
+
+    Carried only: any unknown key (a non-null ``ls_init_value`` is refused by the tower).
+    """
+
+    model_type: ClassVar[str] = "ps3_text_model"
+
+    output_dim: int = 1152
+    prompt_proj_dim: int = 1152
+    context_length: int = 77
+    vocab_size: int | None = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    embed_cls: bool = False
+    pad_id: int = 0
+    no_causal_mask: bool = False
+    pool_type: str = "argmax"
+    proj_bias: bool = False
+    norm_kwargs: dict[str, Any] = field(default_factory=dict)
+    act_kwargs: dict[str, Any] = field(default_factory=dict)
+    hf_tokenizer_name: str | None = None
+    tokenizer_kwargs: dict[str, Any] | None = None
 
     @classmethod
     def _select(cls, data: dict[str, Any]) -> dict[str, Any]:
-        if data.get("model_type") == "ps3" or "text_config" in data:
-            if not isinstance(data.get("text_config"), dict):
-                raise ValueError("joint PS3 config has no 'text_config' dict: this repo holds no text tower")
-            data = data["text_config"]
-        return super()._select(data)
+        return super()._select(_sub_config(data, "text_config", ": this repo holds no text tower"))
 
 
+@dataclass(init=False, eq=False, repr=False)
 class PS3Config(ConfigBase):
-    """Joint config: ``vision_config`` and ``text_config`` are kept as config objects."""
+    """Joint config (``model_type: ps3``): ``vision_config`` and ``text_config`` are config
+    objects (dicts are converted). ``architectures`` is carried for the hub's benefit."""
 
-    model_type = "ps3"
-    defaults = {"architectures": ["PS3Model"]}
+    model_type: ClassVar[str] = "ps3"
+
+    architectures: list[str] = field(default_factory=lambda: ["PS3Model"])
+    vision_config: PS3VisionConfig = field(default_factory=PS3VisionConfig)
+    text_config: PS3TextConfig = field(default_factory=PS3TextConfig)
 
     def __init__(self, vision_config: PS3VisionConfig | dict | None = None,
                  text_config: PS3TextConfig | dict | None = None, **kwargs: Any):
@@ -137,11 +193,13 @@ class PS3Config(ConfigBase):
             vision_config = PS3VisionConfig(**PS3VisionConfig._select(vision_config))
         if isinstance(text_config, dict):
             text_config = PS3TextConfig(**PS3TextConfig._select(text_config))
-        self.vision_config = vision_config if vision_config is not None else PS3VisionConfig()
-        self.text_config = text_config if text_config is not None else PS3TextConfig()
+        if vision_config is not None:
+            self.vision_config = vision_config
+        if text_config is not None:
+            self.text_config = text_config
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("vision_config", "text_config")}
+        out = super().to_dict()
         out["vision_config"] = self.vision_config.to_dict()
         out["text_config"] = self.text_config.to_dict()
         return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS_NAME = "model.safetensors"
@@ -56,8 +57,7 @@ def load_state_dict(directory: str | os.PathLike, prefixes: Iterable[str] | None
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({directory / f for k, f in weight_map.items() if keep is None or k.startswith(keep)})
+        files = sorted({directory / f for k, f in _weight_map(index).items() if keep is None or k.startswith(keep)})
     else:
         pickled = [n for n in _PICKLE_NAMES if (directory / n).exists()]
         if pickled:
@@ -69,10 +69,38 @@ def load_state_dict(directory: str | os.PathLike, prefixes: Iterable[str] | None
         raise ValueError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        for key, value in load_file(str(file)).items():
+        for key, value in _read_weights(file).items():
             if keep is None or key.startswith(keep):
                 state[key] = value
     return state
+
+
+def _redownload_hint(file: Path) -> str:
+    real = file.resolve()  # a hub cache links snapshot files to blobs: the blob is what to delete
+    return f"delete {real} and download it again"
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or foreign file is a ValueError that says what to do."""
+    if not file.is_file():
+        raise ValueError(f"weights file {file} (listed in {WEIGHTS_INDEX_NAME}) is missing: the download is "
+                         "incomplete; download the model again")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{file} is not a readable safetensors file ({exc}): the download was truncated or the "
+                         f"file is not model weights; {_redownload_hint(file)}") from exc
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map'): "
+                         f"{type(exc).__name__}: {exc}; {_redownload_hint(index)}") from exc
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to file names; {_redownload_hint(index)}")
+    return weight_map
 
 
 def save_state_dict(state: dict[str, torch.Tensor], directory: str | os.PathLike,

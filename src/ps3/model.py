@@ -5,13 +5,12 @@ Its state dict is exactly the published repo layout (``vision_model.*``, ``text_
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .config import PS3Config
 from .hub import PretrainedMixin
+from .registry import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
 from .text import PS3TextOutput, PS3TextTransformer
 from .vision import PS3VisionEncoder, PS3VisionOutput
 
@@ -30,13 +29,13 @@ class PS3Model(PretrainedMixin, nn.Module):
         if config.text_config.prompt_proj_dim != vision_width:
             raise ValueError(f"text_config.prompt_proj_dim ({config.text_config.prompt_proj_dim}) must equal the vision "
                              f"width ({vision_width}): the prompt steers the vision tower's selection")
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.logit_bias = nn.Parameter(torch.tensor(LOGIT_BIAS_INIT))
 
     @classmethod
     def _optional_tensors(cls) -> dict[str, torch.Tensor]:
         # Released repos carry the SigLIP logit scale/bias; files exported without them still load.
-        return {"logit_scale": torch.tensor(math.log(10.0)), "logit_bias": torch.tensor(-10.0)}
+        return {"logit_scale": torch.tensor(LOGIT_SCALE_INIT), "logit_bias": torch.tensor(LOGIT_BIAS_INIT)}
 
     def encode_text(self, token_ids: torch.Tensor) -> PS3TextOutput:
         """Token ids (B, context_length) → pooled text feature and the selection prompt."""

@@ -441,6 +441,11 @@ class PS3VisionEncoder(nn.Module):
         out.last_hidden_state = hidden_states[-1]
         return out
 
+    def release_cuda_graphs(self) -> None:
+        """Turn CUDA-graph replay off and drop the captured graphs, so their memory pool can be freed."""
+        self.use_cuda_graphs = False
+        self._graphed_blocks = None
+
 
 class PS3VisionModel(PretrainedMixin, nn.Module):
     """PS3 vision tower with ``from_pretrained`` / ``save_pretrained`` (keys ``vision_model.*``)."""

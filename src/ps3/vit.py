@@ -12,78 +12,13 @@ Parameter names follow timm's ``VisionTransformer`` so published checkpoints loa
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass(frozen=True)
-class ViTArch:
-    """Architecture of a ViT trunk (what a timm model name or a ``vit`` config dict says)."""
-
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float
-    pos_grid: int  # the position table is pos_grid × pos_grid
-    gelu_approximate: str = "none"  # "tanh" for the so400m patch16 SigLIP models
-    global_pool: str = "map"
-    norm_eps: float = 1e-6
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
-
-
-def _so400m14(img: int) -> ViTArch:
-    return ViTArch(14, 1152, 27, 16, 3.7362, img // 14)
-
-
-def _so400m16(img: int) -> ViTArch:
-    return ViTArch(16, 1152, 27, 16, 3.7362, img // 16, gelu_approximate="tanh")
-
-
-def _base16(img: int) -> ViTArch:
-    return ViTArch(16, 768, 12, 12, 4.0, img // 16)
-
-
-# timm names of the backbones PS3 checkpoints are built on (SPEC §1).
-VIT_REGISTRY: dict[str, ViTArch] = {
-    "vit_so400m_patch14_siglip_378": _so400m14(378),
-    "vit_so400m_patch14_siglip_384": _so400m14(384),
-    **{f"vit_so400m_patch16_siglip_{s}": _so400m16(s) for s in (256, 384, 512)},
-    **{f"vit_base_patch16_siglip_{s}": _base16(s) for s in (224, 256, 384, 512)},
-}
-
-
-def arch_from_config(model_name: str, vit: dict[str, Any] | None) -> ViTArch:
-    """Resolve the trunk architecture: an explicit ``vit`` dict wins, else the registry."""
-    if vit is not None:
-        if not isinstance(vit, dict):
-            raise TypeError(f"vision config 'vit' must be a dict describing the backbone, got {type(vit).__name__}")
-        required = ("patch_size", "embed_dim", "depth", "num_heads")
-        missing = [k for k in required if k not in vit]
-        if missing:
-            raise ValueError(f"vision config 'vit' dict lacks {missing}; it needs {list(required)} "
-                             "plus optional mlp_ratio, img_size, global_pool, act")
-        if vit.get("class_token"):
-            raise ValueError("vision config 'vit': class_token=True is not supported (PS3 trunks have no prefix tokens)")
-        patch = int(vit["patch_size"])
-        img = int(vit.get("img_size") or 224)
-        act = str(vit.get("act", vit.get("act_layer", "gelu")))
-        return ViTArch(patch, int(vit["embed_dim"]), int(vit["depth"]), int(vit["num_heads"]),
-                       float(vit.get("mlp_ratio", 4.0)), img // patch,
-                       gelu_approximate="tanh" if "tanh" in act else "none",
-                       global_pool=str(vit.get("global_pool", "map")))
-    if model_name not in VIT_REGISTRY:
-        raise ValueError(f"unknown backbone model_name {model_name!r}: use one of {sorted(VIT_REGISTRY)} "
-                         "or describe it with a 'vit' dict in the vision config")
-    return VIT_REGISTRY[model_name]
+from .registry import VIT_REGISTRY, ViTArch, arch_from_config  # noqa: F401  (re-exported)
 
 
 class Mlp(nn.Module):

@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT  # re-exported: the loss's start values
+
 __all__ = [
     "LOGIT_SCALE_INIT",
     "LOGIT_BIAS_INIT",
@@ -43,11 +45,6 @@ __all__ = [
     "PS3PretrainLoss",
     "ps3_pretrain_loss",
 ]
-
-#: Initial value of the stored (log-space) logit scale: exp(log 10) = 10.
-LOGIT_SCALE_INIT: float = math.log(10.0)
-#: Initial value of the logit bias.
-LOGIT_BIAS_INIT: float = -10.0
 
 
 # --------------------------------------------------------------------------------------------

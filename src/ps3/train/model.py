@@ -27,7 +27,7 @@ from torch import nn
 from ..config import PS3Config
 from ..model import PS3Model
 from ..tokenizer import PS3Tokenizer, clean_text
-from .loss import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
+from ..registry import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, TRAINING_CONFIGS, preprocessor_dict, training_config
 
 __all__ = [
     "TRAINING_CONFIGS",
@@ -43,74 +43,6 @@ __all__ = [
 ]
 
 _PREPROCESSOR_NAME = "preprocessor_config.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Named configs
-
-
-def _tiny_synthetic() -> tuple[dict[str, Any], dict[str, Any]]:
-    vision = {
-        "model_name": "vit_tiny_synthetic_patch8",
-        "vit": {"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0, "img_size": 64,
-                "global_pool": "map", "class_token": False},
-        "hidden_size": 128,
-        "pool": "map",
-        "ps3": True,
-        "ps3_scales": [64, 128, 256],
-        "select_based_on_layer": [0, 1, 2, 3],
-        "min_select_num": 1,
-        "max_select_num": 160,  # budgets 32 (128 px) and 128 (256 px)
-        "separate_pos_emb": True,
-        # The high-res selection ConvNet always looks at a fixed 1512 px image (SPEC §3.4): on a
-        # CPU that costs more than the whole rest of this model, so the tiny config selects from
-        # the low-res ViT features alone.
-        "highres_selection_feature": False,
-    }
-    text = {
-        "width": 128, "heads": 4, "layers": 2, "context_length": 16, "vocab_size": None,  # the tokenizer's
-        "output_dim": 128, "prompt_proj_dim": 128, "mlp_ratio": 4.0, "pool_type": "last", "no_causal_mask": True,
-        "proj_bias": True, "act_kwargs": {"approximate": "tanh"}, "norm_kwargs": {"eps": 1e-6},
-        "hf_tokenizer_name": None, "tokenizer_kwargs": {"clean": "canonicalize"},
-    }
-    preprocessor = {"image_size": 256, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
-                    "resize_mode": "squash"}
-    return {"vision_config": vision, "text_config": text}, preprocessor
-
-
-def _published(scales: Sequence[int], backbone: str, vocab: int, tokenizer: str) -> tuple[dict, dict]:
-    vision = {
-        "model_name": backbone, "hidden_size": 1152, "pool": "map", "ps3": True, "ps3_scales": list(scales),
-        "select_based_on_layer": [0, 9, 18, 26], "min_select_num": 1, "max_select_num": 2560,
-        "separate_pos_emb": True, "highres_selection_feature": True,
-        "highres_selection_module_hidden_dim": 512, "highres_selection_module_out_dim": 512,
-        "highres_selection_module_depth": 3, "highres_selection_module_kernel_size": 28,
-    }
-    text = {
-        "context_length": 64, "vocab_size": vocab, "hf_tokenizer_name": tokenizer,
-        "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 1152, "heads": 16, "layers": 27,
-        "mlp_ratio": 3.7362, "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
-        "norm_kwargs": {"eps": 1e-6}, "act_kwargs": {"approximate": "tanh"}, "output_dim": 1152,
-        "prompt_proj_dim": 1152,
-    }
-    preprocessor = {"image_size": scales[-1], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
-                    "resize_mode": "squash"}
-    return {"vision_config": vision, "text_config": text}, preprocessor
-
-
-_SIGLIP2 = ("vit_so400m_patch14_siglip_378", 256000, "timm/ViT-SO400M-14-SigLIP2-378")
-_SIGLIP = ("vit_so400m_patch14_siglip_384", 32000, "timm/ViT-SO400M-14-SigLIP-384")
-_SCALES_4K = (378, 756, 1512, 3780)
-_SCALES_15K = (378, 756, 1512)
-
-#: Config name → builder of (joint config dict, preprocessor dict).
-TRAINING_CONFIGS = {
-    "tiny-synthetic": _tiny_synthetic,
-    "PS3-4K-SigLIP2": lambda: _published(_SCALES_4K, *_SIGLIP2),
-    "PS3-1.5K-SigLIP2": lambda: _published(_SCALES_15K, *_SIGLIP2),
-    "PS3-4K-SigLIP": lambda: _published(_SCALES_4K, *_SIGLIP),
-    "PS3-1.5K-SigLIP": lambda: _published(_SCALES_15K, *_SIGLIP),
-}
 
 
 @dataclass
@@ -133,7 +65,7 @@ def get_model_spec(name_or_path: str | os.PathLike) -> ModelSpec:
     published layout (or of the directory holding it). A ``preprocessor_config.json`` beside the
     file is used when present; otherwise images are squashed to the largest PS3 scale."""
     if isinstance(name_or_path, str) and name_or_path in TRAINING_CONFIGS:
-        joint, preprocessor = TRAINING_CONFIGS[name_or_path]()
+        joint, preprocessor = training_config(name_or_path)
         config = PS3Config(**joint)
         tokenizer = config.text_config.hf_tokenizer_name
         return ModelSpec(config, preprocessor, tokenizer)
@@ -157,8 +89,7 @@ def get_model_spec(name_or_path: str | os.PathLike) -> ModelSpec:
     if preprocessor_file.is_file():
         preprocessor = json.loads(preprocessor_file.read_text())
     else:
-        preprocessor = {"image_size": int(config.vision_config.ps3_scales[-1]), "mean": [0.5] * 3,
-                        "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}
+        preprocessor = preprocessor_dict(int(config.vision_config.ps3_scales[-1]))
     return ModelSpec(config, preprocessor, config.text_config.hf_tokenizer_name)
 
 
