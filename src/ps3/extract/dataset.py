@@ -5,13 +5,13 @@ of each (a unit is one output shard, so even a single-shard job keeps all worker
 yields three kinds of messages, plain dicts so the DataLoader can pin the tensors:
 
 * ``{"kind": "batch", "unit", "keys", "sources", "sizes", "pixels"}``: up to ``batch_size``
-  images of one unit resized to ``image_size`` as uint8 (B, 3, S, S) (normalising happens on the
-  device: a quarter of the bytes of float32 through shared and pinned memory);
+  images of one unit resized as the model's processor does, as uint8 (B, 3, H, W) (normalising
+  happens on the device: a quarter of the bytes of float32 through shared and pinned memory);
 * ``{"kind": "skip", "unit", "key", "reason", "detail"}``: an input that was dropped;
 * ``{"kind": "done", "unit"}``: this worker has sent everything of the unit.
 
-Batches hold images of equal preprocessed size (grouped per size within a unit), so each is one
-model call.
+Batches hold images of equal preprocessed size (grouped per size within a unit: a squashing
+processor gives one size, a ``keep_aspect`` one several), so each batch is one model call.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..images import load_image
+from ..processor import PS3ImageProcessor
 from .inputs import WorkUnit
 
 __all__ = ["SKIP_REASONS", "ExtractDataset", "build_loader"]
@@ -48,8 +49,9 @@ class _Skip(Exception):
         self.reason = reason
 
 
-def _decode(data: bytes, name: str, image_size: int, max_pixels: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Encoded bytes → (uint8 (3, S, S) squash-resized with PIL bicubic, original (width, height))."""
+def _decode(data: bytes, name: str, processor: PS3ImageProcessor, image_size: int | None,
+            max_pixels: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Encoded bytes → (uint8 (3, H, W) resized as ``processor`` does, original (width, height))."""
     if not data:
         raise _Skip("empty_file", f"{name} is empty (0 bytes)")
     try:
@@ -58,11 +60,12 @@ def _decode(data: bytes, name: str, image_size: int, max_pixels: int | None) -> 
         # load_image refuses oversized images before decoding them, saying "more than the limit".
         reason = "too_many_pixels" if "more than the limit" in str(exc) else "unreadable"
         raise _Skip(reason, str(exc)) from None
-    size = image.size
-    # The same resize as PS3ImageProcessor.preprocess; normalising is left to the device.
-    resized = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return pixels, size
+    # The processor's size and resize (PS3ImageProcessor.preprocess_rgb); normalising is left to
+    # the device (FeatureEncoder.encode), with the same operations in the same order.
+    height, width = processor.output_size(image.height, image.width, image_size)
+    resized = image if (height, width) == (image.height, image.width) else \
+        image.resize((width, height), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1), image.size
 
 
 def _read_file(path: str) -> bytes:
@@ -76,10 +79,11 @@ def _read_file(path: str) -> bytes:
 class ExtractDataset(IterableDataset):
     """Messages (see the module docstring) for the given units; see :func:`build_loader`."""
 
-    def __init__(self, units: list[WorkUnit], *, image_size: int, batch_size: int,
-                 max_pixels: int | None = None) -> None:
+    def __init__(self, units: list[WorkUnit], *, processor: PS3ImageProcessor, image_size: int | None,
+                 batch_size: int, max_pixels: int | None = None) -> None:
         super().__init__()
         self.units = units
+        self.processor = processor
         self.image_size = image_size
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -120,7 +124,7 @@ class ExtractDataset(IterableDataset):
         for key, source, payload in self._items(unit, worker, workers, skips):
             try:
                 data = _read_file(payload) if isinstance(payload, str) else payload
-                pixels, size = _decode(data, source, self.image_size, self.max_pixels)
+                pixels, size = _decode(data, source, self.processor, self.image_size, self.max_pixels)
             except _Skip as skip:
                 skips.append((key, skip.reason, str(skip)))
             else:
@@ -146,10 +150,11 @@ class ExtractDataset(IterableDataset):
                 "sizes": [list(s) for s in sizes], "pixels": torch.stack(pixels)}
 
 
-def build_loader(units: list[WorkUnit], *, image_size: int, batch_size: int, workers: int,
-                 max_pixels: int | None = None, pin_memory: bool = False) -> DataLoader:
+def build_loader(units: list[WorkUnit], *, processor: PS3ImageProcessor, image_size: int | None, batch_size: int,
+                 workers: int, max_pixels: int | None = None, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over the messages of ``units``; ``workers`` 0 decodes in the calling process."""
-    dataset = ExtractDataset(units, image_size=image_size, batch_size=batch_size, max_pixels=max_pixels)
+    dataset = ExtractDataset(units, processor=processor, image_size=image_size, batch_size=batch_size,
+                             max_pixels=max_pixels)
     # Each worker prefetches a few messages; batches are small next to the model call.
     extra = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, **extra)

@@ -28,37 +28,19 @@ class FeatureEncoder:
 
     def __init__(self, model: str, *, device: torch.device, dtype: str, selection: dict[str, Any], layers: int,
                  feature_maps: bool, image_size: int | None, use_prompts: bool) -> None:
-        from ..hub import parse_dtype, resolve_model_dir
-        from ..processor import PS3ImageProcessor
-        from ..vision import PS3VisionModel
+        from ..runtime import UserError, load_model, user_input
 
-        self.device = device
-        self.dtype = parse_dtype(dtype)
-        self.model = PS3VisionModel.from_pretrained(model, dtype=self.dtype, device=device)
+        with user_input("model"):
+            loaded = load_model(model, device=device, dtype=dtype, text=use_prompts)
+        self.model, self.text, self.tokenizer = loaded.vision, loaded.text, loaded.tokenizer
+        self.processor, self.device, self.dtype = loaded.processor, device, loaded.dtype
         depth = self.model.vision_model.layers
         if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= depth:
-            raise ValueError(f"layers must be an int from 1 to {depth} (the model's depth), got {layers!r}")
-        directory = resolve_model_dir(model)
-        if (directory / "preprocessor_config.json").is_file():
-            processor = PS3ImageProcessor.from_pretrained(directory)
-        else:
-            processor = PS3ImageProcessor(image_size=self.model.config.ps3_scales[-1])
-        self.image_size = image_size or processor.image_size
-        self.mean = torch.tensor(processor.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.std, device=device).view(1, 3, 1, 1)
+            raise UserError(f"layers must be an int from 1 to {depth} (the model's depth), got {layers!r}")
+        self.image_size = image_size  # None: the processor's own
+        self.mean = torch.tensor(self.processor.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.processor.std, device=device).view(1, 3, 1, 1)
         self.selection, self.layers, self.feature_maps = selection, layers, feature_maps
-        self.tokenizer = self.text = None
-        if use_prompts:
-            self._load_text_tower(directory)
-
-    def _load_text_tower(self, directory) -> None:
-        from ..text import PS3TextModel
-        from ..tokenizer import PS3Tokenizer
-
-        if not (directory / "tokenizer_config.json").is_file():
-            raise ValueError(f"--prompt/--prompts need a tokenizer: {directory} has no tokenizer_config.json")
-        self.tokenizer = PS3Tokenizer.from_pretrained(directory)
-        self.text = PS3TextModel.from_pretrained(directory, dtype=self.dtype, device=self.device)
 
     def _prompts(self, texts: list[str | None]) -> torch.Tensor | None:
         """One prompt vector per image; images without a prompt get the model's prior prompt,

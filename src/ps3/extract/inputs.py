@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..runtime import UserError
+
 __all__ = ["IMAGE_SUFFIXES", "WorkUnit", "plan_units", "read_prompts"]
 
 #: File suffixes taken as images when walking a directory tree or given as an INPUT.
@@ -76,7 +78,7 @@ def _walk_images(root: str) -> list[tuple[str, str]]:
                 path = os.path.join(directory, name)
                 items.append((_key_of(os.path.relpath(path, root)), path))
     if not items:
-        raise ValueError(f"INPUT {root}: the directory holds no images (nor *.tar shards); image files end in "
+        raise UserError(f"INPUT {root}: the directory holds no images (nor *.tar shards); image files end in "
                          f"{', '.join(sorted(IMAGE_SUFFIXES))}")
     return items
 
@@ -93,11 +95,11 @@ def _read_list(list_file: str) -> list[str]:
     try:
         lines = Path(list_file).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise ValueError(f"INPUT {list_file}: not a text file listing image paths (and not an image or a "
+        raise UserError(f"INPUT {list_file}: not a text file listing image paths (and not an image or a "
                          f".tar shard)") from exc
     paths = [os.path.join(base, line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not paths:
-        raise ValueError(f"INPUT {list_file}: the list file names no images")
+        raise UserError(f"INPUT {list_file}: the list file names no images")
     return paths
 
 
@@ -105,10 +107,17 @@ def _is_shard_spec(text: str) -> bool:
     return "{" in text or "::" in text or "://" in text or text.startswith("pipe:")
 
 
-def _classify(inputs: Sequence[str]) -> tuple[list[list[tuple[str, str]]], list[str]]:
-    """INPUTs → (groups of keyed image files, input shards)."""
+def _list_shards(spec: str) -> list[str]:
     from ..data.shards import list_shards
 
+    try:
+        return list_shards(spec, argument=f"INPUT {spec}")
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _classify(inputs: Sequence[str]) -> tuple[list[list[tuple[str, str]]], list[str]]:
+    """INPUTs → (groups of keyed image files, input shards)."""
     groups: list[list[tuple[str, str]]] = []
     loose: list[str] = []  # image files named on the command line: keyed together
     shards: list[str] = []
@@ -116,7 +125,7 @@ def _classify(inputs: Sequence[str]) -> tuple[list[list[tuple[str, str]]], list[
         text = os.fspath(item)
         if os.path.isdir(text):
             if any(name.endswith(".tar") for name in os.listdir(text)):
-                shards.extend(list_shards(text, argument=f"INPUT {text}"))
+                shards.extend(_list_shards(text))
             else:
                 groups.append(_walk_images(text))
         elif os.path.isfile(text):
@@ -128,9 +137,9 @@ def _classify(inputs: Sequence[str]) -> tuple[list[list[tuple[str, str]]], list[
             else:
                 groups.append(_keyed_paths(_read_list(text)))
         elif _is_shard_spec(text):
-            shards.extend(list_shards(text, argument=f"INPUT {text}"))
+            shards.extend(_list_shards(text))
         else:
-            raise ValueError(f"INPUT {text}: no such file or directory (pass image directories, list files, "
+            raise UserError(f"INPUT {text}: no such file or directory (pass image directories, list files, "
                              f"images or .tar shards)")
     if loose:
         groups.insert(0, _keyed_paths(loose))
@@ -139,19 +148,20 @@ def _classify(inputs: Sequence[str]) -> tuple[list[list[tuple[str, str]]], list[
 
 def plan_units(inputs: Sequence[str | os.PathLike], shard_size: int = 1000) -> list[WorkUnit]:
     """Number the inputs into work units (see the module docstring). Raises ``ValueError`` for an
-    INPUT that does not exist or holds nothing, and when two image files would get the same key."""
+    INPUT that does not exist or holds nothing, and when two image files would get the same key
+    (as :class:`ps3.runtime.UserError`, a ``ValueError`` the command line prints as one line)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
-        raise ValueError("inputs is empty: pass image directories, list files, images or .tar shards")
+        raise UserError("inputs is empty: pass image directories, list files, images or .tar shards")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+        raise UserError(f"shard_size must be a positive int, got {shard_size!r}")
     groups, shards = _classify([os.fspath(i) for i in inputs])
     files = [item for group in groups for item in group]
     seen: dict[str, str] = {}
     for key, path in files:
         if key in seen:
-            raise ValueError(f"two inputs get the key {key!r}: {seen[key]} and {path}; keys are paths without "
+            raise UserError(f"two inputs get the key {key!r}: {seen[key]} and {path}; keys are paths without "
                              f"the extension, so rename one of them")
         seen[key] = path
     units = [WorkUnit(index=i, files=tuple(files[start:start + shard_size]))
@@ -166,17 +176,17 @@ def read_prompts(path: str | os.PathLike) -> dict[str, str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError as exc:
-        raise ValueError(f"--prompts file not found: {path}") from exc
+        raise UserError(f"--prompts file not found: {path}") from exc
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--prompts {path} line {number}: not JSON ({exc.msg})") from exc
+            raise UserError(f"--prompts {path} line {number}: not JSON ({exc.msg})") from exc
         if not isinstance(record, dict) or not isinstance(record.get("key"), str) \
                 or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"--prompts {path} line {number}: expected an object "
+            raise UserError(f"--prompts {path} line {number}: expected an object "
                              f'{{"key": "...", "prompt": "..."}} with string values')
         prompts[record["key"]] = record["prompt"]
     return prompts

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..runtime import UserError
 from .inputs import WorkUnit
 
 __all__ = ["INDEX_NAME", "FORMAT", "UnitOutput", "is_finished", "remove_outputs", "write_index"]
@@ -72,8 +73,9 @@ def _read_sidecar(directory: Path, unit: WorkUnit) -> dict[str, Any] | None:
 
 
 def is_finished(directory: Path, unit: WorkUnit, settings: dict[str, Any]) -> bool:
-    """True when the unit's shard is complete. Raises ``ValueError`` when it was written from other
-    inputs or with other settings (mixing them would make an inconsistent dataset)."""
+    """True when the unit's shard is complete. Raises :class:`~ps3.runtime.UserError` when it was
+    written from other inputs or with other settings (mixing them would make an inconsistent
+    dataset)."""
     if not (directory / f"{unit.name}.tar").is_file():
         return False
     sidecar = _read_sidecar(directory, unit)
@@ -81,7 +83,7 @@ def is_finished(directory: Path, unit: WorkUnit, settings: dict[str, Any]) -> bo
         return False
     if sidecar.get("unit") != unit.fingerprint() or sidecar.get("settings") != settings:
         what = "other inputs" if sidecar.get("unit") != unit.fingerprint() else "other settings"
-        raise ValueError(f"{directory / unit.name}.tar was written from {what} than this run's: pass --overwrite "
+        raise UserError(f"{directory / unit.name}.tar was written from {what} than this run's: pass --overwrite "
                          f"to redo everything, or choose another --out")
     return True
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..runtime import UserError, parse_device, user_input
 from .dataset import SKIP_REASONS, build_loader, default_workers
 from .inputs import WorkUnit, plan_units, read_prompts
 from .output import INDEX_NAME, UnitOutput, is_finished, remove_outputs, write_index
@@ -27,7 +28,7 @@ _POLL_SECONDS = 0.5
 
 def _selection(looks: int | None, tokens: int | None, all_patches: bool) -> dict[str, Any]:
     if sum(x is not None and x is not False for x in (looks, tokens, all_patches or None)) > 1:
-        raise ValueError("pass at most one of looks, tokens and all_patches (--looks/--tokens/--all)")
+        raise UserError("pass at most one of looks, tokens and all_patches (--looks/--tokens/--all)")
     if tokens is not None:
         return {"num_token_look_close": tokens}
     if all_patches:
@@ -37,7 +38,7 @@ def _selection(looks: int | None, tokens: int | None, all_patches: bool) -> dict
 
 def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise UserError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -54,12 +55,10 @@ def _distributed() -> tuple[int, int, bool]:
 
 
 def _device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device is cuda but CUDA is not available: pass --device cpu")
-        if device.index is None and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    with user_input("device"):
+        device = parse_device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
     return device
 
 
@@ -152,8 +151,9 @@ class _Loop:
         units = {u.index: u for u in pending}
         sizes = [u.known_size for u in pending]
         total = None if any(s is None for s in sizes) else sum(sizes)
-        loader = build_loader(pending, image_size=self.encoder.image_size, batch_size=batch_size, workers=workers,
-                              max_pixels=max_pixels, pin_memory=self.encoder.device.type == "cuda")
+        loader = build_loader(pending, processor=self.encoder.processor, image_size=self.encoder.image_size,
+                              batch_size=batch_size, workers=workers, max_pixels=max_pixels,
+                              pin_memory=self.encoder.device.type == "cuda")
         bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1)
         try:
             for message in loader:
@@ -178,7 +178,7 @@ class _Loop:
         if kind == "skip":
             key, reason, detail = message["key"], message["reason"], message["detail"]
             if self.strict:
-                raise ValueError(f"bad input ({reason}: {SKIP_REASONS[reason]}) {key!r}: {detail}")
+                raise UserError(f"bad input ({reason}: {SKIP_REASONS[reason]}) {key!r}: {detail}")
             output.skip(key, reason, detail)
             self.local["skipped"][reason] = self.local["skipped"].get(reason, 0) + 1
             bar.update(1)
