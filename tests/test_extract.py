@@ -78,6 +78,16 @@ def test_image_shards(tmp_path, kind):
     assert sorted(got) == [f"s{s}_{n:03d}" for s in range(2) for n in range(5)]  # each key once
     assert {s.shard for k, s in got.items() if k.startswith("s1_")} == {"part-000001.tar"}
     assert got["s0_002"].info["source"] == f"{shards[0]}:s0_002.jpg"
+    assert load_index(tmp_path / "out")["duplicate_keys"] == {}
+
+
+def test_keys_repeated_across_input_shards_are_listed(tmp_path):
+    shard = make_image_shards(tmp_path / "shards", 1, 2)[0]
+    summary = extract([shard, shard], tmp_path / "out", model=str(MODEL_DIR), workers=0, progress=False)
+    index = load_index(tmp_path / "out")
+    assert summary["duplicate_keys"] == 2 and summary["images"] == 4  # as stored: read() yields 4
+    assert index["duplicate_keys"] == {"s0_000": ["part-000000.tar", "part-000001.tar"],
+                                       "s0_001": ["part-000000.tar", "part-000001.tar"]}
 
 
 def test_bad_inputs_are_skipped_by_reason_or_stop_a_strict_run(tmp_path):
@@ -146,6 +156,8 @@ def test_command_line_all_patches_with_feature_maps(tmp_path):
     (["IMGS", "--out", "OUT", "--layers", "9"], "layers must be an int from 1 to 4"),
     (["IMGS", "--out", "OUT", "--prompt", "a boat"], "no tokenizer_config.json"),
     (["IMGS", "--out", "OUT", "--batch-size", "0"], "batch_size must be an int >= 1"),
+    (["IMGS", "--out", "OUT", "--looks", "-1"], "num_look_close must be"),
+    (["IMGS", "--out", "OUT", "--model", "no/such/model"], "neither an existing directory nor a hub id"),
     (["CLASH", "--out", "OUT"], "two inputs get the key 'a'"),
 ])
 def test_user_mistakes_give_one_line(tmp_path, capsys, args, message):
@@ -155,7 +167,7 @@ def test_user_mistakes_give_one_line(tmp_path, capsys, args, message):
         Image.new("RGB", (20, 20)).save(tmp_path / "clash" / name)
     names = {"NOPE": tmp_path / "nope", "OUT": tmp_path / "out", "IMGS": tmp_path / "imgs",
              "CLASH": tmp_path / "clash"}
-    argv = ["extract", *[str(names.get(a, a)) for a in args], "--model", str(MODEL_DIR), "--quiet"]
+    argv = ["extract", "--model", str(MODEL_DIR), *[str(names.get(a, a)) for a in args], "--quiet"]
     assert main(argv) == 2  # the CLI's entry point, in this process (a subprocess test is above)
     stderr = capsys.readouterr().err
     assert message in stderr and len(stderr.strip().splitlines()) == 1

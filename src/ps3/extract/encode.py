@@ -37,6 +37,9 @@ class FeatureEncoder:
         depth = self.model.vision_model.layers
         if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= depth:
             raise UserError(f"layers must be an int from 1 to {depth} (the model's depth), got {layers!r}")
+        largest = self.model.config.ps3_scales[-1]
+        with user_input("--looks/--tokens"):  # check the selection now, not at the first batch
+            self.model.count_tokens(largest, largest, **selection)
         self.image_size = image_size  # None: the processor's own
         self.mean = torch.tensor(self.processor.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.processor.std, device=device).view(1, 3, 1, 1)

@@ -9,7 +9,9 @@ settings and which input the shard came from.
 A shard is written to ``part-….tar.tmp``; its sidecar is written next, then the tar is renamed.
 So a ``part-….tar`` exists only once it is complete, and it is complete exactly when it exists:
 a rerun skips those shards and redoes the rest (a killed run leaves at most ``.tmp`` files,
-which are overwritten). ``DIR/index.json`` is written last, from the sidecars.
+which are overwritten). ``DIR/index.json`` is written last, from the sidecars. Keys of image
+files are unique (checked up front); input shards may repeat a key, and then the index points to
+its first sample and lists every shard holding it under ``duplicate_keys``.
 """
 from __future__ import annotations
 
@@ -42,14 +44,14 @@ class UnitOutput:
 
         self.directory, self.unit, self.settings, self.rank = directory, unit, settings, rank
         self.writer = ShardWriter(directory / f"{unit.name}.tar")
-        self.samples: dict[str, int] = {}
+        self.samples: list[tuple[str, int]] = []  # in shard order; an input shard may repeat a key
         self.skipped: list[list[str]] = []
         self.pending_workers = 0
 
     def add(self, key: str, blob: bytes, tokens: int, info: dict[str, Any]) -> None:
         record = json.dumps({**info, "tokens": tokens}, sort_keys=True).encode()
         self.writer.write({"__key__": key, "safetensors": blob, "json": record})
-        self.samples[key] = tokens
+        self.samples.append((key, tokens))
 
     def skip(self, key: str, reason: str, detail: str) -> None:
         self.skipped.append([key, reason, detail])
@@ -101,7 +103,8 @@ def write_index(directory: Path, units: list[WorkUnit], settings: dict[str, Any]
     before ``started_at`` (a ``time.time()``) count as resumed."""
     samples: dict[str, dict[str, Any]] = {}
     skipped: dict[str, list[str]] = {}
-    shards, missing, resumed = [], [], 0
+    duplicates: dict[str, list[str]] = {}
+    shards, missing, resumed, total_tokens = [], [], 0, 0
     for unit in units:
         sidecar = _read_sidecar(directory, unit)
         if sidecar is None or not (directory / f"{unit.name}.tar").is_file():
@@ -111,17 +114,22 @@ def write_index(directory: Path, units: list[WorkUnit], settings: dict[str, Any]
         resumed += sidecar["finished_at"] < started_at
         shards.append({"name": shard, "images": len(sidecar["samples"]), "source": sidecar["source"],
                        "seconds": sidecar["seconds"]})
-        for key, tokens in sidecar["samples"].items():
-            samples[key] = {"shard": shard, "tokens": tokens}
+        for key, count in sidecar["samples"]:
+            total_tokens += count
+            if key in samples:  # input shards may repeat keys; the first sample is the indexed one
+                duplicates.setdefault(key, [samples[key]["shard"]]).append(shard)
+            else:
+                samples[key] = {"shard": shard, "tokens": count}
         for key, reason, _detail in sidecar["skipped"]:
             skipped.setdefault(reason, []).append(key)
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) of the job are not finished ({missing[0]}, …): "
                            "rerun the same command to complete them")
-    summary = {"images": len(samples), "tokens": sum(s["tokens"] for s in samples.values()),
+    summary = {"images": sum(s["images"] for s in shards), "tokens": total_tokens,
                "skipped": {reason: len(keys) for reason, keys in sorted(skipped.items())},
-               "shards": len(shards), "resumed_shards": resumed, "seconds": round(seconds, 3)}
+               "shards": len(shards), "resumed_shards": resumed, "duplicate_keys": len(duplicates),
+               "seconds": round(seconds, 3)}
     index = {"format": FORMAT, "settings": settings, "summary": summary, "shards": shards,
-             "samples": samples, "skipped": skipped}
+             "samples": samples, "skipped": skipped, "duplicate_keys": duplicates}
     _write_json_atomic(directory / INDEX_NAME, index)
     return summary

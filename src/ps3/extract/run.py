@@ -27,7 +27,9 @@ _POLL_SECONDS = 0.5
 
 
 def _selection(looks: int | None, tokens: int | None, all_patches: bool) -> dict[str, Any]:
-    if sum(x is not None and x is not False for x in (looks, tokens, all_patches or None)) > 1:
+    """The model's selection arguments for ``looks`` / ``tokens`` / ``all_patches`` (default one look);
+    the model checks the values themselves."""
+    if (looks is not None) + (tokens is not None) + bool(all_patches) > 1:
         raise UserError("pass at most one of looks, tokens and all_patches (--looks/--tokens/--all)")
     if tokens is not None:
         return {"num_token_look_close": tokens}
@@ -36,9 +38,27 @@ def _selection(looks: int | None, tokens: int | None, all_patches: bool) -> dict
     return {"num_look_close": 1 if looks is None else looks}
 
 
-def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{name} must be an int >= {minimum}, got {value!r}")
+def _check_counts(**values: Any) -> None:
+    """Every value an int >= 1 (``workers`` >= 0); ``max_pixels`` and ``image_size`` may be None."""
+    for name, value in values.items():
+        if value is None and name in ("max_pixels", "image_size"):
+            continue
+        minimum = 0 if name == "workers" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise UserError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _prepare_directory(directory: Path, rank: int, world: int, overwrite: bool) -> None:
+    """Rank 0 creates ``directory``, empties it with ``overwrite``, and drops a stale index (it is
+    rewritten once the job is complete); every rank waits for that before looking at shards."""
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            remove_outputs(directory)
+        else:
+            (directory / INDEX_NAME).unlink(missing_ok=True)
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -88,14 +108,9 @@ def extract(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     """
     start, started_at = time.perf_counter(), time.time()
     selection = _selection(looks, tokens, all_patches)
-    for name, value, minimum in (("layers", layers, 1), ("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
-        _check_positive(name, value, minimum)
     workers = default_workers() if workers is None else workers
-    _check_positive("workers", workers, 0)
-    if max_pixels is not None:
-        _check_positive("max_pixels", max_pixels)
-    if image_size is not None:
-        _check_positive("image_size", image_size)
+    _check_counts(layers=layers, batch_size=batch_size, shard_size=shard_size, workers=workers,
+                  max_pixels=max_pixels, image_size=image_size)
     by_key = read_prompts(prompts) if prompts is not None else {}
     units = plan_units(inputs, shard_size)
     device = _device(device)
@@ -106,14 +121,7 @@ def extract(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     directory = Path(out)
     rank, world, created_group = _distributed()
     try:
-        if rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            if overwrite:
-                remove_outputs(directory)
-            else:
-                (directory / INDEX_NAME).unlink(missing_ok=True)  # rewritten when the job is complete
-        if world > 1:
-            torch.distributed.barrier()
+        _prepare_directory(directory, rank, world, overwrite)
         mine = [u for u in units if u.index % world == rank]
         pending = [u for u in mine if not is_finished(directory, u, settings)]
         local = {"images": 0, "tokens": 0, "skipped": {}}
