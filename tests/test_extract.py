@@ -55,6 +55,29 @@ def test_folder_round_trip_matches_direct_calls(tmp_path, model):
     assert summary["tokens"] == 7 * 96
 
 
+def test_keep_aspect_images_of_different_shapes_go_in_one_ragged_call(tmp_path, model):
+    repo = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, repo)
+    processor = PS3ImageProcessor(image_size=224, resize_mode="keep_aspect", patch_size=14)
+    processor.save_pretrained(repo)
+    paths = make_images(tmp_path / "imgs", 4)
+    shapes = {tuple(processor(str(p))["pixel_values"][0].shape) for p in paths}
+    assert len(shapes) > 1  # the batch below is mixed
+    extract(tmp_path / "imgs", tmp_path / "out", model=str(repo), batch_size=4, workers=0, layers=2,
+            feature_maps=True, progress=False)
+    got = samples_by_key(tmp_path / "out")
+    for path in paths:
+        sample = got[str(path.relative_to(tmp_path / "imgs").with_suffix(""))]
+        with torch.no_grad():
+            ref = model(processor(str(path))["pixel_values"][0][None], num_look_close=1, num_hidden_layers_to_return=2)
+        torch.testing.assert_close(sample.hidden_states, torch.stack(ref.hidden_states, 1)[0], atol=2e-4, rtol=2e-4)
+        assert all(torch.equal(m, r[0].to(torch.uint8)) for m, r in zip(sample.selection_maps, ref.selection_maps))
+        assert sum(sample.tokens_per_scale) == ref.last_hidden_state.shape[1]
+        maps = model.vision_model.format_features_into_feature_maps(ref.last_hidden_state, ref.selection_maps)
+        for stored, expected in zip(sample.feature_maps, maps, strict=True):
+            torch.testing.assert_close(stored, expected[0], atol=2e-4, rtol=2e-4)
+
+
 def test_list_file_and_image_arguments(tmp_path):
     paths = make_images(tmp_path / "data", 4)
     listing = tmp_path / "data" / "list.txt"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..runtime import DTYPE_NAMES
+
 __all__ = ["register"]
 
 _EPILOG = """examples:
@@ -37,7 +39,7 @@ def register(sub) -> None:
                    help='per-image prompts: one {"key": ..., "prompt": ...} per line (others use --prompt, or none)')
     p.add_argument("--layers", type=int, default=1, help="keep the hidden states of this many last layers (default 1)")
     p.add_argument("--feature-maps", action="store_true", help="also store per-scale feature maps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank its LOCAL_RANK GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
     p.add_argument("--workers", type=int, help="decoding processes (default: up to 4, one less than the CPUs)")

@@ -5,13 +5,14 @@ of each (a unit is one output shard, so even a single-shard job keeps all worker
 yields three kinds of messages, plain dicts so the DataLoader can pin the tensors:
 
 * ``{"kind": "batch", "unit", "keys", "sources", "sizes", "pixels"}``: up to ``batch_size``
-  images of one unit resized as the model's processor does, as uint8 (B, 3, H, W) (normalising
-  happens on the device: a quarter of the bytes of float32 through shared and pinned memory);
+  images of one unit resized as the model's processor does, as uint8 (normalising happens on the
+  device: a quarter of the bytes of float32 through shared and pinned memory): one (B, 3, H, W)
+  tensor when they have one size (a squashing processor), else a list of (3, H_i, W_i) images for
+  the model's ragged call (a ``keep_aspect`` processor);
 * ``{"kind": "skip", "unit", "key", "reason", "detail"}``: an input that was dropped;
 * ``{"kind": "done", "unit"}``: this worker has sent everything of the unit.
 
-Batches hold images of equal preprocessed size (grouped per size within a unit: a squashing
-processor gives one size, a ``keep_aspect`` one several), so each batch is one model call.
+Either way a batch is one model call.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ class ExtractDataset(IterableDataset):
 
     def _unit(self, unit: WorkUnit, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         skips: list[tuple[str, str, str]] = []
-        buckets: dict[tuple[int, ...], list[tuple[str, str, tuple[int, int], torch.Tensor]]] = {}
+        batch: list[tuple[str, str, tuple[int, int], torch.Tensor]] = []
         for key, source, payload in self._items(unit, worker, workers, skips):
             try:
                 data = _read_file(payload) if isinstance(payload, str) else payload
@@ -128,16 +129,16 @@ class ExtractDataset(IterableDataset):
             except _Skip as skip:
                 skips.append((key, skip.reason, str(skip)))
             else:
-                bucket = buckets.setdefault(tuple(pixels.shape), [])
-                bucket.append((key, source, size, pixels))
-                if len(bucket) == self.batch_size:
-                    yield self._batch(unit, buckets.pop(tuple(pixels.shape)))
+                batch.append((key, source, size, pixels))
+                if len(batch) == self.batch_size:
+                    yield self._batch(unit, batch)
+                    batch = []
             while skips:
                 yield self._skip(unit, *skips.pop(0))
         while skips:  # damage reported after the last sample of a shard
             yield self._skip(unit, *skips.pop(0))
-        for bucket in buckets.values():
-            yield self._batch(unit, bucket)
+        if batch:
+            yield self._batch(unit, batch)
 
     @staticmethod
     def _skip(unit: WorkUnit, key: str, reason: str, detail: str) -> dict[str, Any]:
@@ -146,8 +147,9 @@ class ExtractDataset(IterableDataset):
     @staticmethod
     def _batch(unit: WorkUnit, items: list) -> dict[str, Any]:
         keys, sources, sizes, pixels = zip(*items)
+        same_size = len({tuple(p.shape) for p in pixels}) == 1
         return {"kind": "batch", "unit": unit.index, "keys": list(keys), "sources": list(sources),
-                "sizes": [list(s) for s in sizes], "pixels": torch.stack(pixels)}
+                "sizes": [list(s) for s in sizes], "pixels": torch.stack(pixels) if same_size else list(pixels)}
 
 
 def build_loader(units: list[WorkUnit], *, processor: PS3ImageProcessor, image_size: int | None, batch_size: int,

@@ -1,12 +1,15 @@
 """The model side of ``ps3 extract``: a batch of resized uint8 images → one safetensors blob each.
 
+A batch is one model call: a (B, 3, H, W) tensor, or a list of images of different sizes (a
+``keep_aspect`` processor) for the model's ragged call, whose output is split per image.
+
 Per sample the blob holds (design §3: tokens are the low-res ones, then the selected high-res
 cells of each scale in ascending order, row-major):
 
 * ``hidden_states`` (k, T, C): the last ``k`` layers' tokens (``--layers k``), the model dtype;
 * ``pooled_output`` (C,): the low-res pooled feature;
-* ``tokens_per_scale`` int64 (S,): tokens at the low-res scale, then selected cells per
-  high-res scale (they sum to T);
+* ``tokens_per_scale`` int64: tokens at the low-res scale, then selected cells per high-res
+  scale (they sum to T; only the first with ``--looks 0``);
 * ``selection_maps.{i}`` uint8 (h_i, w_i) for each high-res scale i (absent for a low-res-only
   call, ``--looks 0``);
 * ``feature_maps.{i}`` (C, h_i, w_i) per scale, low-res first, unselected cells zero
@@ -18,6 +21,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save
+
+from ..outputs import PS3VisionOutput
 
 __all__ = ["FeatureEncoder"]
 
@@ -56,29 +61,46 @@ class FeatureEncoder:
         rows = [prior if t is None else vectors[unique.index(t)] for t in texts]
         return torch.stack(rows)
 
+    def _normalised(self, pixels: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """uint8 images → normalised model input on the device: (x/255 − mean)/std, the processor's
+        operations in its order, then the model's dtype. A list (images of different sizes) stays
+        a list, for the model's ragged call."""
+        if isinstance(pixels, list):
+            return [self._normalised(p[None])[0] for p in pixels]
+        x = pixels.to(self.device, non_blocking=True).float().div_(255)
+        return x.sub_(self.mean).div_(self.std).to(self.dtype)
+
+    def _feature_maps(self, out: PS3VisionOutput) -> list[list[torch.Tensor]]:
+        """Per sample, one (C, h_i, w_i) map per scale (a mixed call is split first: its tokens are
+        padded)."""
+        singles = [out] if out.lengths is None else out.per_sample()
+        maps = [self.model.vision_model.format_features_into_feature_maps(s.last_hidden_state, s.selection_maps)
+                for s in singles]
+        return [[m[i].cpu() for m in group] for group in maps for i in range(group[0].shape[0])]
+
     @torch.inference_mode()
     def encode(self, batch: dict[str, Any], texts: list[str | None]) -> list[tuple[str, bytes, int]]:
-        pixels = batch["pixels"].to(self.device, non_blocking=True)
-        x = pixels.float().div_(255).sub_(self.mean).div_(self.std).to(self.dtype)
-        out = self.model(x, prompt=self._prompts(texts), num_hidden_layers_to_return=self.layers,
-                         **self.selection)
-        # One copy of the whole batch to the host (one sync), then per-sample views.
-        hidden = torch.stack(out.hidden_states[-self.layers:], dim=1).cpu()  # (B, k, T, C)
-        pooled = out.pooled_output.cpu()
-        maps = [m.to(torch.uint8).cpu() for m in out.selection_maps or []]
-        low_res = self.model.vision_model.low_res_token_num
-        counts = torch.tensor([[low_res] * len(batch["keys"])] + [m.flatten(1).sum(1).tolist() for m in maps],
-                              dtype=torch.int64).T  # (B, S)
-        feature_maps = []
-        if self.feature_maps and out.selection_maps:
-            feature_maps = [f.cpu() for f in
-                            self.model.vision_model.format_features_into_feature_maps(out.last_hidden_state,
-                                                                                      out.selection_maps)]
+        out = self.model(self._normalised(batch["pixels"]), prompt=self._prompts(texts),
+                         num_hidden_layers_to_return=self.layers, **self.selection)
+        feature_maps = self._feature_maps(out) if self.feature_maps and out.selection_maps else None
+        # One copy of each batched tensor to the host (a few syncs per batch), then per-sample views.
+        host = PS3VisionOutput(
+            hidden_states=tuple(h.cpu() for h in out.hidden_states[-self.layers:]),
+            pooled_output=None if out.pooled_output is None else out.pooled_output.cpu(),
+            selection_maps=[m.to(torch.uint8).cpu() for m in out.selection_maps] if out.selection_maps else None,
+            lengths=None if out.lengths is None else out.lengths.cpu(), feature_sizes=out.feature_sizes,
+            num_looks=out.num_looks)
         results = []
-        for i, key in enumerate(batch["keys"]):
-            tensors = {"hidden_states": hidden[i].contiguous(), "pooled_output": pooled[i].contiguous(),
-                       "tokens_per_scale": counts[i].contiguous()}
-            tensors.update({f"selection_maps.{s}": m[i].contiguous() for s, m in enumerate(maps)})
-            tensors.update({f"feature_maps.{s}": f[i].contiguous() for s, f in enumerate(feature_maps)})
-            results.append((key, save(tensors, metadata={"key": key}), int(hidden.shape[2])))
+        for i, (key, single) in enumerate(zip(batch["keys"], host.per_sample())):
+            hidden = torch.cat(single.hidden_states)  # (k, T, C)
+            maps = [m[0] for m in single.selection_maps or []]
+            selected = [int(m.sum()) for m in maps]
+            tensors = {"hidden_states": hidden,
+                       "tokens_per_scale": torch.tensor([hidden.shape[1] - sum(selected), *selected])}
+            if single.pooled_output is not None:
+                tensors["pooled_output"] = single.pooled_output[0]
+            tensors.update({f"selection_maps.{s}": m for s, m in enumerate(maps)})
+            tensors.update({f"feature_maps.{s}": f for s, f in enumerate(feature_maps[i] if feature_maps else [])})
+            tensors = {name: t.contiguous() for name, t in tensors.items()}
+            results.append((key, save(tensors, metadata={"key": key}), int(hidden.shape[1])))
         return results
