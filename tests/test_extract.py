@@ -174,6 +174,12 @@ def test_command_line_all_patches_with_feature_maps(tmp_path):
     assert [tuple(f.shape) for f in sample.feature_maps] == [(64, 4, 4), (64, 8, 8), (64, 16, 16)]
 
 
+def test_registered_on_the_ps3_command():
+    from ps3.cli import build_parser
+
+    assert "extract" in build_parser().format_help()
+
+
 @pytest.mark.parametrize("args,message", [
     (["NOPE", "--out", "OUT"], "nope: no such file or directory"),
     (["IMGS", "--out", "OUT", "--layers", "9"], "layers must be an int from 1 to 4"),

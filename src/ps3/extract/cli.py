@@ -9,7 +9,7 @@ from ..runtime import DTYPE_NAMES
 __all__ = ["register"]
 
 _EPILOG = """examples:
-  ps3 extract photos/ --model nvidia/PS3-4K-SigLIP --out feats/ --tokens 1280 --dtype bfloat16 --device cuda
+  ps3 extract photos/ --model nvidia/PS3-4K-SigLIP2 --out feats/ --tokens 1280 --dtype bfloat16 --device cuda
   torchrun --nproc_per_node 8 -m ps3.cli extract 'shards/image_{00000..00999}.tar' --model M --out feats/ --all
 
 a rerun of the same command resumes (finished shards are kept); --overwrite redoes everything."""
