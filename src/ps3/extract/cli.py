@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank its LOCAL_RANK GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
-    p.add_argument("--workers", type=int, help="decoding processes (default: up to 4, one less than the CPUs)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: up to 8, one less than the CPUs)")
     p.add_argument("--image-size", type=int, help="resize images to this size (default: the model's preprocessor)")
     p.add_argument("--max-pixels", type=int, help="skip images with more pixels than this (default 16384*16384)")
     p.add_argument("--shard-size", type=int, default=1000,

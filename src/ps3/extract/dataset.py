@@ -163,5 +163,6 @@ def build_loader(units: list[WorkUnit], *, processor: PS3ImageProcessor, image_s
 
 
 def default_workers() -> int:
-    """Decoding workers when none are asked for: up to 4, leaving a core for the main process."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    """Decoding workers when none are asked for: up to 8, leaving a core for the main process
+    (decoding and resizing a 4K JPEG takes longer than encoding it on a GPU)."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
