@@ -79,6 +79,9 @@ def _device(device: str | torch.device) -> torch.device:
         device = parse_device(device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"torchrun local rank {device.index} has no GPU: this machine has "
+                            f"{torch.cuda.device_count()}; start at most that many processes per node")
     return device
 
 
@@ -114,7 +117,9 @@ def extract(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     by_key = read_prompts(prompts) if prompts is not None else {}
     units = plan_units(inputs, shard_size)
     device = _device(device)
-    settings = {"model": os.fspath(model), "selection": selection, "layers": layers, "dtype": str(dtype),
+    # What the shards depend on; a rerun must match it to keep them (a local model by absolute path).
+    model_name = os.path.abspath(model) if os.path.isdir(model) else os.fspath(model)
+    settings = {"model": model_name, "selection": selection, "layers": layers, "dtype": str(dtype),
                 "feature_maps": bool(feature_maps), "image_size": image_size, "prompt": prompt,
                 "prompts": hashlib.sha256(Path(prompts).read_bytes()).hexdigest()[:16] if prompts else None,
                 "max_pixels": max_pixels}
