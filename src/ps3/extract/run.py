@@ -162,8 +162,9 @@ class _Loop:
         from tqdm import tqdm
 
         units = {u.index: u for u in pending}
-        sizes = [u.known_size for u in pending]
-        total = None if any(s is None for s in sizes) else sum(sizes)
+        self.known = sum(u.known_size or 0 for u in pending)
+        self.shards_pending, self.shard_items = sum(u.shard is not None for u in pending), []
+        total = None if self.shards_pending else self.known
         loader = build_loader(pending, processor=self.encoder.processor, image_size=self.encoder.image_size,
                               batch_size=batch_size, workers=workers, max_pixels=max_pixels,
                               pin_memory=self.encoder.device.type == "cuda")
@@ -213,3 +214,12 @@ class _Loop:
             if output.pending_workers == 0:
                 _, started = self.open.pop(unit.index)
                 output.finish(time.perf_counter() - started)
+                if unit.shard is not None:
+                    self._estimate_total(bar, len(output.samples) + len(output.skipped))
+
+    def _estimate_total(self, bar, items: int) -> None:
+        """Input shards are counted only as they are read: after each one, the progress bar's
+        total (and so its ETA) assumes the others hold as many images on average."""
+        self.shard_items.append(items)
+        bar.total = self.known + round(sum(self.shard_items) / len(self.shard_items) * self.shards_pending)
+        bar.refresh()
