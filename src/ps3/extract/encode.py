@@ -1,9 +1,9 @@
-"""The model side of ``ps3 extract``: a batch of resized uint8 images → one safetensors blob each.
+"""The model side of ``ps3 extract``: a batch of resized uint8 images → the tensors of each image.
 
 A batch is one model call: a (B, 3, H, W) tensor, or a list of images of different sizes (a
 ``keep_aspect`` processor) for the model's ragged call, whose output is split per image.
 
-Per sample the blob holds (design §3: tokens are the low-res ones, then the selected high-res
+Per sample (written as ``KEY.safetensors`` by :mod:`ps3.extract.output`) (design §3: tokens are the low-res ones, then the selected high-res
 cells of each scale in ascending order, row-major):
 
 * ``hidden_states`` (k, T, C): the last ``k`` layers' tokens (``--layers k``), the model dtype;
@@ -20,8 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from safetensors.torch import save
-
 from ..outputs import PS3VisionOutput
 
 __all__ = ["FeatureEncoder"]
@@ -29,7 +27,7 @@ __all__ = ["FeatureEncoder"]
 
 class FeatureEncoder:
     """Loads the vision tower (and the text tower when prompts are used) once; :meth:`encode`
-    turns a batch message of :mod:`ps3.extract.dataset` into ``(key, blob, tokens)`` triples."""
+    turns a batch message of :mod:`ps3.extract.dataset` into per-image tensors."""
 
     def __init__(self, model: str, *, device: torch.device, dtype: str, selection: dict[str, Any], layers: int,
                  feature_maps: bool, image_size: int | None, use_prompts: bool) -> None:
@@ -79,7 +77,9 @@ class FeatureEncoder:
         return [[m[i].cpu() for m in group] for group in maps for i in range(group[0].shape[0])]
 
     @torch.inference_mode()
-    def encode(self, batch: dict[str, Any], texts: list[str | None]) -> list[tuple[str, bytes, int]]:
+    def encode(self, batch: dict[str, Any], texts: list[str | None]) -> list[tuple[str, dict[str, torch.Tensor], int]]:
+        """(key, tensors on the host, token count) per image of ``batch``; ``texts``: each image's
+        prompt or None."""
         out = self.model(self._normalised(batch["pixels"]), prompt=self._prompts(texts),
                          num_hidden_layers_to_return=self.layers, **self.selection)
         feature_maps = self._feature_maps(out) if self.feature_maps and out.selection_maps else None
@@ -102,5 +102,5 @@ class FeatureEncoder:
             tensors.update({f"selection_maps.{s}": m for s, m in enumerate(maps)})
             tensors.update({f"feature_maps.{s}": f for s, f in enumerate(feature_maps[i] if feature_maps else [])})
             tensors = {name: t.contiguous() for name, t in tensors.items()}
-            results.append((key, save(tensors, metadata={"key": key}), int(hidden.shape[1])))
+            results.append((key, tensors, int(hidden.shape[1])))
         return results

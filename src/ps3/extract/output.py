@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save
+
 from ..runtime import UserError
 from .inputs import WorkUnit
 
@@ -46,10 +49,12 @@ class UnitOutput:
         self.writer = ShardWriter(directory / f"{unit.name}.tar")
         self.samples: list[tuple[str, int]] = []  # in shard order; an input shard may repeat a key
         self.skipped: list[list[str]] = []
-        self.pending_workers = 0
+        self.pending_workers = 0  # DataLoader workers yet to send their last message for the unit
+        self.received = 0  # images handed to the writer (``samples`` fills as they are written)
 
-    def add(self, key: str, blob: bytes, tokens: int, info: dict[str, Any]) -> None:
+    def add(self, key: str, tensors: dict[str, torch.Tensor], tokens: int, info: dict[str, Any]) -> None:
         record = json.dumps({**info, "tokens": tokens}, sort_keys=True).encode()
+        blob = save(tensors, metadata={"key": key})
         self.writer.write({"__key__": key, "safetensors": blob, "json": record})
         self.samples.append((key, tokens))
 

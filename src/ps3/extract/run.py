@@ -8,11 +8,13 @@ files, so ranks of unequal speed never run into a collective's timeout.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -148,14 +150,47 @@ def extract(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
             torch.distributed.destroy_process_group()
 
 
+class _Writes:
+    """Serialising and writing run on one background thread, in submission order, while the model
+    computes the next batch; at most ``depth`` batches wait, so memory stays bounded."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ps3-extract-writer")
+        self.depth = depth
+        self.pending: collections.deque[Future] = collections.deque()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()  # re-raises a failed write
+
+    def drain(self, raise_errors: bool = True) -> None:
+        while self.pending:
+            future = self.pending.popleft()
+            try:
+                future.result()
+            except BaseException:
+                if raise_errors:
+                    raise
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _write_batch(output: UnitOutput, encoded: list, infos: list[dict[str, Any]]) -> None:
+    for (key, tensors, tokens), info in zip(encoded, infos):
+        output.add(key, tensors, tokens, info)
+
+
 class _Loop:
-    """Feeds the loader's messages to the encoder and the open shards."""
+    """Feeds the loader's messages to the encoder, and its results to the open shards."""
 
     def __init__(self, directory: Path, settings: dict[str, Any], rank: int, encoder, strict: bool,
                  prompt: str | None, by_key: dict[str, str], workers: int, local: dict[str, Any]) -> None:
         self.directory, self.settings, self.rank, self.encoder = directory, settings, rank, encoder
         self.strict, self.prompt, self.by_key, self.workers, self.local = strict, prompt, by_key, workers, local
         self.open: dict[int, tuple[UnitOutput, float]] = {}
+        self.writes = _Writes()
 
     def run(self, pending: list[WorkUnit], *, batch_size: int, workers: int, max_pixels: int | None,
             progress: bool) -> None:
@@ -172,11 +207,14 @@ class _Loop:
         try:
             for message in loader:
                 self._handle(message, units[message["unit"]], bar)
+            self.writes.drain()
         except BaseException:
+            self.writes.drain(raise_errors=False)  # let the writer stop touching the shards first
             for output, _ in self.open.values():
                 output.abort()
             raise
         finally:
+            self.writes.close()
             bar.close()
 
     def _output(self, unit: WorkUnit) -> UnitOutput:
@@ -189,6 +227,8 @@ class _Loop:
     def _handle(self, message: dict[str, Any], unit: WorkUnit, bar) -> None:
         output = self._output(unit)
         kind = message["kind"]
+        if kind == "batch":
+            output.received += len(message["keys"])
         if kind == "skip":
             key, reason, detail = message["key"], message["reason"], message["detail"]
             if self.strict:
@@ -200,22 +240,22 @@ class _Loop:
             keys = message["keys"]
             texts = [self.by_key.get(k, self.prompt) for k in keys]
             encoded = self.encoder.encode(message, texts)
-            for (key, blob, tokens), source, (width, height), text in zip(encoded, message["sources"],
-                                                                          message["sizes"], texts):
-                info = {"source": source, "width": width, "height": height}
+            infos = [{"source": source, "width": width, "height": height}
+                     for source, (width, height) in zip(message["sources"], message["sizes"])]
+            for info, text in zip(infos, texts):
                 if text is not None:
                     info["prompt"] = text
-                output.add(key, blob, tokens, info)
-                self.local["tokens"] += tokens
+            self.writes.submit(_write_batch, output, encoded, infos)
+            self.local["tokens"] += sum(tokens for _key, _tensors, tokens in encoded)
             self.local["images"] += len(keys)
             bar.update(len(keys))
         else:
             output.pending_workers -= 1
             if output.pending_workers == 0:
                 _, started = self.open.pop(unit.index)
-                output.finish(time.perf_counter() - started)
-                if unit.shard is not None:
-                    self._estimate_total(bar, len(output.samples) + len(output.skipped))
+                self.writes.submit(output.finish, time.perf_counter() - started)
+                if unit.shard is not None:  # the writer may still be adding samples: count the inputs
+                    self._estimate_total(bar, output.received + len(output.skipped))
 
     def _estimate_total(self, bar, items: int) -> None:
         """Input shards are counted only as they are read: after each one, the progress bar's
