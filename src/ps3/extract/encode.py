@@ -3,8 +3,8 @@
 A batch is one model call: a (B, 3, H, W) tensor, or a list of images of different sizes (a
 ``keep_aspect`` processor) for the model's ragged call, whose output is split per image.
 
-Per sample (written as ``KEY.safetensors`` by :mod:`ps3.extract.output`) (design §3: tokens are the low-res ones, then the selected high-res
-cells of each scale in ascending order, row-major):
+Per sample, written as ``KEY.safetensors`` by :mod:`ps3.extract.output` (design §3: tokens are
+the low-res ones, then the selected high-res cells of each scale in ascending order, row-major):
 
 * ``hidden_states`` (k, T, C): the last ``k`` layers' tokens (``--layers k``), the model dtype;
 * ``pooled_output`` (C,): the low-res pooled feature;
