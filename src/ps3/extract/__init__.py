@@ -1,7 +1,7 @@
 """Encode a whole dataset with PS3: ``ps3 extract`` and its Python API.
 
 >>> from ps3.extract import extract, read
->>> summary = extract(["photos/"], "feats/", model="nvidia/PS3-4K-SigLIP", tokens=1280)
+>>> summary = extract(["photos/"], "feats/", model="nvidia/PS3-4K-SigLIP2", tokens=1280)
 >>> for sample in read("feats/"):
 ...     sample.key, sample.last_hidden_state.shape, sample.tokens_per_scale
 
