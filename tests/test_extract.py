@@ -34,7 +34,7 @@ def samples_by_key(directory):
 def test_folder_round_trip_matches_direct_calls(tmp_path, model):
     paths = make_images(tmp_path / "imgs", 7)
     summary = extract(tmp_path / "imgs", tmp_path / "out", model=str(MODEL_DIR), layers=2, batch_size=3,
-                      workers=0, shard_size=4, progress=False)
+                      workers=2, shard_size=4, progress=False)  # each worker takes every other image of a shard
     assert summary["images"] == 7 and summary["shards"] == 2 and summary["skipped"] == {}
     got = samples_by_key(tmp_path / "out")
     assert sorted(got) == sorted(str(p.relative_to(tmp_path / "imgs").with_suffix("")) for p in paths)
