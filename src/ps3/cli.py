@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_training(sub)  # train, export, data synthetic (webdataset is imported only when they run)
     register_bench(sub)
+    from .extract.cli import register as register_extract  # ps3 extract (issue 16)
+    register_extract(sub)
     return parser
 
 
