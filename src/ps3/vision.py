@@ -441,6 +441,26 @@ class PS3VisionEncoder(nn.Module):
         out.last_hidden_state = hidden_states[-1]
         return out
 
+    # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
+    @property
+    def s3_scales(self) -> list[int]:
+        """Upstream's older name for ``ps3_scales``."""
+        return self.ps3_scales
+
+    @property
+    def s3_image_size(self) -> int:
+        """The largest scale (upstream's name)."""
+        return self.ps3_scales[-1]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the trunk recomputes block activations in the backward pass (upstream's name)."""
+        return self.trunk.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.trunk.grad_checkpointing = bool(enable)
+
 
 class PS3VisionModel(PretrainedMixin, nn.Module):
     """PS3 vision tower with ``from_pretrained`` / ``save_pretrained`` (keys ``vision_model.*``)."""
@@ -474,3 +494,9 @@ class PS3VisionModel(PretrainedMixin, nn.Module):
                      only_select_first_n_scale: int | None = None) -> TokenCount:
         return self.vision_model.count_tokens(height, width, num_look_close, num_token_look_close,
                                               only_select_first_n_scale)
+
+    # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
+    @property
+    def width(self) -> int:
+        """The trunk width C (VILA-HD reads it as the vision hidden size)."""
+        return self.vision_model.width

@@ -1,0 +1,16 @@
+"""PS3 inside a multimodal LLM (optional extra ``ps3[mllm]``; the core never imports this package).
+
+* :class:`PS3Projector`: PS3 tokens → k×k merge per scale → MLP → LLM embeddings.
+* :func:`count_llm_tokens`: exactly how many LLM tokens an image becomes, before anything runs.
+* :func:`encode_for_llm`: PS3 encoding with block-aligned selection (what the projector keeps).
+* :class:`TopDownPromptHead`, :class:`TwoPassPS3`: the LLM steers which high-res patches
+  are encoded (pass 1: low-res tokens + question through the LLM; pass 2: high-res looks only).
+
+transformers is imported only where an LLM is driven (``ps3.mllm.topdown``).
+"""
+from .looks import LowRes, encode_for_llm, encode_low_res
+from .projector import PS3Projector, ProjectedImage, merge_grid
+from .tokens import LLMTokenCount, count_llm_tokens, first_n_scales_for_sizes
+
+__all__ = ["LLMTokenCount", "LowRes", "PS3Projector", "ProjectedImage", "count_llm_tokens", "encode_for_llm",
+           "encode_low_res", "first_n_scales_for_sizes", "merge_grid"]
