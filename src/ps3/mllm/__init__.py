@@ -6,11 +6,15 @@
 * :class:`TopDownPromptHead`, :class:`TwoPassPS3`: the LLM steers which high-res patches
   are encoded (pass 1: low-res tokens + question through the LLM; pass 2: high-res looks only).
 
-transformers is imported only where an LLM is driven (``ps3.mllm.topdown``).
+Nothing here imports transformers: the LLM (any Hugging Face causal LM) is driven through its
+standard interface, so the ``mllm`` extra only adds transformers for the caller's own model.
 """
 from .looks import LowRes, encode_for_llm, encode_low_res
 from .projector import PS3Projector, ProjectedImage, merge_grid
 from .tokens import LLMTokenCount, count_llm_tokens, first_n_scales_for_sizes
+from .topdown import (IGNORE_INDEX, TopDownPromptHead, TwoPassOutput, TwoPassPS3, selection_target_loss,
+                      splice_image_tokens)
 
-__all__ = ["LLMTokenCount", "LowRes", "PS3Projector", "ProjectedImage", "count_llm_tokens", "encode_for_llm",
-           "encode_low_res", "first_n_scales_for_sizes", "merge_grid"]
+__all__ = ["IGNORE_INDEX", "LLMTokenCount", "LowRes", "PS3Projector", "ProjectedImage", "TopDownPromptHead",
+           "TwoPassOutput", "TwoPassPS3", "count_llm_tokens", "encode_for_llm", "encode_low_res",
+           "first_n_scales_for_sizes", "merge_grid", "selection_target_loss", "splice_image_tokens"]

@@ -54,7 +54,7 @@ def _block_probs(probs: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     for p in probs:
         h, w = p.shape[-2:]
         full = p.detach()[:, :h // k * k, :w // k * k].float().unsqueeze(1)
-        out.append(F.avg_pool2d(full, k).squeeze(1) if k > 1 else full.squeeze(1))
+        out.append(F.avg_pool2d(full, k).squeeze(1) if k > 1 and full.numel() else full[:, 0, ::k, ::k])
     return out
 
 
