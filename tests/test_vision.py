@@ -362,3 +362,42 @@ def test_low_precision_resize_is_the_float32_resize_without_a_full_float32_copy(
                                                align_corners=False).bfloat16()
     assert torch.equal(_resize(x, (378, 378)), expected)
     assert _resize(x, (300, 260)) is x
+
+
+@pytest.mark.parametrize("kw", [dict(num_look_close=2), dict(num_look_close=0), dict(num_token_look_close=50),
+                                dict(output_hidden_states=False)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_reused_low_res_pass_gives_the_same_output_without_rerunning_it(model, kw):
+    vm = model.vision_model
+    x = images(2, 224, 160, seed=7)
+    prompt = torch.randn(2, 64, generator=torch.Generator().manual_seed(2))
+    want = run(model, x, prompt=prompt, **kw)
+    with torch.no_grad():
+        low_res = model.encode_low_res(x)
+    calls = []
+    hooks = [vm.trunk.patch_embed.register_forward_hook(lambda *a: calls.append("low-res trunk")),
+             vm.highres_selection_feature_module.register_forward_hook(lambda *a: calls.append("1512 px ConvNet"))]
+    try:
+        got = run(model, x, prompt=prompt, low_res=low_res, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+    for field in ("last_hidden_state", "pooled_output"):
+        if getattr(want, field) is not None:
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+    for field in ("selection_maps", "selection_probs", "bottomup_selection_probs", "topdown_selection_probs"):
+        for a, b in zip(getattr(got, field) or [], getattr(want, field) or []):
+            assert torch.equal(a, b), field
+    assert len(low_res.hidden_states) == 4 and low_res.kv_cache[0][0].shape == (2, 4, 16, 16)
+
+
+def test_low_res_pass_of_other_images_is_refused(model):
+    with torch.no_grad():
+        low_res = model.encode_low_res(images(2, 224, 160))
+        with pytest.raises(ValueError, match="low_res was computed for images"):
+            model(images(2, 224, 224), num_look_close=1, low_res=low_res)
+        no_kv = model.encode_low_res(images(1), keep_kv=False)
+        assert model(images(1), num_look_close=0, low_res=no_kv).last_hidden_state.shape == (1, 16, 64)
+        with pytest.raises(ValueError, match="no key/value cache"):
+            model(images(1), num_look_close=1, low_res=no_kv)

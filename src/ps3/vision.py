@@ -53,6 +53,34 @@ class PS3VisionOutput:
         return getattr(self, key)
 
 
+@dataclass
+class LowResPass:
+    """Everything the low-res pass yields that does not depend on the prompt (SPEC §3.2–3.4):
+    made by :meth:`PS3VisionEncoder.encode_low_res` and given back to ``forward(..., low_res=)`` so
+    that a second call on the same images (e.g. with a prompt an LLM derived from the low-res
+    tokens) skips the low-res trunk pass and the selection features.
+
+    hidden_states: block outputs of every layer, each (B, h_0·w_0, C).
+    kv_cache: per layer the low-res (k, v), each (B, heads, h_0·w_0, C/heads); None when the pass
+        was run with ``keep_kv=False`` (enough for low-res-only calls and selection).
+    pooled_output: (B, C) low-res pooled feature (final norm + MAP pooling).
+    selection_features: (B, S-1, C, h_0, w_0) projected features scored against prompts.
+    highres_selection_features: (B, o, 1512/k, 1512/k) from the 1512 px ConvNet, or None.
+    image_sizes: (H, W) of each input image, to check the pass is reused on the same images.
+    """
+
+    hidden_states: list[torch.Tensor]
+    kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None
+    pooled_output: torch.Tensor
+    selection_features: torch.Tensor
+    highres_selection_features: torch.Tensor | None
+    image_sizes: list[tuple[int, int]]
+
+    @property
+    def batch_size(self) -> int:
+        return self.pooled_output.shape[0]
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map."""
 
@@ -197,13 +225,10 @@ class PS3VisionEncoder(nn.Module):
         first = probs[:, :1].float()
         return [F.interpolate(first, size=size, mode="nearest").squeeze(1).to(probs.dtype) for size in sizes]
 
-    def selection_probs(self, pixel_values: torch.Tensor, low_res_hidden: Sequence[torch.Tensor],
-                        prompt: torch.Tensor | None = None, gt_selection_maps: torch.Tensor | None = None,
-                        smooth_selection_prob: bool = False):
-        """(selection probs, bottom-up probs, top-down probs or None), each a list over high-res scales."""
+    def selection_features(self, pixel_values: torch.Tensor, low_res_hidden: Sequence[torch.Tensor]):
+        """Prompt-independent selection features: (F (B, S-1, C, h_0, w_0), G or None) (SPEC §3.3–3.4)."""
         B = pixel_values.shape[0]
-        sizes = self.feature_sizes(*pixel_values.shape[-2:])
-        h0, w0 = sizes[0]
+        h0 = w0 = self.ps3_scales[0] // self.patch_size
         n_high = len(self.ps3_scales) - 1
         feats = torch.cat([low_res_hidden[i] for i in self.config.select_based_on_layer], dim=-1)
         feats = self.selection_feature_proj(feats).view(B, h0, w0, n_high, self.width).permute(0, 3, 4, 1, 2)
@@ -211,6 +236,18 @@ class PS3VisionEncoder(nn.Module):
         if self.highres_selection_feature_module is not None:
             image = _resize(pixel_values, (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE))
             highres = self.highres_selection_feature_module(image)
+        return feats, highres
+
+    def selection_probs(self, pixel_values: torch.Tensor, low_res_hidden: Sequence[torch.Tensor],
+                        prompt: torch.Tensor | None = None, gt_selection_maps: torch.Tensor | None = None,
+                        smooth_selection_prob: bool = False):
+        """(selection probs, bottom-up probs, top-down probs or None), each a list over high-res scales."""
+        feats, highres = self.selection_features(pixel_values, low_res_hidden)
+        return self._probs(feats, highres, self.feature_sizes(*pixel_values.shape[-2:]), prompt, gt_selection_maps,
+                           smooth_selection_prob)
+
+    def _probs(self, feats, highres, sizes, prompt, gt_selection_maps, smooth_selection_prob):
+        B = feats.shape[0]
         bottomup = self._prompt_probs(feats, highres, self.prior_prompt.expand(B, -1), sizes[1:])
         topdown = self._prompt_probs(feats, highres, prompt, sizes[1:]) if prompt is not None else None
         probs = topdown if topdown is not None else bottomup
@@ -290,6 +327,28 @@ class PS3VisionEncoder(nn.Module):
         x, hidden, kvs = self._blocks(tokens, return_kv=keep_kv, keep_hidden=self.layers)
         return hidden, kvs, self.trunk.pool(x)
 
+    def encode_low_res(self, pixel_values: torch.Tensor, keep_kv: bool = True) -> LowResPass:
+        """The low-res pass and the prompt-independent selection features, to reuse across calls
+        on the same images: ``forward(pixel_values, ..., low_res=encoder.encode_low_res(pixel_values))``
+        equals ``forward(pixel_values, ...)``. ``keep_kv=False`` drops the key/value cache (enough
+        for low-res-only calls; a call with looks then raises)."""
+        self._check_pixels(pixel_values)
+        hidden, kvs, pooled = self.forward_low_res(pixel_values, keep_kv=keep_kv)
+        feats, highres = self.selection_features(pixel_values, hidden)
+        return LowResPass(hidden, kvs if keep_kv else None, pooled, feats, highres,
+                          [tuple(pixel_values.shape[-2:])] * pixel_values.shape[0])
+
+    def _check_low_res(self, low_res, pixel_values: torch.Tensor, needs_kv: bool) -> None:
+        if not isinstance(low_res, LowResPass):
+            raise TypeError(f"low_res must be a LowResPass from encode_low_res, got {type(low_res).__name__}")
+        sizes = [tuple(pixel_values.shape[-2:])] * pixel_values.shape[0]
+        if low_res.image_sizes != sizes:
+            raise ValueError(f"low_res was computed for images of sizes {low_res.image_sizes}, not for these "
+                             f"pixel_values {sizes}: pass the LowResPass of the same images")
+        if needs_kv and low_res.kv_cache is None:
+            raise ValueError("low_res has no key/value cache (encode_low_res(..., keep_kv=False)) but this call "
+                             "encodes looks: compute it with keep_kv=True")
+
     def format_features_into_feature_maps(self, features: torch.Tensor,
                                           selection_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Tokens (B, N, C) → one (B, C, h_i, w_i) map per scale (low-res first), zero where a cell
@@ -316,8 +375,7 @@ class PS3VisionEncoder(nn.Module):
             start += h * w
         return out
 
-    def _check_inputs(self, pixel_values, prompt, gt_selection_maps, is_global_text, num_layers, max_tokens,
-                      check_finite) -> None:
+    def _check_pixels(self, pixel_values) -> None:
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor (B, 3, H, W), got {type(pixel_values).__name__}; "
                             "use PS3ImageProcessor to turn images into pixel values")
@@ -328,6 +386,11 @@ class PS3VisionEncoder(nn.Module):
         B, _, H, W = pixel_values.shape
         if B == 0 or min(H, W) < self.patch_size:
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} is empty or smaller than one patch")
+
+    def _check_inputs(self, pixel_values, prompt, gt_selection_maps, is_global_text, num_layers, max_tokens,
+                      check_finite) -> None:
+        self._check_pixels(pixel_values)
+        B = pixel_values.shape[0]
         if prompt is not None:
             if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[0] != B:
                 raise ValueError(f"prompt must be a (B={B}, {self.width}) tensor, got "
@@ -357,7 +420,7 @@ class PS3VisionEncoder(nn.Module):
                 output_hidden_states: bool = True, pool_gt_token_only: bool = False, num_look_close=None,
                 num_token_look_close=None, smooth_selection_prob: bool = False, only_select_first_n_scale=None,
                 num_hidden_layers_to_return: int | None = None, max_tokens_per_pass: int | None = None,
-                check_finite: bool = False) -> PS3VisionOutput:
+                check_finite: bool = False, low_res: LowResPass | None = None) -> PS3VisionOutput:
         self._check_inputs(pixel_values, prompt, gt_selection_maps, is_global_text, num_hidden_layers_to_return,
                            max_tokens_per_pass, check_finite)
         x = pixel_values
@@ -366,8 +429,13 @@ class PS3VisionEncoder(nn.Module):
         pretraining = not output_hidden_states
         plan = plan_looks(sizes[1:], self.max_select_num_each_scale, B, num_look_close, num_token_look_close,
                           only_select_first_n_scale, pretraining)
-        low_hidden, low_kv, low_pooled = self.forward_low_res(x, keep_kv=plan.num_looks > 0)
-        probs, bottomup, topdown = self.selection_probs(x, low_hidden, prompt, gt_selection_maps, smooth_selection_prob)
+        if low_res is None:
+            low_res = self.encode_low_res(x, keep_kv=plan.num_looks > 0)
+        else:
+            self._check_low_res(low_res, x, needs_kv=plan.num_looks > 0)
+        low_hidden, low_kv, low_pooled = low_res.hidden_states, low_res.kv_cache, low_res.pooled_output
+        probs, bottomup, topdown = self._probs(low_res.selection_features, low_res.highres_selection_features,
+                                               sizes, prompt, gt_selection_maps, smooth_selection_prob)
         keep = num_hidden_layers_to_return or self.num_hidden_layers_to_return or self.layers
         keep = min(keep, self.layers)
         out = PS3VisionOutput(selection_probs=probs, bottomup_selection_probs=bottomup,
@@ -480,7 +548,8 @@ class PS3VisionModel(PretrainedMixin, nn.Module):
                 smooth_selection_prob: bool = False, only_select_first_n_scale=None,
                 is_global_text: torch.Tensor | None = None, pool_gt_token_only: bool = False,
                 output_hidden_states: bool = True, num_hidden_layers_to_return: int | None = None,
-                max_tokens_per_pass: int | None = None, check_finite: bool = False) -> PS3VisionOutput:
+                max_tokens_per_pass: int | None = None, check_finite: bool = False,
+                low_res: LowResPass | None = None) -> PS3VisionOutput:
         return self.vision_model(pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps,
                                  is_global_text=is_global_text, output_hidden_states=output_hidden_states,
                                  pool_gt_token_only=pool_gt_token_only, num_look_close=num_look_close,
@@ -488,7 +557,11 @@ class PS3VisionModel(PretrainedMixin, nn.Module):
                                  smooth_selection_prob=smooth_selection_prob,
                                  only_select_first_n_scale=only_select_first_n_scale,
                                  num_hidden_layers_to_return=num_hidden_layers_to_return,
-                                 max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite)
+                                 max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite,
+                                 low_res=low_res)
+
+    def encode_low_res(self, pixel_values: torch.Tensor, keep_kv: bool = True) -> LowResPass:
+        return self.vision_model.encode_low_res(pixel_values, keep_kv)
 
     def count_tokens(self, height: int, width: int, num_look_close=None, num_token_look_close=None,
                      only_select_first_n_scale: int | None = None) -> TokenCount:
