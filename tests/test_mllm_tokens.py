@@ -109,6 +109,8 @@ def test_errors(model):
     low = encode_low_res(model, x)
     with pytest.raises(ValueError, match="low_res"):
         encode_for_llm(model, images(1, 224, 224), low_res=low)
+    with pytest.raises(ValueError, match="key/value"):
+        encode_for_llm(model, x, low_res=model.encode_low_res(x, keep_kv=False))
     with pytest.raises(ValueError, match="only_select_first_n_scale"):
         encode_for_llm(model, x, only_select_first_n_scale=[1, 2, 2])
     with pytest.raises(ValueError, match="selection_maps"):

@@ -77,7 +77,7 @@ def test_prompt_reads_the_end_of_the_user_prompt(helper):
         by_marker, _ = helper.top_down_prompt(pixels, ids, mask, prompt_end=6)  # token 6 ends both questions
         earlier, _ = helper.top_down_prompt(pixels, ids, mask, prompt_end=5)
         # Reference: the LLM over the row's [text, low-res tokens, question] alone.
-        low = helper.projector(helper.vision_model.vision_model.forward_low_res(pixels[1:])[0][-1], []).embeds
+        low = helper.projector(helper.vision_model.encode_low_res(pixels[1:]).hidden_states[-1], []).embeds
         emb = helper.llm.get_input_embeddings()(ids[1:, :4])
         seq = torch.cat([emb[:, :1], low, emb[:, 2:4]], 1)
         state = helper.llm(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1][:, -1]

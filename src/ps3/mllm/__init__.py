@@ -9,12 +9,12 @@
 Nothing here imports transformers: the LLM (any Hugging Face causal LM) is driven through its
 standard interface, so the ``mllm`` extra only adds transformers for the caller's own model.
 """
-from .looks import LowRes, encode_for_llm, encode_low_res
+from .looks import encode_for_llm, encode_low_res
 from .projector import PS3Projector, ProjectedImage, merge_grid
 from .tokens import LLMTokenCount, count_llm_tokens, first_n_scales_for_sizes
 from .topdown import (IGNORE_INDEX, TopDownPromptHead, TwoPassOutput, TwoPassPS3, selection_target_loss,
                       splice_image_tokens)
 
-__all__ = ["IGNORE_INDEX", "LLMTokenCount", "LowRes", "PS3Projector", "ProjectedImage", "TopDownPromptHead",
+__all__ = ["IGNORE_INDEX", "LLMTokenCount", "PS3Projector", "ProjectedImage", "TopDownPromptHead",
            "TwoPassOutput", "TwoPassPS3", "count_llm_tokens", "encode_for_llm", "encode_low_res",
            "first_n_scales_for_sizes", "merge_grid", "selection_target_loss", "splice_image_tokens"]

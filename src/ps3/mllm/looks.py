@@ -12,25 +12,14 @@ looks attend to its cached keys/values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..selection import select_cells
-from ..vision import PS3VisionOutput
+from ..vision import LowResPass, PS3VisionOutput
 from .tokens import _check_k, block_grids, plan_block_looks
-
-
-@dataclass
-class LowRes:
-    """The low-res pass of a batch: block outputs of every layer, per-layer (k, v), pooled."""
-
-    hidden_states: list[torch.Tensor]
-    kv_cache: list[tuple[torch.Tensor, torch.Tensor]]
-    pooled_output: torch.Tensor
-    image_size: tuple[int, int]
 
 
 def encoder_of(vision_model: Any):
@@ -41,11 +30,9 @@ def encoder_of(vision_model: Any):
     return encoder
 
 
-def encode_low_res(vision_model: Any, pixel_values: torch.Tensor) -> LowRes:
-    """Run the low-res trunk pass once, keeping what the high-res looks need."""
-    encoder = encoder_of(vision_model)
-    hidden, kv, pooled = encoder.forward_low_res(pixel_values, keep_kv=True)
-    return LowRes(list(hidden), kv, pooled, tuple(pixel_values.shape[-2:]))
+def encode_low_res(vision_model: Any, pixel_values: torch.Tensor) -> LowResPass:
+    """Run the low-res trunk pass once, keeping what selection and the high-res looks need."""
+    return encoder_of(vision_model).encode_low_res(pixel_values, keep_kv=True)
 
 
 def _block_probs(probs: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -87,7 +74,7 @@ def block_looks(probs: Sequence[torch.Tensor], plans: Sequence[Sequence[Sequence
 
 
 def encode_for_llm(vision_model: Any, pixel_values: torch.Tensor, *, prompt: torch.Tensor | None = None,
-                   low_res: LowRes | None = None, k: int = 2, budgets: Sequence[int] | None = None,
+                   low_res: LowResPass | None = None, k: int = 2, budgets: Sequence[int] | None = None,
                    num_looks: int | str = 1, only_select_first_n_scale=None,
                    gt_selection_maps: torch.Tensor | None = None, smooth_selection_prob: bool = False,
                    num_hidden_layers_to_return: int | None = None) -> PS3VisionOutput:
@@ -102,16 +89,16 @@ def encode_for_llm(vision_model: Any, pixel_values: torch.Tensor, *, prompt: tor
     B, _, H, W = pixel_values.shape
     if low_res is None:
         low_res = encode_low_res(encoder, pixel_values)
-    elif tuple(low_res.image_size) != (H, W) or low_res.pooled_output.shape[0] != B:
-        raise ValueError(f"low_res was computed for {low_res.pooled_output.shape[0]} images of {low_res.image_size}, "
-                         f"not for these {B} of {(H, W)}: pass the pass made on the same pixel_values")
+    else:
+        encoder._check_low_res(low_res, pixel_values, needs_kv=True)
     budgets = list(encoder.max_select_num_each_scale if budgets is None else budgets)
     _, grids = block_grids(H, W, encoder.ps3_scales, encoder.patch_size, k)
     firsts = _per_sample(only_select_first_n_scale, B, "only_select_first_n_scale")
     plans = [plan_block_looks(grids, budgets, k, num_looks, m) for m in firsts]
     keep = min(num_hidden_layers_to_return or encoder.num_hidden_layers_to_return or encoder.layers, encoder.layers)
-    probs, bottomup, topdown = encoder.selection_probs(pixel_values, low_res.hidden_states, prompt,
-                                                       gt_selection_maps, smooth_selection_prob)
+    probs, bottomup, topdown = encoder._probs(low_res.selection_features, low_res.highres_selection_features,
+                                              encoder.feature_sizes(H, W), prompt, gt_selection_maps,
+                                              smooth_selection_prob)
     out = PS3VisionOutput(pooled_output=low_res.pooled_output, selection_probs=probs,
                           bottomup_selection_probs=bottomup, topdown_selection_probs=topdown)
     low_hidden = low_res.hidden_states[encoder.layers - keep:]

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..vision import PS3VisionOutput
-from .looks import LowRes, encode_for_llm, encode_low_res, encoder_of
+from ..vision import LowResPass, PS3VisionOutput
+from .looks import encode_for_llm, encode_low_res, encoder_of
 from .projector import PS3Projector
 from .tokens import count_llm_tokens
 
@@ -150,7 +150,7 @@ class TwoPassPS3(nn.Module):
         raise TypeError("prompt_end must be None, a (B,) tensor of positions or a marker token id (int)")
 
     def top_down_prompt(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        prompt_end=None, low_res: LowRes | None = None) -> tuple[torch.Tensor, LowRes]:
+                        prompt_end=None, low_res: LowResPass | None = None) -> tuple[torch.Tensor, LowResPass]:
         """Pass 1: low-res encode, LLM over [text, low-res tokens, question] → PS3 prompt (B, C)."""
         low_res = low_res if low_res is not None else encode_low_res(self.vision_model, pixel_values)
         image = self.projector(low_res.hidden_states[self.feature_layer], [])
