@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from golden import MODEL_DIR  # noqa: E402
 from ps3 import PS3VisionModel  # noqa: E402
@@ -128,3 +128,19 @@ def test_frozen_encoder_gets_no_gradient(helper):
     (loss + selection_target_loss(out.vision.topdown_selection_probs, torch.ones(2, 224, 224))).backward()
     assert all(p.grad is None for p in helper.vision_model.parameters())
     assert helper.prompt_head.layers.weight.grad is not None and helper.projector.fc1.weight.grad is not None
+
+
+def test_bf16_qwen2_with_a_bf16_encoder():
+    # Another LLM family, everything in bfloat16 (the new modules follow the LLM's precision).
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    vision = PS3VisionModel.from_pretrained(MODEL_DIR, torch_dtype=torch.bfloat16)
+    helper = TwoPassPS3(vision, llm, image_token_id=IMAGE, k=3, num_looks=2)
+    assert helper.projector.fc1.weight.dtype == helper.prompt_head.layers.weight.dtype == torch.bfloat16
+    pixels, ids, mask = batch()
+    with torch.no_grad():
+        out = helper(pixels.bfloat16(), ids, mask)
+    assert out.inputs_embeds.dtype == torch.bfloat16
+    assert out.image_lengths.tolist() == [helper.count_llm_tokens(224, 224)] * 2
+    assert helper.generate(pixels.bfloat16(), ids, mask, max_new_tokens=2, do_sample=False).shape == (2, 2)

@@ -104,6 +104,7 @@ class PS3Projector(nn.Module):
         ``num_tokens``: the padded length when known (e.g. from :func:`count_llm_tokens`); without
         it the longest image's count is read from the device (one sync)."""
         tokens, maps = self._inputs(features, selection_maps, feature_layer)
+        tokens = tokens.to(self.fc1.weight.dtype)  # e.g. a bf16 encoder in front of a float32 projector
         k, (h0, w0) = self.k, self.low_res_grid
         B, N, C = tokens.shape
         low = merge_grid(tokens[:, :h0 * w0].reshape(B, h0, w0, C), k)

@@ -121,6 +121,10 @@ class TwoPassPS3(nn.Module):
         llm_width = llm.get_input_embeddings().embedding_dim
         self.projector = PS3Projector.for_vision_model(encoder, llm_width, k=k, scale_embeddings=scale_embeddings)
         self.prompt_head = TopDownPromptHead(llm_width, encoder.width, prompt_head_hidden)
+        # The new modules start where the LLM lives and in its precision (e.g. a bf16 LLM on a GPU).
+        weight = llm.get_input_embeddings().weight
+        self.projector.to(device=weight.device, dtype=weight.dtype)
+        self.prompt_head.to(device=weight.device, dtype=weight.dtype)
         self.image_token_id = int(image_token_id)
         self.k, self.num_looks, self.feature_layer, self.pass1_grad = k, num_looks, feature_layer, pass1_grad
         self.budgets = list(encoder.max_select_num_each_scale if budgets is None else budgets)
@@ -173,8 +177,9 @@ class TwoPassPS3(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompt, low_res = self.top_down_prompt(pixel_values, input_ids, attention_mask, prompt_end)
-        vision = encode_for_llm(self.vision_model, pixel_values, prompt=prompt, low_res=low_res, k=self.k,
-                                budgets=self.budgets, num_looks=self.num_looks,
+        prompt_in_vision_dtype = prompt.to(low_res.selection_features.dtype)
+        vision = encode_for_llm(self.vision_model, pixel_values, prompt=prompt_in_vision_dtype, low_res=low_res,
+                                k=self.k, budgets=self.budgets, num_looks=self.num_looks,
                                 only_select_first_n_scale=only_select_first_n_scale,
                                 gt_selection_maps=gt_selection_maps)
         image = self.projector(vision, feature_layer=self.feature_layer)
