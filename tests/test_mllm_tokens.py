@@ -115,3 +115,26 @@ def test_errors(model):
         encode_for_llm(model, x, only_select_first_n_scale=[1, 2, 2])
     with pytest.raises(ValueError, match="selection_maps"):
         PS3Projector.for_vision_model(model, 8)(torch.zeros(1, 20, 64), [torch.zeros(1, 8, 8)])
+
+
+def test_ragged_batches_match_single_images(model):
+    """A list of images of different sizes with per-image skipped scales: one call, per-image
+    counts as predicted, and each image's part equal to encoding it alone."""
+    sizes, firsts = [(224, 224), (100, 224), (224, 60), (150, 150)], [2, 1, 2, 1]
+    pixels = [images(1, h, w, seed=i)[0] for i, (h, w) in enumerate(sizes)]
+    prompt = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    proj = PS3Projector.for_vision_model(model, 16, k=2)
+    kw = dict(budgets=[20, 40], num_looks=2)
+    with torch.no_grad():
+        out = encode_for_llm(model, pixels, prompt=prompt, only_select_first_n_scale=firsts, **kw)
+        projected = proj(out)
+        singles = [encode_for_llm(model, p[None], prompt=prompt[i:i + 1], only_select_first_n_scale=firsts[i], **kw)
+                   for i, p in enumerate(pixels)]
+    counts = [count_llm_tokens(model, h, w, only_select_first_n_scale=m, **kw).total for (h, w), m in zip(sizes, firsts)]
+    assert projected.lengths.tolist() == counts and len(set(counts)) > 1
+    for i, (part, single) in enumerate(zip(out.per_sample(), singles)):
+        assert [torch.equal(a, b) for a, b in zip(part.selection_maps, single.selection_maps)] == [True, True]
+        torch.testing.assert_close(part.last_hidden_state, single.last_hidden_state, atol=1e-5, rtol=1e-5)
+        alone = proj(single)
+        torch.testing.assert_close(projected.embeds[i:i + 1, :counts[i]], alone.embeds, atol=1e-5, rtol=1e-5)
+    assert not projected.embeds[~projected.attention_mask].any()

@@ -355,7 +355,7 @@ def test_cuda_graphs_flag_is_a_no_op_off_the_gpu(model):
 
 
 def test_low_precision_resize_is_the_float32_resize_without_a_full_float32_copy():
-    from ps3.vision import _resize
+    from ps3.selection_features import resize_image as _resize
 
     x = images(2, 300, 260).bfloat16()
     expected = torch.nn.functional.interpolate(x.float(), size=(378, 378), mode="bicubic",

@@ -13,7 +13,8 @@ from torch import nn
 from .config import PS3Config
 from .hub import PretrainedMixin
 from .text import PS3TextOutput, PS3TextTransformer
-from .vision import PS3VisionEncoder, PS3VisionOutput
+from .batching import image_sizes
+from .vision import PS3VisionEncoder, PS3VisionOutput, delegate_to_encoder
 
 
 class PS3Model(PretrainedMixin, nn.Module):
@@ -42,23 +43,14 @@ class PS3Model(PretrainedMixin, nn.Module):
         """Token ids (B, context_length) → pooled text feature and the selection prompt."""
         return self.text_model(token_ids)
 
-    def encode_image(self, pixel_values: torch.Tensor, num_look_close=None, num_token_look_close=None,
-                     prompt: torch.Tensor | None = None, gt_selection_maps: torch.Tensor | None = None,
-                     smooth_selection_prob: bool = False, only_select_first_n_scale=None,
-                     is_global_text: torch.Tensor | None = None, pool_gt_token_only: bool = False,
-                     output_hidden_states: bool = True, **kwargs) -> PS3VisionOutput:
-        """The vision call of :class:`ps3.PS3VisionModel` (same arguments)."""
-        return self.vision_model(pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps,
-                                 is_global_text=is_global_text, output_hidden_states=output_hidden_states,
-                                 pool_gt_token_only=pool_gt_token_only, num_look_close=num_look_close,
-                                 num_token_look_close=num_token_look_close,
-                                 smooth_selection_prob=smooth_selection_prob,
-                                 only_select_first_n_scale=only_select_first_n_scale, **kwargs)
+    # The vision call of :class:`ps3.PS3VisionModel`: same arguments, one signature (the encoder's).
+    encode_image = delegate_to_encoder("forward", "encode_image")
 
-    def forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, **vision_kwargs) -> PS3VisionOutput:
-        """Encode texts, then the images with the texts' prompts steering the selection."""
+    def forward(self, pixel_values, token_ids: torch.Tensor, **vision_kwargs) -> PS3VisionOutput:
+        """Encode texts, then the images (a tensor or a list) with the texts' prompts steering the selection."""
         text = self.encode_text(token_ids)
-        if text.prompt.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"got {pixel_values.shape[0]} images but {text.prompt.shape[0]} texts: "
+        images = len(image_sizes(pixel_values))
+        if text.prompt.shape[0] != images:
+            raise ValueError(f"got {images} images but {text.prompt.shape[0]} texts: "
                              "top-down selection needs one text per image")
         return self.encode_image(pixel_values, prompt=text.prompt, **vision_kwargs)

@@ -235,3 +235,27 @@ class TokenCount:
     @property
     def total(self) -> int:
         return self.low_res + sum(self.per_scale)
+
+
+def first_n_scales_for_sizes(sizes: Sequence, scales: Sequence[int]) -> list[int]:
+    """Per-image ``only_select_first_n_scale`` by VILA-HD's rule: an image whose original long side
+    is below the midpoint of the two largest scales (2646 px for 378/756/1512/3780) skips the
+    largest scale; larger images use every high-res scale.
+
+    ``sizes``: (height, width) pairs, image tensors (..., H, W) or PIL images. ``scales``: the
+    model's ``ps3_scales``. A model with a single high-res scale always keeps it.
+    """
+    n_high = len(scales) - 1
+    if n_high < 1:
+        raise ValueError(f"scales needs a low-res and at least one high-res scale, got {list(scales)}")
+    midpoint = (scales[-1] + scales[-2]) / 2
+    out = []
+    for size in sizes:
+        if isinstance(size, torch.Tensor):
+            height, width = size.shape[-2:]
+        elif hasattr(size, "size") and not isinstance(size, (tuple, list)):
+            width, height = size.size  # PIL: (width, height)
+        else:
+            height, width = size
+        out.append(max(n_high - 1, 1) if max(height, width) < midpoint else n_high)
+    return out

@@ -1,132 +1,41 @@
-"""The PS3 vision encoder (SPEC §2–3): a low-res pass over the whole image, selection of the
+"""The PS3 vision encoder (design §2–3): a low-res pass over the whole image, selection of the
 important high-res cells (bottom-up from a learned prior prompt, or top-down from a text/LLM
 prompt), and encoding of only those cells at 756–3780 px, attending to the cached low-res keys
 and values.
 
+Two explicit modes share one selection step (:meth:`PS3VisionEncoder.select`):
+:meth:`~PS3VisionEncoder.encode_looks` (inference: hidden states of the selected tokens) and
+:meth:`~PS3VisionEncoder.encode_pooled` (pre-training: one look, pooled). ``forward`` keeps the
+upstream spelling (``output_hidden_states=False`` means pre-training) and dispatches to them.
+Any batch goes in one call: a tensor, or a list of images of different sizes with per-sample
+budgets (``ps3.batching``, ``ps3.looks``).
+
 Module names mirror the published checkpoints (``vision_model.trunk``, ``selection_feature_proj``,
 ``prior_prompt``, ``pos_emb_residual``, ``highres_selection_feature_module``,
-``prompt_proj_for_highres``) so they load unchanged.
+``prompt_proj_for_highres``) so they load unchanged. Where the pieces live: selection features
+and probability maps in ``ps3.selection_features``, budgets and top-k in ``ps3.selection``,
+look packing and tokenising in ``ps3.looks``, outputs in ``ps3.outputs``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .batching import check_images, group_images, image_sizes, merge_group_maps, per_sample
 from .config import PS3VisionConfig
 from .cuda_graphs import GraphedBlocks
 from .hub import PretrainedMixin
-from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, scale_image_size,
-                        select_cells)
-from .vit import Mlp, VisionTransformer, arch_from_config, resize_patches
+from .looks import GroupLooks, pool_looks, run_looks
+from .outputs import LowResPass, PS3VisionOutput
+from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, select_cells)
+from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
+                                 first_slot_probs, gt_area_at_cells, resize_images, upsample_probs)
+from .vit import Mlp, VisionTransformer, arch_from_config
 
-# The high-res selection module always sees the image at this size, whatever the scales (SPEC §3.4).
-HIGHRES_SELECTION_SIZE = 1512
-
-
-@dataclass
-class PS3VisionOutput:
-    """What a PS3 vision call returns. Lists run over the high-res scales unless noted.
-
-    last_hidden_state: (B, h_0·w_0 + N_selected, C): low-res tokens then the selected high-res
-        tokens (scales ascending, row-major); block outputs, before the trunk's final norm.
-    hidden_states: those tokens for each returned layer (the last ``num_hidden_layers_to_return``).
-    pooled_output: (B, C). Pre-training mode: pooled high-res look tokens (or low-res ones for
-        global-text samples). Inference: the low-res pooled feature.
-    selection_maps: (B, h_i, w_i) 0/1 maps of the encoded cells (None for a low-res-only call).
-    selection_probs: (B, h_i, w_i) probabilities used for selection (after gt maps / smoothing).
-    bottomup_selection_probs / topdown_selection_probs: from the prior prompt / the given prompt.
-    """
-
-    last_hidden_state: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    pooled_output: torch.Tensor | None = None
-    selection_maps: list[torch.Tensor] | None = None
-    selection_probs: list[torch.Tensor] | None = None
-    bottomup_selection_probs: list[torch.Tensor] | None = None
-    topdown_selection_probs: list[torch.Tensor] | None = None
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
-
-@dataclass
-class LowResPass:
-    """Everything the low-res pass yields that does not depend on the prompt (SPEC §3.2–3.4):
-    made by :meth:`PS3VisionEncoder.encode_low_res` and given back to ``forward(..., low_res=)`` so
-    that a second call on the same images (e.g. with a prompt an LLM derived from the low-res
-    tokens) skips the low-res trunk pass and the selection features.
-
-    hidden_states: block outputs of every layer, each (B, h_0·w_0, C).
-    kv_cache: per layer the low-res (k, v), each (B, heads, h_0·w_0, C/heads); None when the pass
-        was run with ``keep_kv=False`` (enough for low-res-only calls and selection).
-    pooled_output: (B, C) low-res pooled feature (final norm + MAP pooling).
-    selection_features: (B, S-1, C, h_0, w_0) projected features scored against prompts.
-    highres_selection_features: (B, o, 1512/k, 1512/k) from the 1512 px ConvNet, or None.
-    image_sizes: (H, W) of each input image, to check the pass is reused on the same images.
-    """
-
-    hidden_states: list[torch.Tensor]
-    kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None
-    pooled_output: torch.Tensor
-    selection_features: torch.Tensor
-    highres_selection_features: torch.Tensor | None
-    image_sizes: list[tuple[int, int]]
-
-    @property
-    def batch_size(self) -> int:
-        return self.pooled_output.shape[0]
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class ConvNeXtBlock(nn.Module):
-    """7×7 depthwise conv → LayerNorm → MLP (4×) → layer scale (stored as ``weight``) → residual."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
-        self.weight = nn.Parameter(torch.full((dim,), 1e-6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        return x + y * self.weight.view(1, -1, 1, 1)
-
-
-class HighresSelectionFeatures(nn.Module):
-    """A shallow ConvNet on the 1512 px image: fine detail the low-res ViT tokens cannot see."""
-
-    def __init__(self, hidden: int, out: int, depth: int, kernel: int):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, hidden, kernel_size=kernel, stride=kernel), LayerNorm2d(hidden, eps=1e-6))
-        self.blocks = nn.Sequential(*[ConvNeXtBlock(hidden) for _ in range(depth)])
-        self.out_proj = nn.Conv2d(hidden, out, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(self.blocks(self.stem(x)))
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize computed in float32, returned in the input's dtype (a no-op at the same size:
-    bicubic weights at zero offset are exactly (0, 1, 0, 0))."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if x.dtype == torch.float32:
-        return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-    # One channel at a time: a float32 copy of a whole 3780 px bf16 image would be 171 MB, the
-    # largest transient of a 4K call. Channels resample independently, so this is exact.
-    return torch.cat([F.interpolate(x[:, c:c + 1].float(), size=size, mode="bicubic", align_corners=False)
-                      .to(x.dtype) for c in range(x.shape[1])], dim=1)
+__all__ = ["PS3VisionEncoder", "PS3VisionModel", "PS3VisionOutput", "LowResPass", "HIGHRES_SELECTION_SIZE"]
 
 
 def _check_vision_config(config: PS3VisionConfig, patch: int) -> None:
@@ -204,113 +113,22 @@ class PS3VisionEncoder(nn.Module):
         return plan_looks(self.feature_sizes(height, width)[1:], self.max_select_num_each_scale, batch_size,
                           num_look_close, num_token_look_close, only_select_first_n_scale, pretraining)
 
-    def count_tokens(self, height: int, width: int, num_look_close=None, num_token_look_close=None,
-                     only_select_first_n_scale: int | None = None) -> TokenCount:
-        """Tokens per scale a call returns for a height × width image, without running the model."""
+    def count_tokens(self, height, width: int | None = None, num_look_close=None, num_token_look_close=None,
+                     only_select_first_n_scale=None):
+        """Tokens per scale a call returns, without running the model: ``count_tokens(H, W, ...)`` →
+        a TokenCount; ``count_tokens([(H_1, W_1), …] or [image, …], ...)`` with scalar or per-sample
+        arguments → one TokenCount per image."""
+        if width is None:
+            sizes = [tuple(s.shape[-2:]) if isinstance(s, torch.Tensor) else tuple(s) for s in height]
+            args = [per_sample(name, value, len(sizes)) for name, value in (
+                ("num_look_close", num_look_close), ("num_token_look_close", num_token_look_close),
+                ("only_select_first_n_scale", only_select_first_n_scale))]
+            return [self.count_tokens(h, w, *values) for (h, w), *values in zip(sizes, *args)]
         plan = self.plan(height, width, 1, num_look_close, num_token_look_close, only_select_first_n_scale)
         per_scale = plan.tokens_per_scale(0) if plan.num_looks else [0] * (len(self.ps3_scales) - 1)
         return TokenCount(self.low_res_token_num, per_scale, plan.num_looks)
 
-    # ----------------------------------------------------------------- selection probabilities
-    def _prompt_probs(self, feats: torch.Tensor, highres: torch.Tensor | None, prompt: torch.Tensor,
-                      sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-        """Cosine score of every cell against ``prompt`` → per high-res scale probability map."""
-        logits = (F.normalize(feats, dim=2) * F.normalize(prompt, dim=-1)[:, None, :, None, None]).sum(2)
-        if highres is not None:
-            q = self.prompt_proj_for_highres(prompt).view(prompt.shape[0], len(self.ps3_scales) - 1, -1)
-            fine = (F.normalize(highres, dim=1).unsqueeze(1) * F.normalize(q, dim=-1)[..., None, None]).sum(2)
-            logits = (logits + F.adaptive_max_pool2d(fine, logits.shape[-2:])) / 2
-        probs = torch.sigmoid((logits * 5.0).clamp(-10, 10))
-        # Every scale reads the first high-res slot (as the published models were trained).
-        first = probs[:, :1].float()
-        return [F.interpolate(first, size=size, mode="nearest").squeeze(1).to(probs.dtype) for size in sizes]
-
-    def selection_features(self, pixel_values: torch.Tensor, low_res_hidden: Sequence[torch.Tensor]):
-        """Prompt-independent selection features: (F (B, S-1, C, h_0, w_0), G or None) (SPEC §3.3–3.4)."""
-        B = pixel_values.shape[0]
-        h0 = w0 = self.ps3_scales[0] // self.patch_size
-        n_high = len(self.ps3_scales) - 1
-        feats = torch.cat([low_res_hidden[i] for i in self.config.select_based_on_layer], dim=-1)
-        feats = self.selection_feature_proj(feats).view(B, h0, w0, n_high, self.width).permute(0, 3, 4, 1, 2)
-        highres = None
-        if self.highres_selection_feature_module is not None:
-            image = _resize(pixel_values, (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE))
-            highres = self.highres_selection_feature_module(image)
-        return feats, highres
-
-    def selection_probs(self, pixel_values: torch.Tensor, low_res_hidden: Sequence[torch.Tensor],
-                        prompt: torch.Tensor | None = None, gt_selection_maps: torch.Tensor | None = None,
-                        smooth_selection_prob: bool = False):
-        """(selection probs, bottom-up probs, top-down probs or None), each a list over high-res scales."""
-        feats, highres = self.selection_features(pixel_values, low_res_hidden)
-        return self._probs(feats, highres, self.feature_sizes(*pixel_values.shape[-2:]), prompt, gt_selection_maps,
-                           smooth_selection_prob)
-
-    def _probs(self, feats, highres, sizes, prompt, gt_selection_maps, smooth_selection_prob):
-        B = feats.shape[0]
-        bottomup = self._prompt_probs(feats, highres, self.prior_prompt.expand(B, -1), sizes[1:])
-        topdown = self._prompt_probs(feats, highres, prompt, sizes[1:]) if prompt is not None else None
-        probs = topdown if topdown is not None else bottomup
-        if gt_selection_maps is not None:
-            # Resized values go back to the caller's dtype (as upstream does): an integer map keeps
-            # only the cells it fully covers at scale 1, a float map keeps partial ones too.
-            dtype = gt_selection_maps.dtype
-            gt = F.interpolate(gt_selection_maps.unsqueeze(1).float(), size=sizes[1], mode="area").to(dtype)
-            gt = [F.interpolate(gt.float(), size=size, mode="nearest").squeeze(1).to(dtype) for size in sizes[1:]]
-            probs = [torch.where(g > 0, torch.ones_like(p), p) for g, p in zip(gt, probs)]
-        if smooth_selection_prob:
-            probs = [F.interpolate(F.interpolate(p.unsqueeze(1), size=(6, 6), mode="area"), size=p.shape[-2:],
-                                   mode="nearest").squeeze(1) for p in probs]
-        return probs, bottomup, topdown
-
-    # ----------------------------------------------------------------- tokenising selected cells
-    def _embed_cells(self, pixel_values: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                     counts: Sequence[Sequence[int]], canvas_index: torch.Tensor) -> torch.Tensor:
-        """Tokens (R, T, C) for the cells at ``canvas_index`` (R, T) of the canvas of all high-res
-        cells (scales ascending, row-major): patch embedding of the cell's pixels at its scale +
-        trunk position embedding resampled to the scale's grid + the scale's residual embedding.
-
-        Rows may hold several looks stacked look-major (row r is image r % B). ``counts[s][r]`` is
-        how many of row r's cells lie at scale s (known from the look plan): canvas order puts
-        them in one run per scale, so each scale embeds only its own cells. Only the selected
-        patches are resized (``resize_patches``), so no full-resolution copy is ever made.
-        """
-        R, T = canvas_index.shape
-        B, _, H, W = pixel_values.shape
-        device = canvas_index.device
-        cell_start = 0
-        first = [0] * R  # where each row's run of the current scale begins
-        out = None
-        for s, (h, w) in enumerate(sizes):
-            ks = counts[s]
-            k = max(ks)
-            if k:
-                j = torch.arange(k, device=device)
-                # Host lists go over without waiting for the device (non_blocking copies of
-                # pageable memory are staged at once and never synchronise the stream).
-                per_row = torch.tensor([ks, first]).to(device, non_blocking=True).unsqueeze(-1)
-                valid = j < per_row[0]
-                # Columns of this scale's tokens; rows with fewer write to a spare column T.
-                cols = torch.where(valid, per_row[1] + j, T)
-                local = torch.where(valid, canvas_index.gather(1, cols.clamp(max=T - 1)) - cell_start, 0)
-                rows, cols_in_grid = local // w, local % w
-                batch = (torch.arange(R, device=device) % B).unsqueeze(1).expand(R, k)
-                image_size = scale_image_size(H, W, self.ps3_scales, self.patch_size, s + 1)
-                pix = resize_patches(pixel_values, image_size, self.patch_size, batch.reshape(-1), rows.reshape(-1),
-                                     cols_in_grid.reshape(-1)).to(pixel_values.dtype).view(R, k, -1)
-                tok = self.trunk.patch_embed.embed_patches(pix)
-                tok = tok + self.trunk.pos_embed_at(h, w, rows, cols_in_grid)
-                if self.pos_emb_residual is not None:
-                    side = self.ps3_scales[s + 1] // self.patch_size
-                    tok = tok + self.pos_emb_residual[s].view(side, side, self.width)[rows, cols_in_grid]
-                if out is None:
-                    out = tok.new_zeros(R, T + 1, tok.shape[-1])
-                out = out.scatter(1, cols.unsqueeze(-1).expand(-1, -1, tok.shape[-1]), tok)
-            first = [f + n for f, n in zip(first, ks)]
-            cell_start += h * w
-        return out[:, :T]
-
-    # ----------------------------------------------------------------- forward
+    # ----------------------------------------------------------------- low-res pass
     def _blocks(self, x: torch.Tensor, kv_cache=None, return_kv: bool = False, keep_hidden: int = 0):
         """The trunk's blocks: replayed from CUDA graphs when ``use_cuda_graphs`` is on and the
         call is no-grad inference on a GPU, eager otherwise."""
@@ -320,34 +138,234 @@ class PS3VisionEncoder(nn.Module):
             return self._graphed_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
         return self.trunk.forward_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
 
-    def forward_low_res(self, pixel_values: torch.Tensor, keep_kv: bool = True):
-        """Low-res pass: (block outputs of every layer, per-layer (k, v), pooled feature)."""
+    def forward_low_res(self, pixel_values, keep_kv: bool = True):
+        """Low-res pass over every image resized to the square s_0 (a tensor or a list of images
+        of any sizes): (block outputs of every layer, per-layer (k, v), pooled feature)."""
         s0 = self.ps3_scales[0]
-        tokens = self.trunk.embed(_resize(pixel_values, (s0, s0)))
+        tokens = self.trunk.embed(resize_images(pixel_values, (s0, s0)))
         x, hidden, kvs = self._blocks(tokens, return_kv=keep_kv, keep_hidden=self.layers)
         return hidden, kvs, self.trunk.pool(x)
 
-    def encode_low_res(self, pixel_values: torch.Tensor, keep_kv: bool = True) -> LowResPass:
+    def selection_features(self, pixel_values, low_res_hidden: Sequence[torch.Tensor]):
+        """Prompt-independent selection features: (F (B, S-1, C, h_0, w_0), G or None) (design §3.3–3.4)."""
+        B = low_res_hidden[0].shape[0]
+        h0 = w0 = self.ps3_scales[0] // self.patch_size
+        n_high = len(self.ps3_scales) - 1
+        feats = torch.cat([low_res_hidden[i] for i in self.config.select_based_on_layer], dim=-1)
+        feats = self.selection_feature_proj(feats).view(B, h0, w0, n_high, self.width).permute(0, 3, 4, 1, 2)
+        highres = None
+        if self.highres_selection_feature_module is not None:
+            image = resize_images(pixel_values, (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE))
+            highres = self.highres_selection_feature_module(image)
+        return feats, highres
+
+    def encode_low_res(self, pixel_values, keep_kv: bool = True) -> LowResPass:
         """The low-res pass and the prompt-independent selection features, to reuse across calls
         on the same images: ``forward(pixel_values, ..., low_res=encoder.encode_low_res(pixel_values))``
         equals ``forward(pixel_values, ...)``. ``keep_kv=False`` drops the key/value cache (enough
         for low-res-only calls; a call with looks then raises)."""
-        self._check_pixels(pixel_values)
+        check_images(pixel_values)
         hidden, kvs, pooled = self.forward_low_res(pixel_values, keep_kv=keep_kv)
         feats, highres = self.selection_features(pixel_values, hidden)
-        return LowResPass(hidden, kvs if keep_kv else None, pooled, feats, highres,
-                          [tuple(pixel_values.shape[-2:])] * pixel_values.shape[0])
+        return LowResPass(hidden, kvs if keep_kv else None, pooled, feats, highres, image_sizes(pixel_values))
 
-    def _check_low_res(self, low_res, pixel_values: torch.Tensor, needs_kv: bool) -> None:
+    def _check_low_res(self, low_res, pixel_values, needs_kv: bool) -> None:
         if not isinstance(low_res, LowResPass):
             raise TypeError(f"low_res must be a LowResPass from encode_low_res, got {type(low_res).__name__}")
-        sizes = [tuple(pixel_values.shape[-2:])] * pixel_values.shape[0]
+        sizes = image_sizes(pixel_values)
         if low_res.image_sizes != sizes:
             raise ValueError(f"low_res was computed for images of sizes {low_res.image_sizes}, not for these "
                              f"pixel_values {sizes}: pass the LowResPass of the same images")
         if needs_kv and low_res.kv_cache is None:
             raise ValueError("low_res has no key/value cache (encode_low_res(..., keep_kv=False)) but this call "
                              "encodes looks: compute it with keep_kv=True")
+
+    # ----------------------------------------------------------------- selection (shared by both modes)
+    def selection_probs(self, pixel_values: torch.Tensor, low_res_hidden: Sequence[torch.Tensor],
+                        prompt: torch.Tensor | None = None, gt_selection_maps: torch.Tensor | None = None,
+                        smooth_selection_prob: bool = False):
+        """(selection probs, bottom-up probs, top-down probs or None) of a uniform batch, each a list
+        over high-res scales."""
+        feats, highres = self.selection_features(pixel_values, low_res_hidden)
+        sizes = self.feature_sizes(*pixel_values.shape[-2:])[1:]
+        bottomup = first_slot_probs(feats, highres, self.prior_prompt.expand(feats.shape[0], -1),
+                                    self.prompt_proj_for_highres)
+        topdown = first_slot_probs(feats, highres, prompt, self.prompt_proj_for_highres) if prompt is not None else None
+        return self._group_probs(bottomup, topdown, sizes, gt_selection_maps, smooth_selection_prob)
+
+    @staticmethod
+    def _group_probs(bottomup, topdown, sizes, gt_selection_maps, smooth):
+        bottomup = upsample_probs(bottomup, sizes, bottomup.dtype)
+        topdown = upsample_probs(topdown, sizes, topdown.dtype) if topdown is not None else None
+        probs = apply_gt_and_smoothing(topdown if topdown is not None else bottomup, gt_selection_maps, sizes, smooth)
+        return probs, bottomup, topdown
+
+    @staticmethod
+    def _select_cells(probs: list[torch.Tensor], plan: LookPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Which cells each look takes (cheap, so all looks are planned before any is encoded):
+        (union maps per scale, per look the canvas positions of its cells in canvas order)."""
+        with torch.no_grad():
+            taken = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in probs]
+            order = []
+            for j, budgets in enumerate(plan.budgets):
+                new = select_cells(probs, taken if j else None, budgets)
+                taken = [t | n for t, n in zip(taken, new)]
+                canvas = torch.cat([m.flatten(1) for m in new], 1)
+                width = max(plan.tokens_per_look()[j])
+                order.append(torch.argsort((~canvas).to(torch.int8), dim=1, stable=True)[:, :width])
+        return [t.long() for t in taken], order
+
+    def select(self, pixel_values, prompt: torch.Tensor | None = None, gt_selection_maps=None,
+               smooth_selection_prob: bool = False, num_look_close=None, num_token_look_close=None,
+               only_select_first_n_scale=None, low_res: LowResPass | None = None, pretraining: bool = False):
+        """The selection step both modes share: group the images, plan their looks, run (or reuse)
+        the low-res pass, score every cell and pick each look's cells. Returns (per-group looks,
+        the low-res pass, an output holding the low-res pooled feature and the selection maps and
+        probabilities, per-scale maps padded to the largest grid when the call is mixed)."""
+        groups = group_images(pixel_values, num_look_close, num_token_look_close, only_select_first_n_scale,
+                              gt_selection_maps)
+        plans = [self.plan(*g.size, len(g.samples), g.num_look_close, g.num_token_look_close,
+                           g.only_select_first_n_scale, pretraining) for g in groups]
+        needs_kv = any(p.num_looks for p in plans)
+        if low_res is None:
+            low_res = self.encode_low_res(pixel_values, keep_kv=needs_kv)
+        else:
+            self._check_low_res(low_res, pixel_values, needs_kv)
+        B = low_res.batch_size
+        feats, highres = low_res.selection_features, low_res.highres_selection_features
+        # Scores on the low-res grid, shared by every image size: computed once for the batch.
+        bottomup = first_slot_probs(feats, highres, self.prior_prompt.expand(B, -1), self.prompt_proj_for_highres)
+        topdown = first_slot_probs(feats, highres, prompt, self.prompt_proj_for_highres) if prompt is not None else None
+        looks, results = [], []
+        for g, plan in zip(groups, plans):
+            def pick(t):
+                return t if t is None or len(groups) == 1 else t.index_select(0, g.index)
+            sizes = self.feature_sizes(*g.size)
+            probs, bu, td = self._group_probs(pick(bottomup), pick(topdown), sizes[1:], g.gt_selection_maps,
+                                              smooth_selection_prob)
+            maps, order = self._select_cells(probs, plan) if plan.num_looks else (None, [])
+            looks.append(GroupLooks(g, sizes, plan, order))
+            results.append((probs, bu, td, maps))
+        out = PS3VisionOutput(pooled_output=low_res.pooled_output,
+                              selection_probs=merge_group_maps(groups, [r[0] for r in results], B),
+                              bottomup_selection_probs=merge_group_maps(groups, [r[1] for r in results], B),
+                              topdown_selection_probs=merge_group_maps(groups, [r[2] for r in results], B))
+        if needs_kv:
+            maps = [r[3] if r[3] is not None else [torch.zeros_like(p, dtype=torch.long) for p in r[0]] for r in results]
+            out.selection_maps = merge_group_maps(groups, maps, B)
+        out.feature_sizes, out.num_looks = [None] * B, [0] * B
+        for gl in looks:
+            for i, b in enumerate(gl.group.samples):
+                out.feature_sizes[b], out.num_looks[b] = gl.sizes[1:], gl.plan.num_looks
+        return looks, low_res, out
+
+    # ----------------------------------------------------------------- the two modes
+    def encode_looks(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
+                     prompt: torch.Tensor | None = None, gt_selection_maps=None, smooth_selection_prob: bool = False,
+                     only_select_first_n_scale=None, num_hidden_layers_to_return: int | None = None,
+                     max_tokens_per_pass: int | None = None, check_finite: bool = False,
+                     low_res: LowResPass | None = None) -> PS3VisionOutput:
+        """Inference (design §3.12): the low-res tokens and every selected high-res token, per layer.
+
+        ``pixel_values``: a (B, 3, H, W) tensor or a list of (3, H_i, W_i) images of any sizes.
+        ``num_look_close`` / ``num_token_look_close`` / ``only_select_first_n_scale``: a value for
+        all images or a list with one per image. ``gt_selection_maps``: (B, H, W) or a list of
+        (H, W) maps (or None entries). A mixed call (a list, or samples returning different token
+        counts) sets ``lengths`` and zero-pads; ``per_sample()`` splits it into single-image outputs.
+        """
+        self._check_inputs(pixel_values, prompt, None, num_hidden_layers_to_return, max_tokens_per_pass, check_finite)
+        looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
+                                          num_look_close, num_token_look_close, only_select_first_n_scale, low_res)
+        keep = min(num_hidden_layers_to_return or self.num_hidden_layers_to_return or self.layers, self.layers)
+        B = low_res.batch_size
+        device = low_res.pooled_output.device
+        if out.selection_maps is None:
+            hidden, totals = list(low_res.hidden_states[-keep:]), [self.low_res_token_num] * B
+        else:
+            # Looks only see the low-res cache and themselves, so several go through the trunk as one
+            # batch, up to max_tokens_per_pass tokens per pass (None: several looks per pass on a GPU,
+            # one per pass on a CPU, where batching measured slower).
+            budget = max_tokens_per_pass or self.max_tokens_per_pass or (16384 if device.type == "cuda" else 1)
+            hidden, totals = run_looks(self, looks, low_res, B, keep, budget)
+        out.hidden_states = tuple(hidden)
+        out.last_hidden_state = hidden[-1]
+        if isinstance(pixel_values, torch.Tensor) and len(looks) == 1 and len(set(totals)) == 1:
+            out.feature_sizes = out.num_looks = None
+        else:
+            out.lengths = torch.tensor(totals).to(device, non_blocking=True)
+        return out
+
+    def encode_pooled(self, pixel_values, *, prompt: torch.Tensor | None = None, gt_selection_maps=None,
+                      is_global_text: torch.Tensor | None = None, pool_gt_token_only: bool = False,
+                      num_token_look_close=None, smooth_selection_prob: bool = False, check_finite: bool = False,
+                      low_res: LowResPass | None = None) -> PS3VisionOutput:
+        """Pre-training (design §3.14): one look with the full budget (gt maps if given), pooled over
+        its high-res tokens after the final norm; ``pool_gt_token_only`` pools over the gt cells
+        only; ``is_global_text`` (B, 1) samples take the low-res pooled feature instead."""
+        self._check_inputs(pixel_values, prompt, is_global_text, None, None, check_finite)
+        if pool_gt_token_only and gt_selection_maps is None:
+            raise ValueError("pool_gt_token_only=True needs gt_selection_maps")
+        looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
+                                          None, num_token_look_close, None, low_res, pretraining=True)
+        gt_cells = None
+        if pool_gt_token_only:
+            gt_cells = [gt_area_at_cells(gl.group.gt_selection_maps, gl.sizes[1:]).gather(1, gl.order[0]) > 0
+                        if gl.group.gt_selection_maps is not None else torch.ones_like(gl.order[0], dtype=torch.bool)
+                        for gl in looks]
+        B = low_res.batch_size
+        pooled = pool_looks(self, looks, low_res, B, gt_cells)
+        if is_global_text is not None:
+            pooled = torch.where(is_global_text.view(B, 1).bool(), low_res.pooled_output, pooled)
+        out.pooled_output = pooled
+        if isinstance(pixel_values, torch.Tensor) and len(looks) == 1:
+            out.feature_sizes = out.num_looks = None
+        return out
+
+    def forward(self, pixel_values, num_look_close=None, num_token_look_close=None,
+                prompt: torch.Tensor | None = None, gt_selection_maps=None, smooth_selection_prob: bool = False,
+                only_select_first_n_scale=None, is_global_text: torch.Tensor | None = None,
+                pool_gt_token_only: bool = False, output_hidden_states: bool = True,
+                num_hidden_layers_to_return: int | None = None, max_tokens_per_pass: int | None = None,
+                check_finite: bool = False, low_res: LowResPass | None = None) -> PS3VisionOutput:
+        """The upstream call (argument order of upstream's ``PS3VisionModel.forward``):
+        ``output_hidden_states=True`` is :meth:`encode_looks`, ``False`` is the pre-training mode
+        :meth:`encode_pooled`. Arguments a mode does not use are ignored, as upstream does."""
+        if not output_hidden_states:
+            return self.encode_pooled(pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps,
+                                      is_global_text=is_global_text, pool_gt_token_only=pool_gt_token_only,
+                                      num_token_look_close=num_token_look_close,
+                                      smooth_selection_prob=smooth_selection_prob, check_finite=check_finite,
+                                      low_res=low_res)
+        return self.encode_looks(pixel_values, num_look_close=num_look_close, num_token_look_close=num_token_look_close,
+                                 prompt=prompt, gt_selection_maps=gt_selection_maps,
+                                 smooth_selection_prob=smooth_selection_prob,
+                                 only_select_first_n_scale=only_select_first_n_scale,
+                                 num_hidden_layers_to_return=num_hidden_layers_to_return,
+                                 max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res)
+
+    # ----------------------------------------------------------------- checks and feature maps
+    def _check_inputs(self, pixel_values, prompt, is_global_text, num_layers, max_tokens, check_finite) -> None:
+        check_images(pixel_values)
+        B = len(image_sizes(pixel_values))
+        if prompt is not None:
+            if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[0] != B:
+                raise ValueError(f"prompt must be a (B={B}, {self.width}) tensor, got "
+                                 f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
+            if prompt.shape[1] != self.width:
+                raise ValueError(f"prompt has width {prompt.shape[1]} but the vision tower expects {self.width}: "
+                                 "use the prompt of a text tower trained with this vision tower")
+        if is_global_text is not None:
+            if not isinstance(is_global_text, torch.Tensor) or is_global_text.numel() != B:
+                raise ValueError(f"is_global_text must be a (B={B}, 1) bool tensor")
+        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
+            raise ValueError(f"num_hidden_layers_to_return must be a positive int, got {num_layers!r}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens_per_pass must be a positive int, got {max_tokens!r}")
+        if check_finite:
+            images = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
+            for name, t in [("pixel_values", image) for image in images] + [("prompt", prompt)]:
+                if t is not None and not torch.isfinite(t).all():
+                    raise ValueError(f"{name} contains NaN or Inf")
 
     def format_features_into_feature_maps(self, features: torch.Tensor,
                                           selection_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -375,140 +393,6 @@ class PS3VisionEncoder(nn.Module):
             start += h * w
         return out
 
-    def _check_pixels(self, pixel_values) -> None:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor (B, 3, H, W), got {type(pixel_values).__name__}; "
-                            "use PS3ImageProcessor to turn images into pixel values")
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
-        if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be a float tensor (normalised pixels), got {pixel_values.dtype}")
-        B, _, H, W = pixel_values.shape
-        if B == 0 or min(H, W) < self.patch_size:
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} is empty or smaller than one patch")
-
-    def _check_inputs(self, pixel_values, prompt, gt_selection_maps, is_global_text, num_layers, max_tokens,
-                      check_finite) -> None:
-        self._check_pixels(pixel_values)
-        B = pixel_values.shape[0]
-        if prompt is not None:
-            if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[0] != B:
-                raise ValueError(f"prompt must be a (B={B}, {self.width}) tensor, got "
-                                 f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
-            if prompt.shape[1] != self.width:
-                raise ValueError(f"prompt has width {prompt.shape[1]} but the vision tower expects {self.width}: "
-                                 "use the prompt of a text tower trained with this vision tower")
-        if gt_selection_maps is not None:
-            if not isinstance(gt_selection_maps, torch.Tensor) or gt_selection_maps.dim() != 3 \
-                    or gt_selection_maps.shape[0] != B:
-                raise ValueError(f"gt_selection_maps must be a (B={B}, H, W) tensor of 0/1, got "
-                                 f"{tuple(gt_selection_maps.shape) if isinstance(gt_selection_maps, torch.Tensor) else type(gt_selection_maps).__name__}")
-        if is_global_text is not None:
-            if not isinstance(is_global_text, torch.Tensor) or is_global_text.numel() != B:
-                raise ValueError(f"is_global_text must be a (B={B}, 1) bool tensor")
-        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
-            raise ValueError(f"num_hidden_layers_to_return must be a positive int, got {num_layers!r}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"max_tokens_per_pass must be a positive int, got {max_tokens!r}")
-        if check_finite:
-            for name, t in (("pixel_values", pixel_values), ("prompt", prompt)):
-                if t is not None and not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains NaN or Inf")
-
-    def forward(self, pixel_values: torch.Tensor, prompt: torch.Tensor | None = None,
-                gt_selection_maps: torch.Tensor | None = None, is_global_text: torch.Tensor | None = None,
-                output_hidden_states: bool = True, pool_gt_token_only: bool = False, num_look_close=None,
-                num_token_look_close=None, smooth_selection_prob: bool = False, only_select_first_n_scale=None,
-                num_hidden_layers_to_return: int | None = None, max_tokens_per_pass: int | None = None,
-                check_finite: bool = False, low_res: LowResPass | None = None) -> PS3VisionOutput:
-        self._check_inputs(pixel_values, prompt, gt_selection_maps, is_global_text, num_hidden_layers_to_return,
-                           max_tokens_per_pass, check_finite)
-        x = pixel_values
-        B, _, H, W = x.shape
-        sizes = self.feature_sizes(H, W)
-        pretraining = not output_hidden_states
-        plan = plan_looks(sizes[1:], self.max_select_num_each_scale, B, num_look_close, num_token_look_close,
-                          only_select_first_n_scale, pretraining)
-        if low_res is None:
-            low_res = self.encode_low_res(x, keep_kv=plan.num_looks > 0)
-        else:
-            self._check_low_res(low_res, x, needs_kv=plan.num_looks > 0)
-        low_hidden, low_kv, low_pooled = low_res.hidden_states, low_res.kv_cache, low_res.pooled_output
-        probs, bottomup, topdown = self._probs(low_res.selection_features, low_res.highres_selection_features,
-                                               sizes, prompt, gt_selection_maps, smooth_selection_prob)
-        keep = num_hidden_layers_to_return or self.num_hidden_layers_to_return or self.layers
-        keep = min(keep, self.layers)
-        out = PS3VisionOutput(selection_probs=probs, bottomup_selection_probs=bottomup,
-                              topdown_selection_probs=topdown, pooled_output=low_pooled)
-        if plan.num_looks == 0:
-            out.hidden_states = tuple(low_hidden[-keep:])
-            out.last_hidden_state = low_hidden[-1]
-            return out
-
-        # Which cells each look takes: cheap, so all looks are planned before any is encoded.
-        with torch.no_grad():
-            taken = [torch.zeros(B, h, w, dtype=torch.bool, device=x.device) for h, w in sizes[1:]]
-            looks = []
-            for budgets in plan.budgets:
-                new = select_cells(probs, taken if looks else None, budgets)
-                taken = [t | n for t, n in zip(taken, new)]
-                looks.append(new)
-        out.selection_maps = [t.long() for t in taken]
-        tokens_per_look = plan.tokens_per_look()
-        for j, counts in enumerate(tokens_per_look):
-            if len(set(counts)) > 1:
-                raise ValueError(f"look {j} selects {counts} tokens for the samples of this batch; samples with "
-                                 "different only_select_first_n_scale must select equal totals: encode them separately")
-        canvas = [torch.cat([m.flatten(1) for m in look], 1) for look in looks]
-        order = [torch.argsort((~c).to(torch.int8), dim=1, stable=True)[:, :tokens_per_look[j][0]]
-                 for j, c in enumerate(canvas)]
-
-        if pretraining:
-            tokens = self._embed_cells(x, sizes[1:], plan.budgets[0], order[0])
-            y, _, _ = self.trunk.forward_blocks(tokens, kv_cache=low_kv)
-            mask = None
-            if pool_gt_token_only:
-                if gt_selection_maps is None:
-                    raise ValueError("pool_gt_token_only=True needs gt_selection_maps")
-                gt = torch.cat([F.interpolate(gt_selection_maps.unsqueeze(1).float(), size=s, mode="area")
-                                .to(gt_selection_maps.dtype).flatten(1) for s in sizes[1:]], dim=1)
-                mask = gt.gather(1, order[0]) > 0
-            pooled = self.trunk.pool(y, mask)
-            if is_global_text is not None:
-                pooled = torch.where(is_global_text.view(B, 1).bool(), low_pooled, pooled)
-            out.pooled_output = pooled
-            return out
-
-        # Looks only see the low-res cache and themselves, so several go through the trunk as one
-        # batch (looks stacked on the batch dimension), up to max_tokens_per_pass tokens per pass.
-        budget = max_tokens_per_pass or self.max_tokens_per_pass or (16384 if x.device.type == "cuda" else 1)
-        per_layer: list[list[torch.Tensor]] = [[] for _ in range(keep)]
-        j = 0
-        while j < len(order):
-            T = order[j].shape[1]
-            n = 1
-            while j + n < len(order) and order[j + n].shape[1] == T and (n + 1) * T * B <= budget:
-                n += 1
-            index = torch.cat(order[j:j + n], dim=0)
-            counts = [[k for look in plan.budgets[j:j + n] for k in look[i]] for i in range(len(sizes) - 1)]
-            tokens = self._embed_cells(x, sizes[1:], counts, index)
-            # Row r of the pass is image r % B: each layer broadcasts the low-res cache to the rows.
-            _, hidden, _ = self._blocks(tokens, kv_cache=low_kv, keep_hidden=keep)
-            for layer, h in enumerate(hidden):
-                per_layer[layer].extend(h.split(B, dim=0))
-            j += n
-        # Every look's tokens go back to canvas order: one stable sort of their canvas positions.
-        positions = torch.cat(order, dim=1)
-        back = positions.argsort(dim=1)
-        hidden_states = []
-        for layer, parts in enumerate(per_layer):
-            h = torch.cat(parts, dim=1)
-            h = h.gather(1, back.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-            hidden_states.append(torch.cat([low_hidden[self.layers - keep + layer], h], dim=1))
-        out.hidden_states = tuple(hidden_states)
-        out.last_hidden_state = hidden_states[-1]
-        return out
-
     # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
     @property
     def s3_scales(self) -> list[int]:
@@ -530,6 +414,20 @@ class PS3VisionEncoder(nn.Module):
         self.trunk.grad_checkpointing = bool(enable)
 
 
+def delegate_to_encoder(name: str, as_name: str | None = None):
+    """A method calling ``self.vision_model.<name>`` with the same arguments; ``help()`` and
+    ``inspect.signature`` show the encoder method's documentation and signature (one signature,
+    stated once)."""
+    target = getattr(PS3VisionEncoder, name)
+
+    def method(self, *args, **kwargs):
+        return getattr(self.vision_model, name)(*args, **kwargs)
+
+    functools.update_wrapper(method, target, assigned=("__doc__",), updated=())
+    method.__name__ = method.__qualname__ = as_name or name
+    return method
+
+
 class PS3VisionModel(PretrainedMixin, nn.Module):
     """PS3 vision tower with ``from_pretrained`` / ``save_pretrained`` (keys ``vision_model.*``)."""
 
@@ -543,30 +441,11 @@ class PS3VisionModel(PretrainedMixin, nn.Module):
         self.config = config
         self.vision_model = PS3VisionEncoder(config)
 
-    def forward(self, pixel_values: torch.Tensor, num_look_close=None, num_token_look_close=None,
-                prompt: torch.Tensor | None = None, gt_selection_maps: torch.Tensor | None = None,
-                smooth_selection_prob: bool = False, only_select_first_n_scale=None,
-                is_global_text: torch.Tensor | None = None, pool_gt_token_only: bool = False,
-                output_hidden_states: bool = True, num_hidden_layers_to_return: int | None = None,
-                max_tokens_per_pass: int | None = None, check_finite: bool = False,
-                low_res: LowResPass | None = None) -> PS3VisionOutput:
-        return self.vision_model(pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps,
-                                 is_global_text=is_global_text, output_hidden_states=output_hidden_states,
-                                 pool_gt_token_only=pool_gt_token_only, num_look_close=num_look_close,
-                                 num_token_look_close=num_token_look_close,
-                                 smooth_selection_prob=smooth_selection_prob,
-                                 only_select_first_n_scale=only_select_first_n_scale,
-                                 num_hidden_layers_to_return=num_hidden_layers_to_return,
-                                 max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite,
-                                 low_res=low_res)
-
-    def encode_low_res(self, pixel_values: torch.Tensor, keep_kv: bool = True) -> LowResPass:
-        return self.vision_model.encode_low_res(pixel_values, keep_kv)
-
-    def count_tokens(self, height: int, width: int, num_look_close=None, num_token_look_close=None,
-                     only_select_first_n_scale: int | None = None) -> TokenCount:
-        return self.vision_model.count_tokens(height, width, num_look_close, num_token_look_close,
-                                              only_select_first_n_scale)
+    forward = delegate_to_encoder("forward")
+    encode_looks = delegate_to_encoder("encode_looks")
+    encode_pooled = delegate_to_encoder("encode_pooled")
+    encode_low_res = delegate_to_encoder("encode_low_res")
+    count_tokens = delegate_to_encoder("count_tokens")
 
     # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
     @property

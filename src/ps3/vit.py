@@ -128,13 +128,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                return_kv: bool = False):
+                return_kv: bool = False, prefix_rows: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None):
+        """``prefix_rows`` (B,): row r attends to prefix row ``prefix_rows[r]`` (each row its own
+        image's cache); ``key_mask`` (B, prefix + N) bool: the keys each row may attend to."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         own_kv = (k, v)
         if kv_prefix is not None:
-            k, v = _prepend(kv_prefix[0], k), _prepend(kv_prefix[1], v)
-        out = F.scaled_dot_product_attention(q, k, v)
+            pk, pv = kv_prefix
+            if prefix_rows is not None:
+                pk, pv = pk.index_select(0, prefix_rows), pv.index_select(0, prefix_rows)
+            k, v = _prepend(pk, k), _prepend(pv, v)
+        attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, own_kv) if return_kv else out
 
@@ -149,8 +156,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, arch.mlp_hidden, gelu_approximate=arch.gelu_approximate)
 
     def forward(self, x: torch.Tensor, kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                return_kv: bool = False):
-        attn = self.attn(self.norm1(x), kv_prefix, return_kv)
+                return_kv: bool = False, prefix_rows: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None):
+        attn = self.attn(self.norm1(x), kv_prefix, return_kv, prefix_rows, key_mask)
         if return_kv:
             attn, kv = attn
         x = x + attn
@@ -348,11 +356,14 @@ class VisionTransformer(nn.Module):
         return self.patch_embed(x) + self.pos_embed_grid(h, w).to(x.dtype)
 
     def forward_blocks(self, x: torch.Tensor, kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                       return_kv: bool = False, keep_hidden: int = 0):
+                       return_kv: bool = False, keep_hidden: int = 0, prefix_rows: torch.Tensor | None = None,
+                       key_mask: torch.Tensor | None = None):
         """Run all blocks. Returns (final tokens, kept hidden states, per-layer own (k, v)).
 
         ``keep_hidden`` = how many of the last block outputs to keep (0 keeps none).
-        ``kv_cache`` gives each layer a (k, v) prefix to attend over in addition to ``x``.
+        ``kv_cache`` gives each layer a (k, v) prefix to attend over in addition to ``x``; with
+        ``prefix_rows`` (B,) row r takes prefix row ``prefix_rows[r]``. ``key_mask`` (B, prefix + N)
+        bool limits which keys each row attends to (padding of packed rows).
         """
         hidden: list[torch.Tensor] = []
         kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -360,9 +371,9 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             prefix = kv_cache[i] if kv_cache is not None else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                out = checkpoint(block, x, prefix, return_kv, use_reentrant=False)
+                out = checkpoint(block, x, prefix, return_kv, prefix_rows, key_mask, use_reentrant=False)
             else:
-                out = block(x, prefix, return_kv)
+                out = block(x, prefix, return_kv, prefix_rows, key_mask)
             if return_kv:
                 x, kv = out
                 kvs.append(kv)

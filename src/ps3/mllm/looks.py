@@ -17,8 +17,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..selection import select_cells
-from ..vision import LowResPass, PS3VisionOutput
+from ..batching import group_images, merge_group_maps
+from ..looks import GroupLooks, run_looks
+from ..outputs import LowResPass, PS3VisionOutput
+from ..selection import LookPlan, select_cells
+from ..selection_features import apply_gt_and_smoothing, first_slot_probs, upsample_probs
 from .tokens import _check_k, block_grids, plan_block_looks
 
 
@@ -51,86 +54,80 @@ def _cells_of(blocks: torch.Tensor, size: tuple[int, int], k: int) -> torch.Tens
     return F.pad(cells, (0, size[1] - cells.shape[2], 0, size[0] - cells.shape[1]))
 
 
-def _per_sample(value: Any, batch: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != batch:
-            raise ValueError(f"{name} has {len(value)} entries for a batch of {batch}: pass one per image or one value")
-        return [int(v) if isinstance(v, torch.Tensor) else v for v in value]
-    return [value] * batch
+def _block_plan(group_firsts: Sequence[int | None], grids, budgets, k: int, num_looks) -> LookPlan:
+    """Cells each look takes per scale and image of a group (k² per block; 0 once an image is done)."""
+    plans = [plan_block_looks(grids, budgets, k, num_looks, m) for m in group_firsts]
+    looks = max(map(len, plans))
+    return LookPlan([[[k * k * plan[j][i] if j < len(plan) else 0 for plan in plans] for i in range(len(grids))]
+                     for j in range(looks)])
 
 
-def block_looks(probs: Sequence[torch.Tensor], plans: Sequence[Sequence[Sequence[int]]], k: int) -> list[list[torch.Tensor]]:
-    """Cell maps of every look: looks[j][scale] (B, h, w) bool. ``plans[b][j][scale]`` = blocks."""
-    B = probs[0].shape[0]
+def _select_blocks(probs: Sequence[torch.Tensor], plan: LookPlan, k: int):
+    """Each look's cells, chosen block by block: (union maps per scale, per look the canvas
+    positions of its cells in canvas order, padded past shorter images)."""
     scored = _block_probs(probs, k)
     taken = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scored]
-    looks = []
-    for j in range(len(plans[0])):
-        budgets = [[plans[b][j][i] for b in range(B)] for i in range(len(scored))]
-        new = select_cells(scored, taken, budgets)
+    order = []
+    for j, look in enumerate(plan.budgets):
+        new = select_cells(scored, taken, [[n // (k * k) for n in scale] for scale in look])
         taken = [t | n for t, n in zip(taken, new)]
-        looks.append([_cells_of(n, tuple(p.shape[-2:]), k) for n, p in zip(new, probs)])
-    return looks
+        cells = torch.cat([_cells_of(n, tuple(p.shape[-2:]), k).flatten(1) for n, p in zip(new, probs)], dim=1)
+        order.append(torch.argsort((~cells).to(torch.int8), dim=1, stable=True)[:, :max(plan.tokens_per_look()[j])])
+    return [_cells_of(t, tuple(p.shape[-2:]), k).long() for t, p in zip(taken, probs)], order
 
 
-def encode_for_llm(vision_model: Any, pixel_values: torch.Tensor, *, prompt: torch.Tensor | None = None,
+def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | None = None,
                    low_res: LowResPass | None = None, k: int = 2, budgets: Sequence[int] | None = None,
-                   num_looks: int | str = 1, only_select_first_n_scale=None,
-                   gt_selection_maps: torch.Tensor | None = None, smooth_selection_prob: bool = False,
-                   num_hidden_layers_to_return: int | None = None) -> PS3VisionOutput:
+                   num_looks: int | str = 1, only_select_first_n_scale=None, gt_selection_maps=None,
+                   smooth_selection_prob: bool = False, num_hidden_layers_to_return: int | None = None,
+                   max_tokens_per_pass: int | None = None) -> PS3VisionOutput:
     """Encode a batch with block-aligned selection; the output has the layout of a PS3 call
-    (low-res tokens, then the selected cells in canvas order; ``selection_maps`` the union).
+    (low-res tokens, then the selected cells in canvas order; ``selection_maps`` the union), and
+    like one it takes a (B, 3, H, W) tensor or a list of images of any sizes (``lengths`` is then
+    set and the tokens are zero-padded; ``per_sample()`` splits it).
 
     ``budgets``: cells per high-res scale and look (default: the model's per-scale budgets);
     ``only_select_first_n_scale``: an int or one per image (see :func:`ps3.mllm.first_n_scales_for_sizes`).
     """
     encoder = encoder_of(vision_model)
     k = _check_k(k)
-    B, _, H, W = pixel_values.shape
+    groups = group_images(pixel_values, None, None, only_select_first_n_scale, gt_selection_maps)
     if low_res is None:
         low_res = encode_low_res(encoder, pixel_values)
     else:
         encoder._check_low_res(low_res, pixel_values, needs_kv=True)
+    B = low_res.batch_size
     budgets = list(encoder.max_select_num_each_scale if budgets is None else budgets)
-    _, grids = block_grids(H, W, encoder.ps3_scales, encoder.patch_size, k)
-    firsts = _per_sample(only_select_first_n_scale, B, "only_select_first_n_scale")
-    plans = [plan_block_looks(grids, budgets, k, num_looks, m) for m in firsts]
+    feats, highres = low_res.selection_features, low_res.highres_selection_features
+    bottomup = first_slot_probs(feats, highres, encoder.prior_prompt.expand(B, -1), encoder.prompt_proj_for_highres)
+    topdown = first_slot_probs(feats, highres, prompt, encoder.prompt_proj_for_highres) if prompt is not None else None
+    looks, results = [], []
+    for g in groups:
+        sizes = encoder.feature_sizes(*g.size)
+        part = [None if t is None else t if len(groups) == 1 else t.index_select(0, g.index) for t in (bottomup, topdown)]
+        bu, td = [None if t is None else upsample_probs(t, sizes[1:], t.dtype) for t in part]
+        probs = apply_gt_and_smoothing(td if td is not None else bu, g.gt_selection_maps, sizes[1:], smooth_selection_prob)
+        _, grids = block_grids(*g.size, encoder.ps3_scales, encoder.patch_size, k)
+        plan = _block_plan(g.only_select_first_n_scale or [None] * len(g.samples), grids, budgets, k, num_looks)
+        maps, order = _select_blocks(probs, plan, k) if plan.num_looks else ([torch.zeros_like(p, dtype=torch.long)
+                                                                                for p in probs], [])
+        looks.append(GroupLooks(g, sizes, plan, order))
+        results.append((probs, bu, td, maps))
+    out = PS3VisionOutput(pooled_output=low_res.pooled_output,
+                          **{name: merge_group_maps(groups, [r[i] for r in results], B) for i, name in enumerate(
+                              ("selection_probs", "bottomup_selection_probs", "topdown_selection_probs",
+                               "selection_maps"))})
     keep = min(num_hidden_layers_to_return or encoder.num_hidden_layers_to_return or encoder.layers, encoder.layers)
-    probs, bottomup, topdown = encoder._probs(low_res.selection_features, low_res.highres_selection_features,
-                                              encoder.feature_sizes(H, W), prompt, gt_selection_maps,
-                                              smooth_selection_prob)
-    out = PS3VisionOutput(pooled_output=low_res.pooled_output, selection_probs=probs,
-                          bottomup_selection_probs=bottomup, topdown_selection_probs=topdown)
-    low_hidden = low_res.hidden_states[encoder.layers - keep:]
-    _check_equal_looks(plans)
-    if not plans[0]:
-        out.hidden_states, out.last_hidden_state = tuple(low_hidden), low_hidden[-1]
-        return out
-    looks = block_looks(probs, plans, k)
-    out.selection_maps = [torch.stack([look[i] for look in looks]).any(0).long() for i in range(len(grids))]
-    sizes = encoder.feature_sizes(H, W)[1:]
-    per_look, orders = [], []
-    for j, look in enumerate(looks):
-        canvas = torch.cat([m.flatten(1) for m in look], dim=1)
-        count = k * k * sum(plans[0][j])
-        order = torch.argsort((~canvas).to(torch.int8), dim=1, stable=True)[:, :count]
-        cells = [[k * k * plans[b][j][i] for b in range(B)] for i in range(len(grids))]
-        tokens = encoder._embed_cells(pixel_values, sizes, cells, order)
-        per_look.append(encoder._blocks(tokens, kv_cache=low_res.kv_cache, keep_hidden=keep)[1])
-        orders.append(order)
-    back = torch.cat(orders, dim=1).argsort(dim=1).unsqueeze(-1)
-    hidden = []
-    for layer in range(keep):
-        high = torch.cat([h[layer] for h in per_look], dim=1)
-        hidden.append(torch.cat([low_hidden[layer], high.gather(1, back.expand(-1, -1, high.shape[-1]))], dim=1))
+    if any(gl.plan.num_looks for gl in looks):
+        budget = max_tokens_per_pass or encoder.max_tokens_per_pass or (16384 if feats.is_cuda else 1)
+        hidden, totals = run_looks(encoder, looks, low_res, B, keep, budget)
+    else:
+        hidden, totals = list(low_res.hidden_states[-keep:]), [encoder.low_res_token_num] * B
     out.hidden_states, out.last_hidden_state = tuple(hidden), hidden[-1]
+    if not (isinstance(pixel_values, torch.Tensor) and len(groups) == 1 and len(set(totals)) == 1):
+        out.lengths = torch.tensor(totals).to(feats.device, non_blocking=True)
+        out.feature_sizes = [None] * B
+        for gl in looks:
+            for b in gl.group.samples:
+                out.feature_sizes[b] = gl.sizes[1:]
     return out
-
-
-def _check_equal_looks(plans: Sequence[Sequence[Sequence[int]]]) -> None:
-    """Images of one call must encode equal token counts per look (their split over the scales
-    may differ): the looks of a batch run as one padded-free trunk batch."""
-    totals = [[sum(look) for look in plan] for plan in plans]
-    if any(t != totals[0] for t in totals):
-        raise ValueError(f"the images of this batch select different block counts per look ({totals}): "
-                         "only_select_first_n_scale values whose looks differ in size must be encoded separately")

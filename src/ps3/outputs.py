@@ -1,0 +1,105 @@
+"""What the PS3 vision encoder returns (:class:`PS3VisionOutput`) and what its low-res pass leaves
+for a later call on the same images (:class:`LowResPass`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+Size = tuple[int, int]
+
+
+@dataclass
+class PS3VisionOutput:
+    """What a PS3 vision call returns. Lists run over the high-res scales unless noted.
+
+    last_hidden_state: (B, h_0·w_0 + N_selected, C): low-res tokens then the selected high-res
+        tokens (scales ascending, row-major); block outputs, before the trunk's final norm.
+    hidden_states: those tokens for each returned layer (the last ``num_hidden_layers_to_return``).
+    pooled_output: (B, C). Pre-training mode: pooled high-res look tokens (or low-res ones for
+        global-text samples). Inference: the low-res pooled feature.
+    selection_maps: (B, h_i, w_i) 0/1 maps of the encoded cells (None for a low-res-only call).
+    selection_probs: (B, h_i, w_i) probabilities used for selection (after gt maps / smoothing).
+    bottomup_selection_probs / topdown_selection_probs: from the prior prompt / the given prompt.
+    lengths: (B,) tokens of each sample, set by a mixed call (images of different sizes or
+        budgets): ``last_hidden_state`` / ``hidden_states`` are then zero-padded to the longest
+        sample, and every per-scale map is zero-padded at the bottom/right to the largest grid.
+    feature_sizes: in a mixed call, each sample's high-res grids [(h_1, w_1), …], to crop the maps.
+    num_looks: in a mixed call, the looks of each sample (0: low-res only, no selection map).
+
+    :meth:`per_sample` splits any output into single-image outputs.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    pooled_output: torch.Tensor | None = None
+    selection_maps: list[torch.Tensor] | None = None
+    selection_probs: list[torch.Tensor] | None = None
+    bottomup_selection_probs: list[torch.Tensor] | None = None
+    topdown_selection_probs: list[torch.Tensor] | None = None
+    lengths: torch.Tensor | None = None
+    feature_sizes: list[list[Size]] | None = None
+    num_looks: list[int] | None = None
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def per_sample(self) -> list["PS3VisionOutput"]:
+        """One output per image, each as a call on that image alone would return it: tokens cut
+        to the sample's length, maps cropped to its grids, batch dimension 1."""
+        present = [t for t in (self.last_hidden_state, self.pooled_output) if t is not None]
+        present += [m[0] for m in (self.selection_probs, self.hidden_states) if m]
+        batch = present[0].shape[0]
+        lengths = self.lengths.tolist() if self.lengths is not None else None
+        out = []
+        for b in range(batch):
+            n = lengths[b] if lengths is not None else None
+            sizes = self.feature_sizes[b] if self.feature_sizes is not None else None
+
+            def crop_maps(maps):
+                if maps is None:
+                    return None
+                return [m[b:b + 1, :sizes[i][0], :sizes[i][1]] if sizes else m[b:b + 1] for i, m in enumerate(maps)]
+
+            values = {f.name: getattr(self, f.name) for f in fields(self)}
+            for name in ("selection_maps", "selection_probs", "bottomup_selection_probs", "topdown_selection_probs"):
+                values[name] = crop_maps(values[name])
+            if self.num_looks is not None and self.num_looks[b] == 0:
+                values["selection_maps"] = None
+            if self.last_hidden_state is not None:
+                values["last_hidden_state"] = self.last_hidden_state[b:b + 1, :n]
+            if self.hidden_states is not None:
+                values["hidden_states"] = tuple(h[b:b + 1, :n] for h in self.hidden_states)
+            if self.pooled_output is not None:
+                values["pooled_output"] = self.pooled_output[b:b + 1]
+            values.update(lengths=None, feature_sizes=None, num_looks=None)
+            out.append(replace(self, **values))
+        return out
+
+
+@dataclass
+class LowResPass:
+    """Everything the low-res pass yields that does not depend on the prompt (design §3.2–3.4):
+    made by :meth:`PS3VisionEncoder.encode_low_res` and given back to ``forward(..., low_res=)`` so
+    that a second call on the same images (e.g. with a prompt an LLM derived from the low-res
+    tokens) skips the low-res trunk pass and the selection features.
+
+    hidden_states: block outputs of every layer, each (B, h_0·w_0, C).
+    kv_cache: per layer the low-res (k, v), each (B, heads, h_0·w_0, C/heads); None when the pass
+        was run with ``keep_kv=False`` (enough for low-res-only calls and selection).
+    pooled_output: (B, C) low-res pooled feature (final norm + MAP pooling).
+    selection_features: (B, S-1, C, h_0, w_0) projected features scored against prompts.
+    highres_selection_features: (B, o, 1512/k, 1512/k) from the 1512 px ConvNet, or None.
+    image_sizes: (H, W) of each input image, to check the pass is reused on the same images.
+    """
+
+    hidden_states: list[torch.Tensor]
+    kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None
+    pooled_output: torch.Tensor
+    selection_features: torch.Tensor
+    highres_selection_features: torch.Tensor | None
+    image_sizes: list[Size]
+
+    @property
+    def batch_size(self) -> int:
+        return self.pooled_output.shape[0]

@@ -1,0 +1,130 @@
+"""What selection scores (design §3.3–3.7): the 1512 px ConvNet's fine features, the cosine score
+of every low-res cell against a prompt, and the per-scale probability maps built from it
+(nearest upsampling, ground-truth maps, smoothing).
+
+The scores are computed on the low-res grid, which every image shares (it is always the square
+s_0), so they run batched over any mix of image sizes; only the per-scale maps depend on an
+image's grid sizes and are built once per group of images that share them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vit import Mlp
+
+Size = tuple[int, int]
+
+# The high-res selection module always sees the image at this size, whatever the scales (design §3.4).
+HIGHRES_SELECTION_SIZE = 1512
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """7×7 depthwise conv → LayerNorm → MLP (4×) → layer scale (stored as ``weight``) → residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.weight = nn.Parameter(torch.full((dim,), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return x + y * self.weight.view(1, -1, 1, 1)
+
+
+class HighresSelectionFeatures(nn.Module):
+    """A shallow ConvNet on the 1512 px image: fine detail the low-res ViT tokens cannot see."""
+
+    def __init__(self, hidden: int, out: int, depth: int, kernel: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, hidden, kernel_size=kernel, stride=kernel), LayerNorm2d(hidden, eps=1e-6))
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(hidden) for _ in range(depth)])
+        self.out_proj = nn.Conv2d(hidden, out, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.blocks(self.stem(x)))
+
+
+def resize_image(x: torch.Tensor, size: Size) -> torch.Tensor:
+    """Bicubic resize computed in float32, returned in the input's dtype (a no-op at the same size:
+    bicubic weights at zero offset are exactly (0, 1, 0, 0))."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if x.dtype == torch.float32:
+        return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    # One channel at a time: a float32 copy of a whole 3780 px bf16 image would be 171 MB, the
+    # largest transient of a 4K call. Channels resample independently, so this is exact.
+    return torch.cat([F.interpolate(x[:, c:c + 1].float(), size=size, mode="bicubic", align_corners=False)
+                      .to(x.dtype) for c in range(x.shape[1])], dim=1)
+
+
+def resize_images(images: torch.Tensor | Sequence[torch.Tensor], size: Size) -> torch.Tensor:
+    """A (B, 3, H, W) batch or a list of (3, H_i, W_i) images, each resized to ``size``, stacked."""
+    if isinstance(images, torch.Tensor):
+        return resize_image(images, size)
+    return torch.cat([resize_image(image.unsqueeze(0), size) for image in images])
+
+
+def first_slot_probs(feats: torch.Tensor, highres: torch.Tensor | None, prompt: torch.Tensor,
+                     prompt_proj_for_highres: nn.Module | None) -> torch.Tensor:
+    """Selection probability of every low-res cell for ``prompt`` (B, C): (B, 1, h_0, w_0) float32.
+
+    Cosine of the cell features against the prompt, averaged with the max-pooled cosine of the
+    fine features against the projected prompt; then sigmoid(clamp(5·logit)). Every scale reads
+    the first high-res slot (as the published models were trained).
+    """
+    logits = (F.normalize(feats, dim=2) * F.normalize(prompt, dim=-1)[:, None, :, None, None]).sum(2)
+    if highres is not None:
+        q = prompt_proj_for_highres(prompt).view(prompt.shape[0], feats.shape[1], -1)
+        fine = (F.normalize(highres, dim=1).unsqueeze(1) * F.normalize(q, dim=-1)[..., None, None]).sum(2)
+        logits = (logits + F.adaptive_max_pool2d(fine, logits.shape[-2:])) / 2
+    probs = torch.sigmoid((logits * 5.0).clamp(-10, 10))
+    return probs[:, :1]
+
+
+def upsample_probs(first: torch.Tensor, sizes: Sequence[Size], dtype: torch.dtype) -> list[torch.Tensor]:
+    """(n, 1, h_0, w_0) → one (n, h_i, w_i) map per high-res scale (nearest)."""
+    first = first.float()
+    return [F.interpolate(first, size=size, mode="nearest").squeeze(1).to(dtype) for size in sizes]
+
+
+def gt_at_scales(gt_selection_maps: torch.Tensor, sizes: Sequence[Size]) -> list[torch.Tensor]:
+    """Ground-truth maps (n, H, W) at every high-res scale: area to scale 1, then nearest.
+
+    Resized values go back to the caller's dtype (as upstream does): an integer map keeps only
+    the cells it fully covers at scale 1, a float map keeps partial ones too.
+    """
+    dtype = gt_selection_maps.dtype
+    gt = F.interpolate(gt_selection_maps.unsqueeze(1).float(), size=sizes[0], mode="area").to(dtype)
+    return [F.interpolate(gt.float(), size=size, mode="nearest").squeeze(1).to(dtype) for size in sizes]
+
+
+def apply_gt_and_smoothing(probs: list[torch.Tensor], gt_selection_maps: torch.Tensor | None,
+                           sizes: Sequence[Size], smooth: bool) -> list[torch.Tensor]:
+    """Cells marked in the gt maps get probability 1; smoothing averages over a 6×6 grid."""
+    if gt_selection_maps is not None:
+        gt = gt_at_scales(gt_selection_maps, sizes)
+        probs = [torch.where(g > 0, torch.ones_like(p), p) for g, p in zip(gt, probs)]
+    if smooth:
+        probs = [F.interpolate(F.interpolate(p.unsqueeze(1), size=(6, 6), mode="area"), size=p.shape[-2:],
+                               mode="nearest").squeeze(1) for p in probs]
+    return probs
+
+
+def gt_area_at_cells(gt_selection_maps: torch.Tensor, sizes: Sequence[Size]) -> torch.Tensor:
+    """Area-resized gt value of every high-res cell in canvas order (scales ascending, row-major):
+    (n, Σ h_i·w_i), in the gt maps' dtype (pooling over gt cells only, design §3.14)."""
+    return torch.cat([F.interpolate(gt_selection_maps.unsqueeze(1).float(), size=s, mode="area")
+                      .to(gt_selection_maps.dtype).flatten(1) for s in sizes], dim=1)
