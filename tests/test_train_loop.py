@@ -237,6 +237,40 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_multiplier(12, 4, 12) == pytest.approx(0.0)
 
 
+def _params(setup, out, steps, **changes):
+    from ps3.train.loop import TrainParams
+
+    return TrainParams(model=str(setup["config"]), train_data_image=str(setup["data"] / "images"),
+                       train_data_text_box=str(setup["data"] / "text_boxes"), output_dir=str(out), steps=steps,
+                       save_every_steps=2, batch_size=4, lr=2e-3, warmup=2, workers=0, log_every=1, device="cpu",
+                       resume="latest", quiet=True, **changes)
+
+
+def test_train_from_python_ends_when_the_stop_check_is_met(setup, tmp_path):
+    from ps3.train.loop import train
+
+    seen = []
+
+    def check(step, model):
+        seen.append((step, model.training, torch.is_grad_enabled()))
+        torch.rand(5)  # draws from the RNG, which must not change the run
+        return step >= 4
+
+    result = train(_params(setup, tmp_path / "stopped", 8), stop_check=check)
+    assert (result.step, result.stopped_early, result.steps_run) == (4, True, 4) and result.seconds > 0
+    assert seen == [(2, False, False), (4, False, False)]
+    assert [s for s, _ in list_checkpoints(tmp_path / "stopped")] == [2, 4]
+
+    checked = train(_params(setup, tmp_path / "checked", 6), stop_check=lambda step, model: bool(torch.rand(1) > 2))
+    plain = train(_params(setup, tmp_path / "plain", 6))
+    assert (checked.step, checked.stopped_early) == (plain.step, plain.stopped_early) == (6, False)
+    a, b = final_state(tmp_path / "checked"), final_state(tmp_path / "plain")
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key
+    with pytest.raises(ValueError, match="fsdp"):
+        train(_params(setup, tmp_path / "fsdp", 2, fsdp=True), stop_check=check)
+
+
 def _kill_when(proc, path_glob, directory, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
