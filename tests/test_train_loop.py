@@ -493,7 +493,7 @@ def test_selection_precision_by_hand():
 def test_training_over_damaged_data_completes_and_learns(setup, tmp_path):
     """Good shards mixed with damaged ones (bad JPEGs, a truncated tar, invalid JSON, out-of-range
     and inverted boxes, empty captions): the run finishes, reports the skips, and its loss falls."""
-    from ps3.train.synthetic import write_damaged_dataset
+    from damaged_data import write_damaged_dataset
 
     good, bad = tmp_path / "good", tmp_path / "bad"
     write_synthetic_dataset(good, 40, seed=3, size=64, shard_size=8)

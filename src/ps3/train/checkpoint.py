@@ -258,7 +258,7 @@ def _load_tokenizer(params: TrainParams, spec, log: RankLog) -> PS3Tokenizer:
         return PS3Tokenizer.from_pretrained(params.init, context_length=context)
     if spec.tokenizer_name:
         return PS3Tokenizer.from_pretrained(spec.tokenizer_name, context_length=context, clean=clean)
-    from .data import list_shards
+    from ..data.shards import list_shards
 
     captions = read_captions(list_shards(params.train_data_text_box, argument="--train-data-text-box"),
                              params.tokenizer_samples)

@@ -160,16 +160,16 @@ def _restore(params: TrainParams, info: DistInfo, module: nn.Module, model: PS3M
 def _build_loader(args: TrainParams, info: DistInfo, preprocessor: dict, tokenizer: PS3Tokenizer,
                   progress: Progress):
     """This rank's deterministic batch stream, positioned after the batches already consumed."""
-    from .data import build_dataloader
+    from .data import DataOptions, build_dataloader
 
-    return build_dataloader(
-        args.train_data_image, args.train_data_text_box, image_size=int(preprocessor["image_size"]),
-        mean=preprocessor.get("mean", [0.5] * 3), std=preprocessor.get("std", [0.5] * 3),
-        batch_size=args.batch_size, workers=args.workers, seed=args.seed, epoch=progress.epoch,
-        skip_batches=progress.batches_in_epoch, global_caption_prob=args.global_caption_prob,
+    options = DataOptions(
+        image_size=int(preprocessor["image_size"]), mean=preprocessor.get("mean", [0.5] * 3),
+        std=preprocessor.get("std", [0.5] * 3), batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+        epoch=progress.epoch, skip_batches=progress.batches_in_epoch, global_caption_prob=args.global_caption_prob,
         sample_n_box_each_image=args.sample_n_box_each_image, sentence_masking=args.sentence_masking,
         rank=info.rank, world_size=info.world_size, strict=args.strict, tokenize=tokenizer, drop_last=True,
         pin_memory=info.device.type == "cuda")
+    return build_dataloader(args.train_data_image, args.train_data_text_box, options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class PretrainStep:
 
 def _skip_totals(counter, info: DistInfo) -> dict[str, int]:
     """Bad-data counts summed over ranks (a collective: called at the same step everywhere)."""
-    from .data import SKIP_REASONS
+    from ..data.shards import SKIP_REASONS
 
     reasons = list(SKIP_REASONS)
     counts = torch.tensor([counter[r] for r in reasons], dtype=torch.float64)

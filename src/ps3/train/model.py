@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -181,34 +180,29 @@ def get_model_spec(name_or_path: str | os.PathLike) -> ModelSpec:
 def read_captions(text_box_shards: Sequence[str], limit: int) -> list[str]:
     """Up to ``limit`` samples' captions (local and global) from text-box tar shards, in order.
 
-    Only ``.json`` members are read; records that do not parse are ignored here (the data
-    pipeline counts them).
+    Shards are read by :func:`ps3.data.shards.iter_shard`; damaged shards and records that do
+    not parse are ignored here (the data pipeline counts them).
     """
+    from ..data.shards import iter_shard
+
     captions: list[str] = []
     samples = 0
     for shard in text_box_shards:
-        try:
-            with tarfile.open(shard) as archive:
-                for member in archive:
-                    if samples >= limit:
-                        return captions
-                    if not member.isfile() or not member.name.endswith(".json"):
-                        continue
-                    handle = archive.extractfile(member)
-                    try:
-                        record = json.loads(handle.read()) if handle is not None else None
-                    except ValueError:
-                        continue
-                    if not isinstance(record, dict):
-                        continue
-                    samples += 1
-                    texts = record.get("text")
-                    if isinstance(texts, list):
-                        captions += [t for t in texts if isinstance(t, str)]
-                    if isinstance(record.get("global_text"), str):
-                        captions.append(record["global_text"])
-        except (OSError, tarfile.TarError):
-            continue  # a broken shard: the loader reports it
+        for sample in iter_shard(shard):
+            if samples >= limit:
+                return captions
+            try:
+                record = json.loads(sample["json"]) if "json" in sample else None
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            samples += 1
+            texts = record.get("text")
+            if isinstance(texts, list):
+                captions += [t for t in texts if isinstance(t, str)]
+            if isinstance(record.get("global_text"), str):
+                captions.append(record["global_text"])
     return captions
 
 
