@@ -18,9 +18,10 @@ from ps3.train.synthetic import (
     add_arguments,
     render_scene,
     run_from_args,
-    write_damaged_dataset,
     write_synthetic_dataset,
 )
+
+from damaged_data import write_damaged_dataset
 
 
 def _members(path) -> list[tuple[str, bytes]]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import tarfile
 from pathlib import Path
 
@@ -14,16 +13,12 @@ from PIL import Image
 from webdataset import TarWriter
 
 from ps3.processor import PS3ImageProcessor
-from ps3.train.data import (
-    SKIP_REASONS,
-    box_to_gt_map,
-    build_dataloader,
-    clean_caption,
-    list_shards,
-    mask_sentences,
-    shape_caption,
-)
-from ps3.train.synthetic import write_damaged_dataset, write_synthetic_dataset
+from ps3.data.boxes import box_to_gt_map
+from ps3.data.shards import SKIP_REASONS, list_shards
+from ps3.train.data import build_dataloader
+from ps3.train.synthetic import write_synthetic_dataset
+
+from damaged_data import write_damaged_dataset
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
@@ -85,17 +80,9 @@ def _keys(batches) -> list[str]:
 # -- shards ---------------------------------------------------------------------------------
 
 
-def test_list_shards_directory_brace_list_and_errors(tmp_path):
+def test_shard_sets_must_pair_up(tmp_path):
     image_dir, record_dir = _simple(tmp_path, shards=3, per_shard=1)
     from_dir = list_shards(image_dir)
-    assert [Path(p).name for p in from_dir] == ["image_00000.tar", "image_00001.tar", "image_00002.tar"]
-    assert list_shards(f"{image_dir}/image_{{00000..00002}}.tar") == from_dir
-    assert list_shards(from_dir[:2]) == from_dir[:2]
-    with pytest.raises(ValueError, match=r"image_shards: shard not found: .*image_00003\.tar"):
-        list_shards(f"{image_dir}/image_{{00000..00003}}.tar", argument="image_shards")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no \\*.tar shards"):
-        list_shards(tmp_path / "empty")
     with pytest.raises(ValueError, match="pair up shard by shard"):
         build_dataloader(from_dir[:2], record_dir, image_size=8, mean=MEAN, std=STD, batch_size=1)
 
@@ -152,19 +139,9 @@ def test_max_pixels_is_honoured(tmp_path):
 
 
 def test_box_map_exact_for_hand_computed_case(tmp_path):
-    # Image 100×50 squashed to 10×10: x scales by 1/10, y by 1/5.
-    # Box [15, 5, 42.5, 20] → x 1.5..4.25 → columns 1..5; y 1..4 → rows 1..4 (inclusive).
+    # The case of test_data_boxes.test_box_map_exact_for_hand_computed_case, through the pipeline.
     expected = torch.zeros(10, 10)
     expected[1:5, 1:6] = 1
-    assert torch.equal(box_to_gt_map([15, 5, 42.5, 20], (100, 50), 10), expected)
-    # A box sticking out of the image is clipped first: x0 -30 → 0; y1 99 → 50 → row 10 → clipped to 9.
-    clipped = torch.zeros(10, 10)
-    clipped[1:10, 0:6] = 1
-    assert torch.equal(box_to_gt_map([-30, 5, 42.5, 99], (100, 50), 10), clipped)
-    assert torch.equal(box_to_gt_map(None, (100, 50), 10), torch.ones(10, 10))
-    with pytest.raises(ValueError, match="inverted"):
-        box_to_gt_map([5, 5, 1, 9], (100, 50), 10)
-
     image_dir, record_dir = _write(tmp_path, [[("a", _jpeg(100, 50))]],
                                    [[("a", _record(["the box"], [[15, 5, 42.5, 20]]))]])
     (batch,) = _all(_load(image_dir, record_dir, image_size=10, batch_size=1))
@@ -214,31 +191,6 @@ def test_n_boxes_per_image_without_replacement(tmp_path):
     # More boxes asked than exist: every one is used, then the draw starts again.
     (batch,) = _all(_load(image_dir, record_dir, batch_size=1, sample_n_box_each_image=5, image_size=8, num_batches=1))
     assert len(batch["texts"]) == 5 and set(batch["texts"][:3]) == {"one", "two", "three"}
-
-
-def test_caption_shaping_rules():
-    assert shape_caption("The image is a close-up of a red door.") == "a red door."
-    assert shape_caption("The second image is a close-up of a cat. It sleeps.") == "a cat. It sleeps."
-    assert shape_caption("A shop front. Red awning. No text is visible.") == "A shop front. Red awning."
-    assert shape_caption("The visible text says OPEN.") == "The visible text says OPEN."  # the only sentence stays
-    assert shape_caption("A wall. The texture is visible.") == "A wall. The texture is visible."  # "texture" ≠ "text"
-    assert shape_caption("   ") == "" and shape_caption("The image is a close-up of") == ""
-    assert clean_caption("One. Two! Three? Four") == ["One.", "Two!", "Three?", "Four"]
-
-
-def test_sentence_masking_ranges():
-    sentences = ["s0.", "s1.", "s2.", "s3.", "s4."]
-    allowed = {(start, length) for start in range(3) for length in range(1, 6 - start)}
-    seen = set()
-    rng = random.Random(0)
-    for _ in range(2000):
-        kept = mask_sentences(sentences, rng)
-        start = sentences.index(kept[0])
-        assert kept == sentences[start:start + len(kept)]  # contiguous
-        seen.add((start, len(kept)))
-    assert seen == allowed
-    assert mask_sentences(["only."], rng) == ["only."]
-    assert {tuple(mask_sentences(["a.", "b."], rng)) for _ in range(200)} == {("a.",), ("a.", "b."), ("b.",)}
 
 
 def test_sentence_masking_in_the_pipeline(tmp_path):

@@ -85,3 +85,15 @@ class PS3ImageProcessor:
         if return_tensors is not None:
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         return {"pixel_values": pixels}
+
+
+def resize_and_normalize(rgb: Image.Image, size: int | tuple[int, int], mean: Sequence[float],
+                         std: Sequence[float]) -> torch.Tensor:
+    """The processor's steps after decoding: squash-resize an RGB PIL image to ``size`` (``S`` or
+    ``(H, W)``) with PIL bicubic, scale to [0, 1], normalise by ``mean``/``std`` → (3, H, W)
+    float32. Shared by :meth:`PS3ImageProcessor.preprocess` and the training data pipeline
+    (which decodes images itself, under its own pixel limit)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    resized = rgb.resize((width, height), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return pixels.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))

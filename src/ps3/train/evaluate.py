@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,33 +63,26 @@ def selection_precision(probs: torch.Tensor, gt_maps: torch.Tensor) -> tuple[tor
     return precision, chance
 
 
-def _tar_members(path: str, suffixes: Sequence[str]) -> Iterator[tuple[str, str, bytes]]:
-    with tarfile.open(path) as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if ext in suffixes:
-                handle = archive.extractfile(member)
-                if handle is not None:
-                    yield key, ext, handle.read()
-
-
 def iter_box_captions(image_shards: Sequence[str], text_box_shards: Sequence[str],
                       processor: PS3ImageProcessor) -> Iterator[tuple[torch.Tensor, list[str], torch.Tensor]]:
     """Per usable image: (pixels (3, S, S), its local captions, their gt maps (n, S, S)).
 
-    Images and records are paired by key within each shard pair; unusable boxes, captions and
-    images are left out (the evaluation counts only what can be scored)."""
+    Images and records are paired by key within each shard pair (:func:`ps3.data.shards.iter_shard`
+    reads both); damaged shards, unusable boxes, captions and images are left out (the evaluation
+    counts only what can be scored)."""
     from PIL import Image
 
-    from .data import box_to_gt_map, clean_caption
+    from ..data.boxes import box_to_gt_map
+    from ..data.shards import IMAGE_EXTENSIONS, iter_shard
+    from .captions import clean_caption
 
     size = processor.image_size
     for image_shard, record_shard in zip(image_shards, text_box_shards):
-        records = {key: data for key, _, data in _tar_members(record_shard, ("json",))}
-        for key, _, data in _tar_members(image_shard, ("jpg", "jpeg", "png", "webp")):
-            if key not in records:
+        records = {sample["__key__"]: sample["json"] for sample in iter_shard(record_shard) if "json" in sample}
+        for sample in iter_shard(image_shard):
+            key = sample["__key__"]
+            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            if data is None or key not in records:
                 continue
             try:
                 record = json.loads(records[key])
@@ -122,14 +114,11 @@ def evaluate_learnability(model: PS3Model, tokenizer: PS3Tokenizer,
                           device: str | torch.device = "cpu") -> LearnabilityResult:
     """Mean top-down precision, bottom-up precision and chance over the (caption, box) pairs of
     the evaluation shards (see the module docstring)."""
-    from .data import list_shards
+    from ..data.shards import list_shard_pairs
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = list_shards(image_shards, argument="image_shards")
-    records = list_shards(text_box_shards, argument="text_box_shards")
-    if len(images) != len(records):
-        raise ValueError(f"image_shards has {len(images)} shards but text_box_shards {len(records)}: they pair up")
+    images, records = list_shard_pairs(image_shards, text_box_shards)
     processor = PS3ImageProcessor(image_size=image_size, mean=mean, std=std)
     model = model.to(device).eval()
     sums = torch.zeros(3, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""A synthetic pre-training dataset in the layout of :mod:`ps3.train.data` (SPEC §5).
+"""A synthetic pre-training dataset in the layout of :mod:`ps3.train.data` (design §5).
 
 Each image is a scene on a noisy, low-saturation background with 2–4 objects. An object is a
 shape (circle, square, triangle, diamond, hexagon, star) in a colour (red, green, blue, yellow,
@@ -15,19 +15,15 @@ Output (:func:`write_synthetic_dataset`)::
     OUT/text_boxes/text_box_00000.tar KEY.json = {"text": [...], "box": [...], "global_text": "..."}
 
 Everything is a function of ``seed`` (and the image index): the same call writes byte-identical
-shards. The command ``ps3 data synthetic OUT --images N --seed S`` calls :func:`run_from_args`.
-:func:`write_damaged_dataset` writes a small copy with every kind of damage the data pipeline
-must survive, and says what it damaged, for tests.
+shards (through :class:`ps3.data.writer.PairedShardWriter`). The command
+``ps3 data synthetic OUT --images N --seed S`` calls :func:`run_from_args`.
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
-import tarfile
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +32,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..data.writer import PairedShardWriter, existing_paired_shards, prepare_paired_output
+
 __all__ = [
     "SHAPES",
     "COLOURS",
     "TEXTURES",
     "Scene",
     "render_scene",
+    "encode_jpeg",
+    "sample_key",
     "write_synthetic_dataset",
-    "write_damaged_dataset",
     "add_arguments",
     "run_from_args",
 ]
@@ -63,7 +62,6 @@ MIN_SIZE = 32  # below this, a 15 % object is a handful of pixels and textures a
 _OBJECT_SIDE = (0.15, 0.40)  # fraction of the image side
 _MAX_OVERLAP = 0.10  # of the smaller bounding square
 _JPEG_QUALITY = 95
-_MTIME = 946684800  # fixed tar timestamps (2000-01-01) so shards are byte-reproducible
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 
@@ -216,50 +214,16 @@ def _texture(texture: str, colour: tuple[int, int, int], side: int, rng: np.rand
 # Writing shards
 
 
-def _encode_jpeg(image: Image.Image) -> bytes:
+def encode_jpeg(image: Image.Image) -> bytes:
+    """The JPEG bytes of a scene as stored in the image shards (quality 95, 4:4:4)."""
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=_JPEG_QUALITY, subsampling=0)  # 4:4:4 keeps colour edges
     return buffer.getvalue()
 
 
-def _encode_json(record: Any) -> bytes:
-    return json.dumps(record, sort_keys=True).encode("utf-8")
-
-
-def _key(index: int) -> str:
+def sample_key(index: int) -> str:
+    """The sample key of scene ``index``."""
     return f"{index:08d}"
-
-
-def _write_tar(path: Path, samples: Sequence[dict[str, Any]]) -> None:
-    """Write one shard atomically (a crash leaves no half shard under the final name)."""
-    from webdataset import TarWriter
-
-    temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "wb") as handle:
-        with TarWriter(handle, encoder=False, mtime=_MTIME, user="ps3", group="ps3") as writer:
-            for sample in samples:
-                writer.write(sample)
-    os.replace(temporary, path)
-
-
-def _existing_shards(root: Path) -> list[Path]:
-    return sorted((root / "images").glob("*.tar")) + sorted((root / "text_boxes").glob("*.tar"))
-
-
-def _prepare(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
-    root = Path(out_dir)
-    images, records = root / "images", root / "text_boxes"
-    existing = _existing_shards(root)
-    if existing and not overwrite:
-        raise ValueError(
-            f"{root} already holds shards ({existing[0]}, …): choose an empty output directory or pass "
-            f"overwrite=True (--overwrite) to replace them"
-        )
-    for stale in existing:
-        stale.unlink()
-    images.mkdir(parents=True, exist_ok=True)
-    records.mkdir(parents=True, exist_ok=True)
-    return images, records
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -292,120 +256,13 @@ def write_synthetic_dataset(
     Raises ``ValueError`` when ``out_dir`` already holds shards (unless ``overwrite``).
     """
     _check_arguments(images, seed, size, shard_size)
-    image_dir, record_dir = _prepare(out_dir, overwrite)
-    written: dict[str, list[str]] = {"images": [], "text_boxes": []}
-    for shard, start in enumerate(range(0, images, shard_size)):
-        image_samples, record_samples = [], []
-        for index in range(start, min(start + shard_size, images)):
+    with PairedShardWriter(out_dir, shard_size=shard_size, overwrite=overwrite) as writer:
+        for index in range(images):
             scene = render_scene(seed, index, size)
-            image_samples.append({"__key__": _key(index), "jpg": _encode_jpeg(scene.image)})
-            record_samples.append({"__key__": _key(index), "json": _encode_json(scene.record())})
+            writer.write(sample_key(index), encode_jpeg(scene.image), scene.record())
             if progress is not None:
                 progress(1)
-        image_path, record_path = image_dir / f"image_{shard:05d}.tar", record_dir / f"text_box_{shard:05d}.tar"
-        _write_tar(image_path, image_samples)
-        _write_tar(record_path, record_samples)
-        written["images"].append(str(image_path))
-        written["text_boxes"].append(str(record_path))
-    return written
-
-
-def write_damaged_dataset(out_dir: str | os.PathLike, seed: int = 0, size: int = 64, *,
-                          overwrite: bool = False) -> dict[str, Any]:
-    """Write 3 paired shards of 6 samples each with every kind of damage the pipeline must
-    survive, and describe it.
-
-    Returns ``{"images": [...], "text_boxes": [...], "expected_skips": {reason: count},
-    "usable_keys": [keys that must come out], "damage": {key: what was done}}``. The counts are
-    what :mod:`ps3.train.data` reports for the whole dataset (reasons in ``SKIP_REASONS``).
-    Damage: garbage and truncated JPEG bytes, invalid JSON and a non-object record, an image
-    missing for a key and a record missing for another, a box outside the image, an inverted and a
-    zero-area box, an empty caption and one that is empty after shaping, captions and boxes of
-    different lengths, a record with no caption at all, two keys swapped between the sets, a box
-    partly outside (clipped, kept), and an image tar cut in the middle of a file.
-    """
-    _check_int("seed", seed, 0)
-    _check_int("size", size, MIN_SIZE)
-    image_dir, record_dir = _prepare(out_dir, overwrite)
-    keys = [_key(i) for i in range(18)]
-    scenes = [render_scene(seed, i, size) for i in range(18)]
-    jpegs = [_encode_jpeg(s.image) for s in scenes]
-    records: list[Any] = [s.record() for s in scenes]
-    raw_records: dict[int, bytes] = {}
-    damage: dict[str, str] = {}
-    expected: Counter[str] = Counter()
-    inside = [1, 1, size // 2, size // 2]
-
-    # Shard 0: broken images and records.
-    jpegs[1] = b"\xff\xd8 this is not a JPEG " + bytes(range(64))
-    damage[keys[1]] = "garbage image bytes"
-    expected["bad_image"] += 1
-    jpegs[2] = jpegs[2][: len(jpegs[2]) // 2]
-    damage[keys[2]] = "JPEG truncated to half"
-    expected["bad_image"] += 1
-    raw_records[3] = b'{"text": ["a red circle"], "box": [[1, 1, 5, 5]'
-    damage[keys[3]] = "invalid JSON"
-    expected["bad_json"] += 1
-    records[4] = [1, 2, 3]
-    damage[keys[4]] = "record is a JSON list, not an object"
-    expected["bad_json"] += 1
-    damage[keys[5]] = "image missing from the image shard"
-    expected["missing_image"] += 1
-    # Shard 1: bad pairs inside otherwise usable records.
-    records[6]["text"].append("a box outside the image")
-    records[6]["box"].append([size + 5, size + 5, size + 20, size + 20])
-    damage[keys[6]] = "one box entirely outside the image"
-    expected["box_outside_image"] += 1
-    records[7]["text"] += ["an inverted box", "a zero-area box"]
-    records[7]["box"] += [[20, 20, 10, 30], [5, 5, 5, 9]]
-    damage[keys[7]] = "an inverted and a zero-area box"
-    expected["bad_box"] += 2
-    records[8]["text"] += ["   ", "The image is a close-up of"]
-    records[8]["box"] += [inside, inside]
-    damage[keys[8]] = "an empty caption and one empty after shaping"
-    expected["empty_caption"] += 2
-    records[9]["text"].append("a caption without a box")
-    damage[keys[9]] = "more captions than boxes (the global caption remains)"
-    expected["length_mismatch"] += 1
-    damage[keys[10]] = "record missing from the text-box shard"
-    expected["missing_json"] += 1
-    records[11] = {"text": [], "box": [], "global_text": ""}
-    damage[keys[11]] = "no caption at all"
-    expected["no_usable_caption"] += 1
-    # Shard 2: keys out of lockstep, a partly outside box, a truncated image tar.
-    damage[keys[12]] = "swapped with the next key in the text-box shard (this one is realigned and kept)"
-    damage[keys[13]] = "swapped with the previous key in the text-box shard (lost)"
-    expected["key_mismatch"] += 2
-    records[15]["box"][0] = [-10, -10, size + 10, size // 2]
-    damage[keys[15]] = "first box partly outside the image (clipped, kept)"
-    damage[keys[16]] = "image tar cut in the middle of this image"
-    damage[keys[17]] = "after the cut of the image tar"
-    expected["tar_error"] += 1
-    expected["missing_image"] += 2
-
-    def record_bytes(i: int) -> bytes:
-        return raw_records.get(i) or _encode_json(records[i])
-
-    image_shards = [[{"__key__": keys[i], "jpg": jpegs[i]} for i in range(s * 6, s * 6 + 6) if i != 5]
-                    for s in range(3)]
-    record_order = [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 11], [13, 12, 14, 15, 16, 17]]
-    record_shards = [[{"__key__": keys[i], "json": record_bytes(i)} for i in order] for order in record_order]
-    paths: dict[str, list[str]] = {"images": [], "text_boxes": []}
-    for shard in range(3):
-        image_path, record_path = image_dir / f"image_{shard:05d}.tar", record_dir / f"text_box_{shard:05d}.tar"
-        _write_tar(image_path, image_shards[shard])
-        _write_tar(record_path, record_shards[shard])
-        paths["images"].append(str(image_path))
-        paths["text_boxes"].append(str(record_path))
-
-    last = Path(paths["images"][2])
-    with tarfile.open(last) as archive:
-        member = archive.getmember(f"{keys[16]}.jpg")
-        cut = member.offset_data + member.size // 2
-    last.write_bytes(last.read_bytes()[:cut])
-
-    usable = [keys[i] for i in (0, 6, 7, 8, 9, 12, 14, 15)]
-    return {**paths, "expected_skips": dict(expected), "usable_keys": usable, "damage": damage}
+    return writer.written
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,8 +287,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     # Refuse bad arguments before a progress bar appears.
     _check_arguments(args.images, args.seed, args.size, args.shard_size)
-    if not args.overwrite and _existing_shards(Path(args.out)):
-        _prepare(args.out, overwrite=False)  # raises the error that explains what to do
+    if not args.overwrite and existing_paired_shards(args.out):
+        prepare_paired_output(args.out, overwrite=False)  # raises the error that explains what to do
     with tqdm(total=args.images, unit="image", desc="synthetic", disable=args.quiet) as bar:
         written = write_synthetic_dataset(args.out, args.images, args.seed, size=args.size,
                                           shard_size=args.shard_size, overwrite=args.overwrite, progress=bar.update)
