@@ -111,7 +111,8 @@ def train(helper: TwoPassPS3, data: dict, *, steps: int, batch: int = 32, lr: fl
         pick = torch.randint(0, len(data["input_ids"]), (batch,), generator=generator)
         pixels, low = data["pixel_values"][pick], take(low_all, pick)
         prompt, _ = helper.top_down_prompt(pixels, data["input_ids"][pick], data["attention_mask"][pick], low_res=low)
-        probs = encode_for_llm(helper.vision_model, pixels, prompt=prompt, low_res=low, num_looks=0).topdown_selection_probs
+        vision = encode_for_llm(helper.vision_model, pixels, prompt=prompt, low_res=low, num_looks=0)
+        probs = vision.topdown_selection_probs
         loss = selection_target_loss(probs, data["box_maps"][pick])
         optimizer.zero_grad()
         loss.backward()
@@ -131,7 +132,8 @@ def _precision(maps: list[torch.Tensor], boxes: torch.Tensor, size: int) -> floa
         ys = (torch.arange(h) + 0.5) * size / h
         xs = (torch.arange(w) + 0.5) * size / w
         x0, y0, x1, y1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-        within = (ys.view(1, -1, 1) >= y0) & (ys.view(1, -1, 1) < y1) & (xs.view(1, 1, -1) >= x0) & (xs.view(1, 1, -1) < x1)
+        rows, cols = ys.view(1, -1, 1), xs.view(1, 1, -1)
+        within = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
         inside += float((within & m.bool()).sum())
         total += float(m.sum())
     return inside / max(total, 1.0)

@@ -47,7 +47,8 @@ def test_vision_tower_init_calls(repo):
 def test_torch_dtype_spellings(repo):
     assert PS3VisionModel.from_pretrained(repo, torch_dtype="auto").dtype == torch.float32  # stored precision
     assert PS3VisionModel.from_pretrained(repo, torch_dtype="float16").dtype == torch.float16
-    assert PS3VisionModel.from_pretrained(repo, dtype=torch.bfloat16, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    same = PS3VisionModel.from_pretrained(repo, dtype=torch.bfloat16, torch_dtype=torch.bfloat16)
+    assert same.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="torch_dtype"):
         PS3VisionModel.from_pretrained(repo, dtype=torch.float16, torch_dtype=torch.bfloat16)
 

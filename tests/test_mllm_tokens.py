@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from golden import MODEL_DIR
 from ps3 import PS3VisionConfig, PS3VisionModel
-from ps3.hub import load_state_dict
-from ps3.mllm import PS3Projector, count_llm_tokens, encode_for_llm, encode_low_res, first_n_scales_for_sizes, merge_grid
+from ps3.mllm import (PS3Projector, count_llm_tokens, encode_for_llm, encode_low_res, first_n_scales_for_sizes,
+                      merge_grid)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,8 @@ def test_ragged_batches_match_single_images(model):
         projected = proj(out)
         singles = [encode_for_llm(model, p[None], prompt=prompt[i:i + 1], only_select_first_n_scale=firsts[i], **kw)
                    for i, p in enumerate(pixels)]
-    counts = [count_llm_tokens(model, h, w, only_select_first_n_scale=m, **kw).total for (h, w), m in zip(sizes, firsts)]
+    counts = [count_llm_tokens(model, h, w, only_select_first_n_scale=m, **kw).total
+              for (h, w), m in zip(sizes, firsts)]
     assert projected.lengths.tolist() == counts and len(set(counts)) > 1
     for i, (part, single) in enumerate(zip(out.per_sample(), singles)):
         assert [torch.equal(a, b) for a, b in zip(part.selection_maps, single.selection_maps)] == [True, True]

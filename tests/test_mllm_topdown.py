@@ -113,7 +113,8 @@ def test_training_steps_lower_the_loss(helper, checkpointing):
         optimizer.zero_grad()
         loss.backward()
         if step == 0:
-            for module in (helper.projector, helper.prompt_head, encoder.trunk.blocks[0], encoder.selection_feature_proj):
+            trained = (helper.projector, helper.prompt_head, encoder.trunk.blocks[0], encoder.selection_feature_proj)
+            for module in trained:
                 assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
         optimizer.step()
         losses.append(float(loss.detach()))

@@ -104,9 +104,10 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
     looks, results = [], []
     for g in groups:
         sizes = encoder.feature_sizes(*g.size)
-        part = [None if t is None else t if len(groups) == 1 else t.index_select(0, g.index) for t in (bottomup, topdown)]
+        part = [t if t is None or len(groups) == 1 else t.index_select(0, g.index) for t in (bottomup, topdown)]
         bu, td = [None if t is None else upsample_probs(t, sizes[1:], t.dtype) for t in part]
-        probs = apply_gt_and_smoothing(td if td is not None else bu, g.gt_selection_maps, sizes[1:], smooth_selection_prob)
+        probs = apply_gt_and_smoothing(td if td is not None else bu, g.gt_selection_maps, sizes[1:],
+                                       smooth_selection_prob)
         _, grids = block_grids(*g.size, encoder.ps3_scales, encoder.patch_size, k)
         plan = _block_plan(g.only_select_first_n_scale or [None] * len(g.samples), grids, budgets, k, num_looks)
         maps, order = _select_blocks(probs, plan, k) if plan.num_looks else ([torch.zeros_like(p, dtype=torch.long)

@@ -113,7 +113,8 @@ def plan_block_looks(grids: Sequence[Size], budgets: Sequence[int], k: int, num_
 
 
 def count_llm_tokens(model_or_config: Any, height: int, width: int, *, budgets: Sequence[int] | None = None,
-                     k: int = 2, num_looks: int | str = 1, only_select_first_n_scale: int | None = None) -> LLMTokenCount:
+                     k: int = 2, num_looks: int | str = 1,
+                     only_select_first_n_scale: int | None = None) -> LLMTokenCount:
     """Exact LLM tokens :func:`ps3.mllm.encode_for_llm` + :class:`PS3Projector` give a height × width
     image: ``ceil(h_0/k)·ceil(w_0/k)`` low-res tokens plus the blocks of every look.
 
