@@ -145,3 +145,13 @@ def test_bf16_qwen2_with_a_bf16_encoder():
     assert out.inputs_embeds.dtype == torch.bfloat16
     assert out.image_lengths.tolist() == [helper.count_llm_tokens(224, 224)] * 2
     assert helper.generate(pixels.bfloat16(), ids, mask, max_new_tokens=2, do_sample=False).shape == (2, 2)
+
+
+def test_images_of_different_sizes_in_one_call(helper):
+    pixels, ids, mask = batch()
+    images = [pixels[0], pixels[1, :, :100]]  # 224×224 and 100×224, the second skipping the largest scale
+    with torch.no_grad():
+        out = helper(images, ids, mask, only_select_first_n_scale=[2, 1])
+    expected = [helper.count_llm_tokens(224, 224, 2), helper.count_llm_tokens(100, 224, 1)]
+    assert out.image_lengths.tolist() == expected and expected[0] != expected[1]
+    assert out.attention_mask.sum(1).tolist() == [6 - 1 + expected[0], 4 - 1 + expected[1]]

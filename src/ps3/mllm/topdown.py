@@ -153,7 +153,7 @@ class TwoPassPS3(nn.Module):
             return at.max(1).values
         raise TypeError("prompt_end must be None, a (B,) tensor of positions or a marker token id (int)")
 
-    def top_down_prompt(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def top_down_prompt(self, pixel_values, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         prompt_end=None, low_res: LowResPass | None = None) -> tuple[torch.Tensor, LowResPass]:
         """Pass 1: low-res encode, LLM over [text, low-res tokens, question] → PS3 prompt (B, C)."""
         low_res = low_res if low_res is not None else encode_low_res(self.vision_model, pixel_values)
@@ -169,11 +169,12 @@ class TwoPassPS3(nn.Module):
         last = states.gather(1, end_new.view(-1, 1, 1).expand(-1, 1, states.shape[-1])).squeeze(1)
         return self.prompt_head(last.to(next(self.prompt_head.parameters()).dtype)), low_res
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, pixel_values, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *, labels: torch.Tensor | None = None, prompt_end=None, only_select_first_n_scale=None,
                 padding_side: str = "right", gt_selection_maps: torch.Tensor | None = None) -> TwoPassOutput:
         """Both passes: returns what the LLM's ``forward`` (with ``labels``) or ``generate``
-        (``padding_side="left"``) takes."""
+        (``padding_side="left"``) takes. ``pixel_values``: a (B, 3, H, W) tensor or a list of
+        (3, H_i, W_i) images of any sizes; ``only_select_first_n_scale``: an int or one per image."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompt, low_res = self.top_down_prompt(pixel_values, input_ids, attention_mask, prompt_end)
@@ -189,7 +190,7 @@ class TwoPassPS3(nn.Module):
         return TwoPassOutput(seq.inputs_embeds, seq.attention_mask, seq.labels, prompt, vision, image.lengths)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def generate(self, pixel_values, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  *, prompt_end=None, only_select_first_n_scale=None, **generate_kwargs: Any) -> torch.Tensor:
         """Two-pass encode, then ``llm.generate`` on the embeddings (new token ids only)."""
         out = self(pixel_values, input_ids, attention_mask, prompt_end=prompt_end,
