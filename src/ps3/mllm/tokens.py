@@ -131,14 +131,3 @@ def count_llm_tokens(model_or_config: Any, height: int, width: int, *, budgets: 
     plan = plan_block_looks(grids, budgets, k, num_looks, only_select_first_n_scale)
     per_scale = [sum(look[i] for look in plan) for i in range(len(grids))]
     return LLMTokenCount(low[0] * low[1], per_scale, len(plan))
-
-
-def first_n_scales_for_sizes(original_sizes: Sequence[Sequence[int]], scales: Sequence[int]) -> list[int]:
-    """VILA-HD's rule for mixed batches: skip the largest scale for an image whose long side is at
-    most the midpoint of the two largest scales (models whose largest scale is ≤ 2000 px never
-    skip). Returns ``only_select_first_n_scale`` per image."""
-    n_high = len(scales) - 1
-    if n_high < 2 or scales[-1] <= 2000:
-        return [n_high] * len(original_sizes)
-    midpoint = (scales[-2] + scales[-1]) / 2
-    return [n_high if max(size) > midpoint else n_high - 1 for size in original_sizes]
