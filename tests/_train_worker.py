@@ -71,7 +71,8 @@ def build_problem():
 
 
 def make_step(model, module, distributed: bool, fsdp: bool = False):
-    from ps3.train.loop import PretrainStep, build_optimizer, build_scheduler
+    from ps3.train.loop import PretrainStep
+    from ps3.train.optim import build_optimizer, build_scheduler
 
     # AdamW's first step moves every weight by ~lr·sign(grad); eps 1e-4 keeps gradients that are
     # zero up to rounding (e.g. attention key biases, which softmax ignores) from moving by ±lr.
@@ -84,7 +85,7 @@ def make_step(model, module, distributed: bool, fsdp: bool = False):
 def main(out_dir: str, mode: str) -> None:
     import torch.distributed as dist
 
-    from ps3.train.loop import DistInfo, _load_state_dicts, _state_dicts, _wrap
+    from ps3.train.distributed import DistInfo, full_state_dicts, load_full_state_dicts, wrap
     from ps3.train.model import PS3PretrainModule
 
     torch.set_num_threads(1)
@@ -95,11 +96,11 @@ def main(out_dir: str, mode: str) -> None:
     model, batch = build_problem()
     local = GLOBAL_BATCH // world
     part = {k: v[rank * local:(rank + 1) * local] for k, v in batch.items()}
-    module = _wrap(PS3PretrainModule(model), info, fsdp=fsdp)
+    module = wrap(PS3PretrainModule(model), info, fsdp=fsdp)
     step = make_step(model, module, distributed=True, fsdp=fsdp)
     loss = step(part)
     # What a checkpoint would hold: full (gathered) tensors even when sharded.
-    params, optim = _state_dicts(module, model, step.optimizer, fsdp)
+    params, optim = full_state_dicts(module, model, step.optimizer, fsdp)
     grads = {}
     for name, p in model.named_parameters():
         grad = p.grad.full_tensor() if fsdp and hasattr(p.grad, "full_tensor") else p.grad
@@ -107,12 +108,12 @@ def main(out_dir: str, mode: str) -> None:
     reloaded = None
     if fsdp:  # a resumed run: a fresh sharded model and optimizer loaded from those state dicts
         fresh, _ = build_problem()
-        fresh_module = _wrap(PS3PretrainModule(fresh), info, fsdp=True)
+        fresh_module = wrap(PS3PretrainModule(fresh), info, fsdp=True)
         fresh_step = make_step(fresh, fresh_module, distributed=True, fsdp=True)
         shared = [{"model": params, "optimizer": optim}]
         dist.broadcast_object_list(shared, src=0)  # every rank reads the checkpoint file
-        _load_state_dicts(fresh_module, fresh, fresh_step.optimizer, shared[0], True)
-        reloaded, _ = _state_dicts(fresh_module, fresh, fresh_step.optimizer, True)
+        load_full_state_dicts(fresh_module, fresh, fresh_step.optimizer, shared[0], True)
+        reloaded, _ = full_state_dicts(fresh_module, fresh, fresh_step.optimizer, True)
     torch.save({"loss": loss.total, "grads": grads, "params": params, "reloaded": reloaded},
                f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

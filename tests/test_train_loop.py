@@ -25,11 +25,12 @@ from ps3 import PS3Config, PS3Model, PS3TextModel, PS3Tokenizer, PS3VisionModel
 
 pytest.importorskip("webdataset")
 
-from ps3.train import loop  # noqa: E402
+from ps3.train.checkpoint import list_checkpoints, load_latest_checkpoint, read_checkpoint  # noqa: E402
 from ps3.train.evaluate import selection_precision  # noqa: E402
 from ps3.train.export import export, load_run_model  # noqa: E402
 from ps3.train.model import (PS3PretrainModule, build_caption_tokenizer, get_model_spec,  # noqa: E402
-                             initialise, selection_parameter_names)
+                             initialise)
+from ps3.train.optim import lr_multiplier  # noqa: E402
 from ps3.train.synthetic import write_synthetic_dataset  # noqa: E402
 
 TESTS = Path(__file__).parent
@@ -78,7 +79,7 @@ def train_command(args_list):
 
 
 def final_state(run_dir):
-    _, state = loop.load_latest_checkpoint(run_dir)
+    _, state = load_latest_checkpoint(run_dir)
     return state
 
 
@@ -218,7 +219,7 @@ def test_one_step_changes_parameters_with_finite_loss(setup):
     unchanged = [k for k, v in model.state_dict().items() if torch.equal(v, before[k])]
     assert unchanged == []
     # The selection modules got their own learning rate (3e-3 in make_step), the rest 1e-3.
-    selection = set(selection_parameter_names(model))
+    selection = set(model.selection_parameter_names())
     assert "text_model.prompt_proj.fc1.weight" in selection and "vision_model.prior_prompt" in selection
     lrs = {g["lr"] for g in step.optimizer.param_groups}
     assert len(lrs) == 2
@@ -231,9 +232,43 @@ def test_one_step_changes_parameters_with_finite_loss(setup):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    assert [loop.lr_multiplier(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert loop.lr_multiplier(8, 4, 12) == pytest.approx(0.5)
-    assert loop.lr_multiplier(12, 4, 12) == pytest.approx(0.0)
+    assert [lr_multiplier(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_multiplier(8, 4, 12) == pytest.approx(0.5)
+    assert lr_multiplier(12, 4, 12) == pytest.approx(0.0)
+
+
+def _params(setup, out, steps, **changes):
+    from ps3.train.loop import TrainParams
+
+    return TrainParams(model=str(setup["config"]), train_data_image=str(setup["data"] / "images"),
+                       train_data_text_box=str(setup["data"] / "text_boxes"), output_dir=str(out), steps=steps,
+                       save_every_steps=2, batch_size=4, lr=2e-3, warmup=2, workers=0, log_every=1, device="cpu",
+                       resume="latest", quiet=True, **changes)
+
+
+def test_train_from_python_ends_when_the_stop_check_is_met(setup, tmp_path):
+    from ps3.train.loop import train
+
+    seen = []
+
+    def check(step, model):
+        seen.append((step, model.training, torch.is_grad_enabled()))
+        torch.rand(5)  # draws from the RNG, which must not change the run
+        return step >= 4
+
+    result = train(_params(setup, tmp_path / "stopped", 8), stop_check=check)
+    assert (result.step, result.stopped_early, result.steps_run) == (4, True, 4) and result.seconds > 0
+    assert seen == [(2, False, False), (4, False, False)]
+    assert [s for s, _ in list_checkpoints(tmp_path / "stopped")] == [2, 4]
+
+    checked = train(_params(setup, tmp_path / "checked", 6), stop_check=lambda step, model: bool(torch.rand(1) > 2))
+    plain = train(_params(setup, tmp_path / "plain", 6))
+    assert (checked.step, checked.stopped_early) == (plain.step, plain.stopped_early) == (6, False)
+    a, b = final_state(tmp_path / "checked"), final_state(tmp_path / "plain")
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key
+    with pytest.raises(ValueError, match="fsdp"):
+        train(_params(setup, tmp_path / "fsdp", 2, fsdp=True), stop_check=check)
 
 
 def _kill_when(proc, path_glob, directory, timeout=120):
@@ -258,7 +293,7 @@ def test_sigkilled_run_resumes_bit_identical(setup, tmp_path):
     ref = final_state(reference)
     assert ref["progress"]["step"] == steps
     assert ref["progress"]["epoch"] >= 1  # 16 images / batch 8: the run crossed epochs
-    assert [s for s, _ in loop.list_checkpoints(reference)] == [steps - 2, steps]  # the last 2 kept
+    assert [s for s, _ in list_checkpoints(reference)] == [steps - 2, steps]  # the last 2 kept
     metrics = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == steps and all(torch.isfinite(torch.tensor(m["total"])) for m in metrics)
 
@@ -320,10 +355,10 @@ def test_incomplete_newest_checkpoint_is_skipped(setup, tmp_path, capsys):
     newest = run / "checkpoints" / "step_00000004.pt"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # as a copy cut short would leave it
-    found = loop.load_latest_checkpoint(run)
+    found = load_latest_checkpoint(run)
     assert found[0].name == "step_00000002.pt"
     with pytest.raises(ValueError, match="incomplete or unreadable"):
-        loop.read_checkpoint(newest)
+        read_checkpoint(newest)
     capsys.readouterr()
     from ps3.train.cli import main_train
 
@@ -331,7 +366,7 @@ def test_incomplete_newest_checkpoint_is_skipped(setup, tmp_path, capsys):
     out = capsys.readouterr()
     assert "step_00000004.pt is incomplete or unreadable" in out.err
     assert "resumed from" in out.out and "at step 2" in out.out
-    assert [s for s, _ in loop.list_checkpoints(run)] == [2, 4, 6]
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
     assert (run / "checkpoints" / "step_00000004.pt.incomplete").is_file()
 
 
@@ -378,7 +413,7 @@ def test_failed_checkpoint_write_keeps_previous(setup, tmp_path):
     assert proc.returncode == 2
     assert "could not write checkpoint" in proc.stderr and "step_00000002.pt is intact" in proc.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002.pt"]
-    assert loop.read_checkpoint(previous)["progress"]["step"] == 2
+    assert read_checkpoint(previous)["progress"]["step"] == 2
 
 
 def test_existing_run_without_resume_is_refused(setup, tmp_path):

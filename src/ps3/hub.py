@@ -189,7 +189,13 @@ class PretrainedMixin:
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, config: Any = None, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                         token: str | bool | None = None, dtype: Any = None,
-                        device: str | torch.device | None = None, **model_kwargs: Any):
+                        device: str | torch.device | None = None, torch_dtype: Any = None, **model_kwargs: Any):
+        """Load a model directory or hub repo. ``dtype`` (or Hugging Face's spelling ``torch_dtype``;
+        ``"auto"`` keeps the stored precision, as does None) and ``device`` convert after loading."""
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass only one of them")
+        dtype = dtype if dtype is not None else torch_dtype
+        dtype = None if dtype == "auto" else dtype  # loading keeps the stored precision unless asked
         directory = resolve_model_dir(path_or_hub_id, revision=revision, cache_dir=cache_dir,
                                       local_files_only=local_files_only, token=token)
         if config is None:
@@ -205,6 +211,18 @@ class PretrainedMixin:
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point parameter (as Hugging Face models report it)."""
+        first = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return first.dtype if first is not None else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter."""
+        first = next(self.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
 
     @classmethod
     def _optional_tensors(cls) -> dict[str, torch.Tensor]:

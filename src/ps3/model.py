@@ -19,6 +19,14 @@ from .vision import PS3VisionEncoder, PS3VisionOutput, delegate_to_encoder
 class PS3Model(PretrainedMixin, nn.Module):
     config_class = PS3Config
 
+    # Training settings (timm/open_clip style): parameter-name parts never weight-decayed, and the
+    # module prefixes of the selection machinery.
+    _NO_WEIGHT_DECAY_PARTS = ("pos_embed", "positional_embedding", "token_embedding", "pos_emb_residual", "latent",
+                              "prior_prompt", "logit_scale", "logit_bias")
+    _SELECTION_PREFIXES = ("vision_model.selection_feature_proj.", "vision_model.prior_prompt",
+                           "vision_model.highres_selection_feature_module.", "vision_model.prompt_proj_for_highres.",
+                           "text_model.prompt_proj.")
+
     def __init__(self, config: PS3Config):
         super().__init__()
         if not isinstance(config, PS3Config):
@@ -53,3 +61,28 @@ class PS3Model(PretrainedMixin, nn.Module):
             raise ValueError(f"got {images} images but {text.prompt.shape[0]} texts: "
                              "top-down selection needs one text per image")
         return self.encode_image(pixel_values, prompt=text.prompt, **vision_kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    # Training settings
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters weight decay should leave alone: the position and token
+        embedding tables, the pooling latent, the prior prompt and the logit scale/bias (an
+        optimizer also exempts every parameter of fewer than two dimensions)."""
+        return {name for name, _ in self.named_parameters() if any(p in name for p in self._NO_WEIGHT_DECAY_PARTS)}
+
+    def selection_parameter_names(self) -> list[str]:
+        """Names of the parameters that compute selection probabilities (the selection feature
+        projections, the prior prompt, the high-res selection ConvNet and the prompt projections)."""
+        return [name for name, _ in self.named_parameters() if name.startswith(self._SELECTION_PREFIXES)]
+
+    def lock_all_but_selection(self) -> None:
+        """Freeze every parameter but the selection modules' (train the selection alone)."""
+        trainable = set(self.selection_parameter_names())
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in trainable)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the vision trunk's blocks in the backward pass instead of storing their
+        activations (less memory, about a third more compute)."""
+        self.vision_model.trunk.set_grad_checkpointing(enable)

@@ -393,6 +393,26 @@ class PS3VisionEncoder(nn.Module):
             start += h * w
         return out
 
+    # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
+    @property
+    def s3_scales(self) -> list[int]:
+        """Upstream's older name for ``ps3_scales``."""
+        return self.ps3_scales
+
+    @property
+    def s3_image_size(self) -> int:
+        """The largest scale (upstream's name)."""
+        return self.ps3_scales[-1]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the trunk recomputes block activations in the backward pass (upstream's name)."""
+        return self.trunk.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.trunk.grad_checkpointing = bool(enable)
+
 
 def delegate_to_encoder(name: str, as_name: str | None = None):
     """A method calling ``self.vision_model.<name>`` with the same arguments; ``help()`` and
@@ -431,3 +451,9 @@ class PS3VisionModel(PretrainedMixin, nn.Module):
     encode_pooled = delegate_to_encoder("encode_pooled")
     encode_low_res = delegate_to_encoder("encode_low_res")
     count_tokens = delegate_to_encoder("count_tokens")
+
+    # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
+    @property
+    def width(self) -> int:
+        """The trunk width C (VILA-HD reads it as the vision hidden size)."""
+        return self.vision_model.width

@@ -327,3 +327,7 @@ class VisionTransformer(nn.Module):
             return x.mean(1)
         keep = (key_mask | ~key_mask.any(1, keepdim=True)).to(x.dtype).unsqueeze(-1)
         return (x * keep).sum(1) / keep.sum(1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (activation checkpointing) when ``enable``."""
+        self.grad_checkpointing = bool(enable)

@@ -33,7 +33,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(parser: argparse.ArgumentParser) -> None:
-    from .loop import add_arguments
+    from .params import add_arguments
 
     add_arguments(parser)
     parser.set_defaults(func=_run_train)

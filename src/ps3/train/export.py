@@ -19,7 +19,7 @@ from ..hub import check_and_load
 from ..model import PS3Model
 from ..processor import PS3ImageProcessor
 from ..tokenizer import PS3Tokenizer
-from .loop import TOKENIZER_DIR, load_latest_checkpoint, read_checkpoint
+from .checkpoint import TOKENIZER_DIR, load_latest_checkpoint, read_checkpoint
 
 __all__ = ["export", "load_run_model"]
 

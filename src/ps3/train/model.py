@@ -38,7 +38,6 @@ __all__ = [
     "load_siglip_weights",
     "build_caption_tokenizer",
     "read_captions",
-    "selection_parameter_names",
     "PS3PretrainModule",
 ]
 
@@ -301,21 +300,6 @@ def initialise(model: PS3Model, init: str | None) -> InitReport:
 
 # --------------------------------------------------------------------------------------------
 # The training module
-
-#: Module prefixes of the selection machinery (trained alone with ``--train-selection-only``,
-#: or with their own ``--selection-lr``).
-SELECTION_MODULES = (
-    "vision_model.selection_feature_proj.",
-    "vision_model.prior_prompt",
-    "vision_model.highres_selection_feature_module.",
-    "vision_model.prompt_proj_for_highres.",
-    "text_model.prompt_proj.",
-)
-
-
-def selection_parameter_names(model: PS3Model) -> list[str]:
-    """Names (in ``model``) of the parameters that compute selection probabilities."""
-    return [name for name, _ in model.named_parameters() if name.startswith(SELECTION_MODULES)]
 
 
 class PS3PretrainModule(nn.Module):
