@@ -206,17 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{expected_seconds(gflops, typical, args.check_every) / 60:.1f} min "
         f"(at most {expected_seconds(gflops, args.max_steps, args.check_every) / 60:.1f} min)")
     start = time.perf_counter()
+    sets = [("train", args.train_images, 0), ("eval", args.eval_images, 1)]
+    sets += [("check", args.check_images, 2)] if args.check_every else []
     data = {name: make_data(root / "data", name, count, args.seed + offset, args.image_size, args.quiet)
-            for name, count, offset in (("train", args.train_images, 0), ("eval", args.eval_images, 1),
-                                        ("check", args.check_images, 2))}
-    say(f"[1/5] data: {args.train_images} training, {args.eval_images} evaluation and {args.check_images} check "
-        f"scenes of {args.image_size} px in {root / 'data'} ({time.perf_counter() - start:.0f} s)")
+            for name, count, offset in sets}
+    counts = ", ".join(f"{count} {name}" for name, count, _ in sets)
+    say(f"[1/5] data: {counts} scenes of {args.image_size} px in {root / 'data'} "
+        f"({time.perf_counter() - start:.0f} s)")
     if args.fresh:
         shutil.rmtree(root / "run", ignore_errors=True)
     stop_rule = (f"until the held-out check every {args.check_every} steps meets the target, at most "
                  f"{args.max_steps} steps" if args.check_every else f"for {args.max_steps} steps")
     say(f"[2/5] training {args.model} {stop_rule} of {recipe['batch_size']} (CPU)")
-    trained = train(data["train"], data["check"], root / "run", recipe, model=args.model, max_steps=args.max_steps,
+    trained = train(data["train"], data.get("check"), root / "run", recipe, model=args.model, max_steps=args.max_steps,
                     check_every=args.check_every, seed=args.seed, quiet=args.quiet,
                     time_limit=args.time_limit, say=say)
     return _finish(args, root, recipe, trained, data["eval"], gflops, start, say)
