@@ -10,7 +10,7 @@ import torch
 
 from ..model import PS3Model
 
-__all__ = ["decay_exempt", "build_optimizer", "clip_grad_norm", "lr_multiplier", "build_scheduler"]
+__all__ = ["decay_exempt", "build_optimizer", "is_sharded", "clip_grad_norm", "lr_multiplier", "build_scheduler"]
 
 
 def decay_exempt(model: PS3Model) -> set[str]:
