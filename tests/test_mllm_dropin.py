@@ -116,7 +116,14 @@ def test_autoconfig_register():
             "AutoConfig.register('ps3_vision_model', PS3VisionConfig)\n"
             "c = AutoConfig.for_model('ps3_vision_model', ps3_scales=[56, 112, 224])\n"
             "assert isinstance(c, PS3VisionConfig) and c.ps3_scales == [56, 112, 224]\n"
-            "assert isinstance(AutoConfig.for_model('ps3'), PS3Config)\n")
+            "assert isinstance(AutoConfig.for_model('ps3'), PS3Config)\n"
+            # A ps3 model directory through AutoConfig (transformers passes name_or_path, _from_auto, …).
+            f"c = AutoConfig.from_pretrained({str(MODEL_DIR)!r})\n"
+            "assert type(c) is PS3Config and c == PS3Config.from_pretrained(" + repr(str(MODEL_DIR)) + ")\n"
+            "assert 'name_or_path' not in c.to_dict() and c.vision_config.ps3_scales == [56, 112, 224]\n"
+            f"c, unused = AutoConfig.from_pretrained({str(MODEL_DIR)!r}, architectures=['X'], foo=1, "
+            "return_unused_kwargs=True)\n"
+            "assert c.architectures == ['X'] and unused == {'foo': 1}, unused\n")
     env = {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
