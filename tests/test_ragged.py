@@ -151,10 +151,14 @@ def test_every_pass_stays_within_the_padding_bound():
 
 
 def test_first_n_scales_by_vila_hd_rule():
-    scales = [378, 756, 1512, 3780]
-    assert ps3.first_n_scales_for_sizes([(2645, 100), (100, 2646), (4000, 3000), (378, 378)], scales) == [2, 3, 3, 2]
+    scales = [378, 756, 1512, 3780]  # 4K: threshold (1512 + 3780) / 2 = 2646, kept only when strictly above
+    assert ps3.first_n_scales_for_sizes([(2645, 100), (100, 2646), (2647, 10), (4000, 3000), (378, 378)],
+                                        scales) == [2, 2, 3, 3, 2]
     assert ps3.first_n_scales_for_sizes([torch.zeros(3, 50, 2700)], scales) == [3]
-    assert ps3.first_n_scales_for_sizes([(100, 100)], [56, 112]) == [1]
+    # 1.5K models (largest scale ≤ 2000 px) never skip, however small the image.
+    assert ps3.first_n_scales_for_sizes([(10, 10), (1000, 1000), (2000, 100)], [378, 756, 1512]) == [2, 2, 2]
+    assert ps3.first_n_scales_for_sizes([(100, 100)], [56, 112]) == [1]  # one high-res scale: always kept
+    assert ps3.first_n_scales_for_sizes([(100, 100)], [378, 3780]) == [1]
 
 
 @pytest.mark.parametrize("kw,match", [
