@@ -228,3 +228,22 @@ def test_rows_of_other_lengths_share_a_masked_pass(model):
         with torch.no_grad():
             ref = model(images[b][None], num_token_look_close=[80, 30, 25, 7][b])
         assert_same_as_single(one, ref)
+
+
+def test_encode_selection_reuses_the_low_res_pass(model, monkeypatch):
+    # The public entry ps3.mllm uses: cells chosen outside the encoder, encoded against a LowResPass.
+    enc = model.vision_model
+    batch = [image(224, 224, 1), image(100, 180, 2), image(56, 224, 3)]
+    with torch.no_grad():
+        ref = enc.encode_looks(batch, num_look_close=2, num_token_look_close=[40, 20, 30])
+        looks, low_res, _ = enc.select(batch, num_look_close=2, num_token_look_close=[40, 20, 30])
+        low_res_calls = []
+        monkeypatch.setattr(enc, "forward_low_res", lambda *a, **k: low_res_calls.append(1))
+        hidden, totals = enc.encode_selection([gl.group for gl in looks], [gl.plan for gl in looks],
+                                              [gl.order for gl in looks], low_res)
+    assert low_res_calls == [] and totals == ref.lengths.tolist()
+    assert len(hidden) == len(ref.hidden_states)
+    for a, b in zip(hidden, ref.hidden_states):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one entry per image group"):
+        enc.encode_selection([gl.group for gl in looks], [], [gl.order for gl in looks], low_res)
