@@ -25,6 +25,7 @@ import torch
 
 from ps3.bench import build_model, timeit
 from ps3.looks import plan_passes
+from ps3.runtime import measure
 
 SCALES = [378, 756, 1512]
 WAYS = ("ragged", "loop", "grouped")
@@ -57,32 +58,26 @@ def encode(model, way: str, images, budgets, first_n):
         return outs
 
 
-def _peak_child(way: str, width: int, depth: int, device: str, dtype: str, queue) -> None:
-    import resource
+def _build(width: int, depth: int, device, dtype):
+    return build_model(SCALES, "cpu", width=width, depth=depth, device=device, dtype=dtype)
 
+
+def _peak_child(way: str, width: int, depth: int, device: str, dtype: str, queue) -> None:
     dev, dt = torch.device(device), getattr(torch, dtype)
-    model = build_model(SCALES, width, depth, width // 64, dev, dt)
+    model = _build(width, depth, dev, dt)
     inputs = make_inputs(dev, dt)
     gc.collect()
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * resource.getpagesize()
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (VmHWM)
-        f.write("5")
-    encode(model, way, *inputs)
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    queue.put(peak - base)
+    with measure(dev) as cost:  # CPU: peak resident set beyond what the model and images hold
+        encode(model, way, *inputs)
+    queue.put(cost.extra_bytes)
 
 
 def peak_memory(way: str, model, inputs, args) -> int:
     if args.device.startswith("cuda"):
-        dev = torch.device(args.device)
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        encode(model, way, *inputs)
-        torch.cuda.synchronize(dev)
-        return torch.cuda.max_memory_allocated(dev) - base
+        with measure(torch.device(args.device)) as cost:
+            encode(model, way, *inputs)
+        return cost.extra_bytes
+    # A fresh process per way, so no way's peak hides another's.
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     dtype = str(model.vision_model.trunk.pos_embed.dtype).replace("torch.", "")
@@ -133,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     dev = torch.device(args.device)
     dt = getattr(torch, args.dtype) if args.dtype else (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    model = build_model(SCALES, args.width, args.depth, args.width // 64, dev, dt)
+    model = _build(args.width, args.depth, dev, dt)
     inputs = make_inputs(dev, dt)
 
     # The ragged call returns what the loop returns (a check that the timed calls do the same work).
