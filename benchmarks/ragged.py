@@ -3,8 +3,9 @@
 python benchmarks/ragged.py                                 # CPU: random-weight 1.5K model, width 384, depth 2
 python benchmarks/ragged.py --width 768 --depth 4 --device cuda
 
-Eight images of eight sizes (4:1 and 1:4 among them), each with its own token budget and its
-``only_select_first_n_scale`` from VILA-HD's rule (``ps3.first_n_scales_for_sizes``), encoded
+Eight images of eight sizes (4:1 and 1:4 among them), each with its own token budget and its own
+``only_select_first_n_scale`` (given by hand: VILA-HD's rule, ``ps3.first_n_scales_for_sizes``,
+never skips a scale on a 1.5K model, and the point is a mix of first-n groups), encoded
 three ways in one run: one ragged call; one call per image; one call per first-n value (the
 grouping VILA-HD's ``encode_images_ps3`` does). Prints time (median of ``--repeats`` rounds, the
 three ways taking turns, each call after a warm-up call), the peak memory of each way (measured in a fresh process on a CPU: peak resident set
@@ -22,22 +23,22 @@ import statistics
 
 import torch
 
-import ps3
 from ps3.bench import build_model, timeit
 from ps3.looks import plan_passes
+from ps3.runtime import measure
 
 SCALES = [378, 756, 1512]
 WAYS = ("ragged", "loop", "grouped")
-# (height, width, num_token_look_close) of the eight images.
-IMAGES = [(1512, 1512, 2560), (378, 1512, 800), (1512, 378, 1600), (1000, 1400, 2000),
-          (600, 800, 400), (2000, 1200, 1200), (500, 900, 640), (1200, 1000, 3000)]
+# (height, width, num_token_look_close, only_select_first_n_scale) of the eight images.
+IMAGES = [(1512, 1512, 2560, 2), (378, 1512, 800, 2), (1512, 378, 1600, 2), (1000, 1400, 2000, 2),
+          (600, 800, 400, 1), (2000, 1200, 1200, 2), (500, 900, 640, 1), (1200, 1000, 3000, 2)]
 
 
 def make_inputs(device, dtype):
     g = torch.Generator().manual_seed(0)
-    images = [(torch.rand(3, h, w, generator=g) * 2 - 1).to(device, dtype) for h, w, _ in IMAGES]
-    budgets = [t for _, _, t in IMAGES]
-    first_n = ps3.first_n_scales_for_sizes([(h, w) for h, w, _ in IMAGES], SCALES)
+    images = [(torch.rand(3, h, w, generator=g) * 2 - 1).to(device, dtype) for h, w, _, _ in IMAGES]
+    budgets = [t for _, _, t, _ in IMAGES]
+    first_n = [f for _, _, _, f in IMAGES]
     return images, budgets, first_n
 
 
@@ -57,32 +58,26 @@ def encode(model, way: str, images, budgets, first_n):
         return outs
 
 
-def _peak_child(way: str, width: int, depth: int, device: str, dtype: str, queue) -> None:
-    import resource
+def _build(width: int, depth: int, device, dtype):
+    return build_model(SCALES, "cpu", width=width, depth=depth, device=device, dtype=dtype)
 
+
+def _peak_child(way: str, width: int, depth: int, device: str, dtype: str, queue) -> None:
     dev, dt = torch.device(device), getattr(torch, dtype)
-    model = build_model(SCALES, width, depth, width // 64, dev, dt)
+    model = _build(width, depth, dev, dt)
     inputs = make_inputs(dev, dt)
     gc.collect()
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * resource.getpagesize()
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (VmHWM)
-        f.write("5")
-    encode(model, way, *inputs)
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    queue.put(peak - base)
+    with measure(dev) as cost:  # CPU: peak resident set beyond what the model and images hold
+        encode(model, way, *inputs)
+    queue.put(cost.extra_bytes)
 
 
 def peak_memory(way: str, model, inputs, args) -> int:
     if args.device.startswith("cuda"):
-        dev = torch.device(args.device)
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        encode(model, way, *inputs)
-        torch.cuda.synchronize(dev)
-        return torch.cuda.max_memory_allocated(dev) - base
+        with measure(torch.device(args.device)) as cost:
+            encode(model, way, *inputs)
+        return cost.extra_bytes
+    # A fresh process per way, so no way's peak hides another's.
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     dtype = str(model.vision_model.trunk.pos_embed.dtype).replace("torch.", "")
@@ -117,7 +112,7 @@ def planned_padding(model, budgets) -> float:
     """Tokens computed over tokens returned for a ragged call with token budgets only, from the look
     plans (the rows a call packs) without running the model."""
     vm = model.vision_model
-    rows = [n for (h, w, _), t in zip(IMAGES, budgets)
+    rows = [n for (h, w, _, _), t in zip(IMAGES, budgets)
             for n in (look[0] for look in vm.plan(h, w, 1, num_token_look_close=t).tokens_per_look())]
     passes = plan_passes(rows, len(IMAGES), 1)
     return sum(max(rows[i] for i in p) * len(p) for p in passes) / sum(rows)
@@ -133,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     dev = torch.device(args.device)
     dt = getattr(torch, args.dtype) if args.dtype else (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    model = build_model(SCALES, args.width, args.depth, args.width // 64, dev, dt)
+    model = _build(args.width, args.depth, dev, dt)
     inputs = make_inputs(dev, dt)
 
     # The ragged call returns what the loop returns (a check that the timed calls do the same work).
@@ -143,7 +138,7 @@ def main() -> None:
         assert err <= 1e-3 * ref.last_hidden_state.float().abs().max(), float(err)
 
     res = {"device": str(dev), "dtype": str(dt).replace("torch.", ""), "width": args.width, "depth": args.depth,
-           "images": [[h, w] for h, w, _ in IMAGES], "num_token_look_close": inputs[1],
+           "images": [[h, w] for h, w, _, _ in IMAGES], "num_token_look_close": inputs[1],
            "only_select_first_n_scale": inputs[2]}
     # Round-robin, so that a shared machine's slow spells fall on every way alike.
     times: dict[str, list[float]] = {way: [] for way in WAYS}

@@ -82,3 +82,16 @@ def test_errors(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         PS3Config.from_pretrained(tmp_path)
+
+
+def test_from_dict_takes_transformers_keyword_arguments():
+    # What transformers' AutoConfig.from_pretrained passes: bookkeeping dropped, known keys override.
+    config = PS3Config.from_dict(PUBLISHED, name_or_path="/some/dir", _from_auto=True, revision="main",
+                                 dtype="float32")
+    assert config == PS3Config.from_dict(PUBLISHED)
+    config, unused = PS3Config.from_dict(PUBLISHED, architectures=["X"], vision_config={"max_select_num": 7},
+                                         not_a_key=3, return_unused_kwargs=True)
+    assert config.architectures == ["X"] and unused == {"not_a_key": 3}
+    assert isinstance(config.vision_config, PS3VisionConfig) and config.vision_config.max_select_num == 7
+    assert config.vision_config.ps3_scales == PS3Config.from_dict(PUBLISHED).vision_config.ps3_scales
+    assert PS3VisionConfig.from_dict(PUBLISHED, max_select_num=9).max_select_num == 9

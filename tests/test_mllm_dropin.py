@@ -44,6 +44,28 @@ def test_vision_tower_init_calls(repo):
     assert len(out.hidden_states) == 2 and out.last_hidden_state.dtype == torch.bfloat16
 
 
+def test_image_processor_calls(repo, tmp_path):
+    # VILA's data code: expand2square with the mean as fill colour, then
+    # preprocess(image, return_tensors="pt")["pixel_values"][0]; it sizes tiles from crop_size / size.
+    from PIL import Image
+    processor = PS3ImageProcessor.from_pretrained(repo)
+    assert processor.image_mean == [0.5] * 3 and processor.image_std == [0.5] * 3
+    assert tuple(int(x * 255) for x in processor.image_mean) == (127, 127, 127)
+    assert processor.size == {"shortest_edge": 224}
+    assert processor.crop_size == {"height": 224, "width": 224}
+    assert PS3ImageProcessor(image_size=[252, 378]).crop_size == {"height": 252, "width": 252}
+    image = Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy())
+    single = processor.preprocess_image(image)
+    assert single.shape == (3, 224, 224)
+    pt = processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(pt, single)
+    plain = processor.preprocess(image)
+    assert isinstance(plain["pixel_values"], list) and len(plain["pixel_values"]) == 1
+    assert torch.equal(plain["pixel_values"][0], single)
+    with pytest.raises(ValueError, match="return_tensors"):
+        processor.preprocess(image, return_tensors="np")
+
+
 def test_torch_dtype_spellings(repo):
     assert PS3VisionModel.from_pretrained(repo, torch_dtype="auto").dtype == torch.float32  # stored precision
     assert PS3VisionModel.from_pretrained(repo, torch_dtype="float16").dtype == torch.float16
@@ -94,7 +116,14 @@ def test_autoconfig_register():
             "AutoConfig.register('ps3_vision_model', PS3VisionConfig)\n"
             "c = AutoConfig.for_model('ps3_vision_model', ps3_scales=[56, 112, 224])\n"
             "assert isinstance(c, PS3VisionConfig) and c.ps3_scales == [56, 112, 224]\n"
-            "assert isinstance(AutoConfig.for_model('ps3'), PS3Config)\n")
+            "assert isinstance(AutoConfig.for_model('ps3'), PS3Config)\n"
+            # A ps3 model directory through AutoConfig (transformers passes name_or_path, _from_auto, …).
+            f"c = AutoConfig.from_pretrained({str(MODEL_DIR)!r})\n"
+            "assert type(c) is PS3Config and c == PS3Config.from_pretrained(" + repr(str(MODEL_DIR)) + ")\n"
+            "assert 'name_or_path' not in c.to_dict() and c.vision_config.ps3_scales == [56, 112, 224]\n"
+            f"c, unused = AutoConfig.from_pretrained({str(MODEL_DIR)!r}, architectures=['X'], foo=1, "
+            "return_unused_kwargs=True)\n"
+            "assert c.architectures == ['X'] and unused == {'foo': 1}, unused\n")
     env = {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

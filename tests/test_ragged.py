@@ -151,10 +151,14 @@ def test_every_pass_stays_within_the_padding_bound():
 
 
 def test_first_n_scales_by_vila_hd_rule():
-    scales = [378, 756, 1512, 3780]
-    assert ps3.first_n_scales_for_sizes([(2645, 100), (100, 2646), (4000, 3000), (378, 378)], scales) == [2, 3, 3, 2]
+    scales = [378, 756, 1512, 3780]  # 4K: threshold (1512 + 3780) / 2 = 2646, kept only when strictly above
+    assert ps3.first_n_scales_for_sizes([(2645, 100), (100, 2646), (2647, 10), (4000, 3000), (378, 378)],
+                                        scales) == [2, 2, 3, 3, 2]
     assert ps3.first_n_scales_for_sizes([torch.zeros(3, 50, 2700)], scales) == [3]
-    assert ps3.first_n_scales_for_sizes([(100, 100)], [56, 112]) == [1]
+    # 1.5K models (largest scale ≤ 2000 px) never skip, however small the image.
+    assert ps3.first_n_scales_for_sizes([(10, 10), (1000, 1000), (2000, 100)], [378, 756, 1512]) == [2, 2, 2]
+    assert ps3.first_n_scales_for_sizes([(100, 100)], [56, 112]) == [1]  # one high-res scale: always kept
+    assert ps3.first_n_scales_for_sizes([(100, 100)], [378, 3780]) == [1]
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -224,3 +228,22 @@ def test_rows_of_other_lengths_share_a_masked_pass(model):
         with torch.no_grad():
             ref = model(images[b][None], num_token_look_close=[80, 30, 25, 7][b])
         assert_same_as_single(one, ref)
+
+
+def test_encode_selection_reuses_the_low_res_pass(model, monkeypatch):
+    # The public entry ps3.mllm uses: cells chosen outside the encoder, encoded against a LowResPass.
+    enc = model.vision_model
+    batch = [image(224, 224, 1), image(100, 180, 2), image(56, 224, 3)]
+    with torch.no_grad():
+        ref = enc.encode_looks(batch, num_look_close=2, num_token_look_close=[40, 20, 30])
+        looks, low_res, _ = enc.select(batch, num_look_close=2, num_token_look_close=[40, 20, 30])
+        low_res_calls = []
+        monkeypatch.setattr(enc, "forward_low_res", lambda *a, **k: low_res_calls.append(1))
+        hidden, totals = enc.encode_selection([gl.group for gl in looks], [gl.plan for gl in looks],
+                                              [gl.order for gl in looks], low_res)
+    assert low_res_calls == [] and totals == ref.lengths.tolist()
+    assert len(hidden) == len(ref.hidden_states)
+    for a, b in zip(hidden, ref.hidden_states):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one entry per image group"):
+        enc.encode_selection([gl.group for gl in looks], [], [gl.order for gl in looks], low_res)

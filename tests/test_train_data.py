@@ -127,7 +127,7 @@ def test_pixels_match_the_inference_processor(tmp_path):
     image_dir, record_dir = _write(tmp_path, [[("a", buffer.getvalue())]], [[("a", _record(["x"], [[0, 0, 4, 4]]))]])
     mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
     (batch,) = _all(_load(image_dir, record_dir, mean=mean, std=std, image_size=20, batch_size=1))
-    expected = PS3ImageProcessor(image_size=20, mean=mean, std=std).preprocess(buffer.getvalue())
+    expected = PS3ImageProcessor(image_size=20, mean=mean, std=std).preprocess_image(buffer.getvalue())
     assert torch.equal(batch["pixel_values"][0], expected)
 
 

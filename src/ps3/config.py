@@ -17,6 +17,15 @@ from typing import Any, ClassVar
 
 CONFIG_NAME = "config.json"
 
+# What transformers passes along to a config's ``from_dict`` (``AutoConfig.from_pretrained``,
+# ``PreTrainedModel.from_pretrained``) that says where the file came from or how to load weights,
+# not what the model is: accepted and dropped, so the saved file stays the published layout.
+HF_LOADING_KWARGS = frozenset({
+    "_from_auto", "_from_pipeline", "_commit_hash", "name_or_path", "revision", "cache_dir", "token",
+    "local_files_only", "force_download", "proxies", "subfolder", "trust_remote_code", "code_revision",
+    "user_agent", "dtype", "torch_dtype", "attn_implementation"})
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")  # what resolve_model_dir takes
+
 
 class ConfigBase:
     """Keyword arguments set the dataclass fields (unset ones take their defaults); unknown keys
@@ -41,10 +50,28 @@ class ConfigBase:
         return {"model_type": self.model_type, **copy.deepcopy(self.__dict__)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ConfigBase":
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any):
+        """A config from a ``config.json`` dict. Keyword arguments follow transformers'
+        ``PretrainedConfig.from_dict``: a key the config has (a field or a key of ``data``)
+        overrides it; loading bookkeeping (``name_or_path``, ``_from_auto``, ``revision``, ``dtype``,
+        …) is dropped; other keys are unused — returned as ``(config, unused)`` with
+        ``return_unused_kwargs=True``, else ignored."""
         if not isinstance(data, dict):
             raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
-        return cls(**cls._select(data))
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        config = cls(**cls._select(data))
+        unused = {}
+        for key, value in kwargs.items():
+            if key in HF_LOADING_KWARGS:
+                continue
+            if not hasattr(config, key) or key == "model_type":
+                unused[key] = value
+                continue
+            current = getattr(config, key)
+            if isinstance(current, ConfigBase) and isinstance(value, dict):  # a sub-config, updated key by key
+                value = type(current).from_dict({**current.to_dict(), **value})
+            setattr(config, key, copy.deepcopy(value))
+        return (config, unused) if return_unused else config
 
     @classmethod
     def _select(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -57,9 +84,12 @@ class ConfigBase:
         (path / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **hub_kwargs: Any) -> "ConfigBase":
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **kwargs: Any):
+        """Read ``config.json`` from a directory or a hub id. ``revision``, ``cache_dir``,
+        ``local_files_only`` and ``token`` locate it; other keyword arguments go to :meth:`from_dict`."""
         from .hub import resolve_model_dir
 
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         directory = resolve_model_dir(path_or_hub_id, **hub_kwargs)
         file = directory / CONFIG_NAME
         if not file.is_file():
@@ -68,7 +98,7 @@ class ConfigBase:
             data = json.loads(file.read_text())
         except ValueError as exc:
             raise ValueError(f"{file} is not valid JSON ({exc}): fix it or download the model again") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(data, **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"

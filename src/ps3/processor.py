@@ -146,7 +146,7 @@ class PS3ImageProcessor:
     def preprocess_rgb(self, rgb: Image.Image, image_size: int | Sequence[int] | None = None) -> torch.Tensor:
         """An already decoded, upright RGB PIL image → (3, H, W) float32 (resize, [0, 1], normalise)."""
         if rgb.mode != "RGB":
-            raise ValueError(f"preprocess_rgb takes an RGB image, got mode {rgb.mode!r}: use preprocess()")
+            raise ValueError(f"preprocess_rgb takes an RGB image, got mode {rgb.mode!r}: use preprocess_image()")
         h, w = self.output_size(rgb.height, rgb.width, image_size)
         if (h, w) != (rgb.height, rgb.width):
             rgb = rgb.resize((w, h), Image.Resampling.BICUBIC)
@@ -155,13 +155,38 @@ class PS3ImageProcessor:
         std = torch.tensor(self.std).view(3, 1, 1)
         return pixels.sub_(mean).div_(std)
 
-    def preprocess(self, image: Any, image_size: int | Sequence[int] | None = None) -> torch.Tensor:
+    def preprocess_image(self, image: Any, image_size: int | Sequence[int] | None = None) -> torch.Tensor:
         """One image (path, bytes, file object, PIL image or HWC uint8 array) → (3, H, W) float32."""
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim not in (2, 3):
                 raise ValueError(f"a numpy image must be HxW or HxWxC uint8, got {image.dtype} {image.shape}")
             image = Image.fromarray(image)
         return self.preprocess_rgb(load_image(image), image_size)
+
+    def preprocess(self, images: Any, return_tensors: str | None = None,
+                   image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
+        """The upstream (Hugging Face style) call: ``preprocess(image, return_tensors="pt")["pixel_values"][0]``
+        is the (3, H, W) tensor, as VILA's data code reads it. Same as calling the processor; for
+        one image's bare tensor use :meth:`preprocess_image`."""
+        return self(images, image_size=image_size, return_tensors=return_tensors)
+
+    # Upstream attribute names (VILA reads them): mean/std, and the square side as HF size dicts.
+    @property
+    def image_mean(self) -> list[float]:
+        return self.mean
+
+    @property
+    def image_std(self) -> list[float]:
+        return self.std
+
+    @property
+    def size(self) -> dict[str, int]:
+        return {"shortest_edge": _as_pair(self.image_size)[0]}
+
+    @property
+    def crop_size(self) -> dict[str, int]:
+        side = _as_pair(self.image_size)[0]  # upstream uses image_size[0] for both sides
+        return {"height": side, "width": side}
 
     def __call__(self, images: Any, image_size: int | Sequence[int] | None = None, return_tensors: str | None = None):
         """``processor(image)["pixel_values"][0]`` → (3, H, W). A list of images gives a list (with
@@ -172,7 +197,7 @@ class PS3ImageProcessor:
             raise ValueError("images is an empty list: pass at least one image")
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
-        pixels = [self.preprocess(im, image_size) for im in batch]
+        pixels = [self.preprocess_image(im, image_size) for im in batch]
         if return_tensors is None:
             return {"pixel_values": pixels}
         shapes = sorted({tuple(p.shape[1:]) for p in pixels})

@@ -253,18 +253,27 @@ class TokenCount:
         return self.low_res + sum(self.per_scale)
 
 
+# VILA-HD never skips a scale on models whose largest scale is at most this many pixels (1.5K models).
+NEVER_SKIP_MAX_SCALE = 2000
+
+
 def first_n_scales_for_sizes(sizes: Sequence, scales: Sequence[int]) -> list[int]:
-    """Per-image ``only_select_first_n_scale`` by VILA-HD's rule: an image whose original long side
-    is below the midpoint of the two largest scales (2646 px for 378/756/1512/3780) skips the
-    largest scale; larger images use every high-res scale.
+    """Per-image ``only_select_first_n_scale`` by VILA-HD's rule (``ps3_dynamic_aspect_ratio``).
+
+    With high-res scales s_1 < … < s_{S-1}, the last threshold is (s_{S-2} + s_{S-1}) / 2 (2646 px
+    for 378/756/1512/3780). An image uses every high-res scale when its original long side is
+    strictly greater than that threshold, or when the largest scale is at most 2000 px (1.5K models
+    never skip); otherwise it uses all but the largest. A model with a single high-res scale
+    always keeps it.
 
     ``sizes``: (height, width) pairs, image tensors (..., H, W) or PIL images. ``scales``: the
-    model's ``ps3_scales``. A model with a single high-res scale always keeps it.
+    model's ``ps3_scales``.
     """
     n_high = len(scales) - 1
     if n_high < 1:
         raise ValueError(f"scales needs a low-res and at least one high-res scale, got {list(scales)}")
-    midpoint = (scales[-1] + scales[-2]) / 2
+    never_skip = n_high == 1 or scales[-1] <= NEVER_SKIP_MAX_SCALE
+    threshold = (scales[-2] + scales[-1]) / 2
     out = []
     for size in sizes:
         if isinstance(size, torch.Tensor):
@@ -273,5 +282,5 @@ def first_n_scales_for_sizes(sizes: Sequence, scales: Sequence[int]) -> list[int
             width, height = size.size  # PIL: (width, height)
         else:
             height, width = size
-        out.append(max(n_high - 1, 1) if max(height, width) < midpoint else n_high)
+        out.append(n_high if never_skip or max(height, width) > threshold else n_high - 1)
     return out

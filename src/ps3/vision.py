@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .batching import check_images, group_images, image_sizes, merge_group_maps, per_sample
+from .batching import ImageGroup, check_images, group_images, image_sizes, merge_group_maps, per_sample
 from .config import PS3VisionConfig
 from .cuda_graphs import GraphedBlocks
 from .hub import PretrainedMixin
@@ -169,7 +169,9 @@ class PS3VisionEncoder(nn.Module):
         feats, highres = self.selection_features(pixel_values, hidden)
         return LowResPass(hidden, kvs if keep_kv else None, pooled, feats, highres, image_sizes(pixel_values))
 
-    def _check_low_res(self, low_res, pixel_values, needs_kv: bool) -> None:
+    def check_low_res(self, low_res, pixel_values, needs_kv: bool) -> None:
+        """Raise unless ``low_res`` is a LowResPass of these ``pixel_values`` (with its key/value
+        cache when ``needs_kv``: a call that encodes looks attends to it)."""
         if not isinstance(low_res, LowResPass):
             raise TypeError(f"low_res must be a LowResPass from encode_low_res, got {type(low_res).__name__}")
         sizes = image_sizes(pixel_values)
@@ -230,7 +232,7 @@ class PS3VisionEncoder(nn.Module):
         if low_res is None:
             low_res = self.encode_low_res(pixel_values, keep_kv=needs_kv)
         else:
-            self._check_low_res(low_res, pixel_values, needs_kv)
+            self.check_low_res(low_res, pixel_values, needs_kv)
         B = low_res.batch_size
         feats, highres = low_res.selection_features, low_res.highres_selection_features
         # Scores on the low-res grid, shared by every image size: computed once for the batch.
@@ -276,24 +278,42 @@ class PS3VisionEncoder(nn.Module):
         self._check_inputs(pixel_values, prompt, None, num_hidden_layers_to_return, max_tokens_per_pass, check_finite)
         looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
                                           num_look_close, num_token_look_close, only_select_first_n_scale, low_res)
-        keep = min(num_hidden_layers_to_return or self.num_hidden_layers_to_return or self.layers, self.layers)
-        B = low_res.batch_size
-        device = low_res.pooled_output.device
-        if out.selection_maps is None:
-            hidden, totals = list(low_res.hidden_states[-keep:]), [self.low_res_token_num] * B
-        else:
-            # Looks only see the low-res cache and themselves, so several go through the trunk as one
-            # batch, up to max_tokens_per_pass tokens per pass (None: several looks per pass on a GPU,
-            # one per pass on a CPU, where batching measured slower).
-            budget = max_tokens_per_pass or self.max_tokens_per_pass or (16384 if device.type == "cuda" else 1)
-            hidden, totals = run_looks(self, looks, low_res, B, keep, budget)
+        hidden, totals = self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
         out.hidden_states = tuple(hidden)
         out.last_hidden_state = hidden[-1]
         if isinstance(pixel_values, torch.Tensor) and len(looks) == 1 and len(set(totals)) == 1:
             out.feature_sizes = out.num_looks = None
         else:
-            out.lengths = torch.tensor(totals).to(device, non_blocking=True)
+            out.lengths = torch.tensor(totals).to(low_res.pooled_output.device, non_blocking=True)
         return out
+
+    def encode_selection(self, groups: Sequence[ImageGroup], plans: Sequence[LookPlan],
+                         orders: Sequence[Sequence[torch.Tensor]], low_res: LowResPass, *,
+                         num_hidden_layers_to_return: int | None = None, max_tokens_per_pass: int | None = None):
+        """Encode cells chosen by the caller (e.g. the block-aligned selection of ``ps3.mllm``),
+        reusing ``low_res`` (its key/value cache) instead of running the low-res trunk again.
+
+        ``groups``: the images grouped by size (``ps3.batching.group_images``); per group its
+        ``LookPlan`` and, per look, the (n, T) canvas positions of the look's cells in canvas order.
+        Returns (per kept layer (B, N, C): each image's low-res tokens then its chosen tokens,
+        zero-padded; each image's token count N_i)."""
+        if not len(groups) == len(plans) == len(orders):
+            raise ValueError(f"groups, plans and orders need one entry per image group, got {len(groups)}, "
+                             f"{len(plans)} and {len(orders)}")
+        looks = [GroupLooks(g, self.feature_sizes(*g.size), plan, list(order))
+                 for g, plan, order in zip(groups, plans, orders)]
+        return self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
+
+    def _run_group_looks(self, looks: Sequence[GroupLooks], low_res: LowResPass, num_layers: int | None,
+                         max_tokens: int | None) -> tuple[list[torch.Tensor], list[int]]:
+        keep = min(num_layers or self.num_hidden_layers_to_return or self.layers, self.layers)
+        if not any(gl.plan.num_looks for gl in looks):
+            return list(low_res.hidden_states[-keep:]), [self.low_res_token_num] * low_res.batch_size
+        # Looks only see the low-res cache and themselves, so several go through the trunk as one
+        # batch, up to max_tokens tokens per pass (None: several looks per pass on a GPU, one per
+        # pass on a CPU, where batching measured slower).
+        budget = max_tokens or self.max_tokens_per_pass or (16384 if low_res.pooled_output.is_cuda else 1)
+        return run_looks(self, looks, low_res, low_res.batch_size, keep, budget)
 
     def encode_pooled(self, pixel_values, *, prompt: torch.Tensor | None = None, gt_selection_maps=None,
                       is_global_text: torch.Tensor | None = None, pool_gt_token_only: bool = False,

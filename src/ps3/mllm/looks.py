@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from ..batching import group_images, merge_group_maps
-from ..looks import GroupLooks, run_looks
 from ..outputs import LowResPass, PS3VisionOutput
 from ..selection import LookPlan, select_cells
 from ..selection_features import apply_gt_and_smoothing, first_slot_probs, upsample_probs
@@ -95,13 +94,13 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
     if low_res is None:
         low_res = encode_low_res(encoder, pixel_values)
     else:
-        encoder._check_low_res(low_res, pixel_values, needs_kv=True)
+        encoder.check_low_res(low_res, pixel_values, needs_kv=True)
     B = low_res.batch_size
     budgets = list(encoder.max_select_num_each_scale if budgets is None else budgets)
     feats, highres = low_res.selection_features, low_res.highres_selection_features
     bottomup = first_slot_probs(feats, highres, encoder.prior_prompt.expand(B, -1), encoder.prompt_proj_for_highres)
     topdown = first_slot_probs(feats, highres, prompt, encoder.prompt_proj_for_highres) if prompt is not None else None
-    looks, results = [], []
+    plans, orders, results = [], [], []
     for g in groups:
         sizes = encoder.feature_sizes(*g.size)
         part = [t if t is None or len(groups) == 1 else t.index_select(0, g.index) for t in (bottomup, topdown)]
@@ -112,23 +111,21 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
         plan = _block_plan(g.only_select_first_n_scale or [None] * len(g.samples), grids, budgets, k, num_looks)
         maps, order = _select_blocks(probs, plan, k) if plan.num_looks else ([torch.zeros_like(p, dtype=torch.long)
                                                                                 for p in probs], [])
-        looks.append(GroupLooks(g, sizes, plan, order))
+        plans.append(plan)
+        orders.append(order)
         results.append((probs, bu, td, maps))
     out = PS3VisionOutput(pooled_output=low_res.pooled_output,
                           **{name: merge_group_maps(groups, [r[i] for r in results], B) for i, name in enumerate(
                               ("selection_probs", "bottomup_selection_probs", "topdown_selection_probs",
                                "selection_maps"))})
-    keep = min(num_hidden_layers_to_return or encoder.num_hidden_layers_to_return or encoder.layers, encoder.layers)
-    if any(gl.plan.num_looks for gl in looks):
-        budget = max_tokens_per_pass or encoder.max_tokens_per_pass or (16384 if feats.is_cuda else 1)
-        hidden, totals = run_looks(encoder, looks, low_res, B, keep, budget)
-    else:
-        hidden, totals = list(low_res.hidden_states[-keep:]), [encoder.low_res_token_num] * B
+    hidden, totals = encoder.encode_selection(groups, plans, orders, low_res,
+                                              num_hidden_layers_to_return=num_hidden_layers_to_return,
+                                              max_tokens_per_pass=max_tokens_per_pass)
     out.hidden_states, out.last_hidden_state = tuple(hidden), hidden[-1]
     if not (isinstance(pixel_values, torch.Tensor) and len(groups) == 1 and len(set(totals)) == 1):
         out.lengths = torch.tensor(totals).to(feats.device, non_blocking=True)
         out.feature_sizes = [None] * B
-        for gl in looks:
-            for b in gl.group.samples:
-                out.feature_sizes[b] = gl.sizes[1:]
+        for g in groups:
+            for b in g.samples:
+                out.feature_sizes[b] = encoder.feature_sizes(*g.size)[1:]
     return out

@@ -102,7 +102,7 @@ def iter_box_captions(image_shards: Sequence[str], text_box_shards: Sequence[str
                     continue
                 captions.append(caption)
             if captions:
-                yield processor.preprocess(image), captions, torch.stack(maps)
+                yield processor.preprocess_image(image), captions, torch.stack(maps)
 
 
 @torch.no_grad()
