@@ -421,3 +421,10 @@ def test_explicit_modes_are_what_the_upstream_flag_selects(model):
     assert inspect.signature(ps3.PS3Model.encode_image) == encoder
     assert list(inspect.signature(model.forward).parameters)[:3] == ["pixel_values", "num_look_close",
                                                                      "num_token_look_close"]
+
+
+def test_release_cuda_graphs_turns_replay_off(model):
+    encoder = model.vision_model
+    encoder.use_cuda_graphs = True
+    encoder.release_cuda_graphs()
+    assert encoder.use_cuda_graphs is False and encoder._graphed_blocks is None

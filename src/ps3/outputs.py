@@ -103,3 +103,28 @@ class LowResPass:
     @property
     def batch_size(self) -> int:
         return self.pooled_output.shape[0]
+
+
+def feature_maps(features: torch.Tensor, selection_maps, low_res_side: int) -> list[torch.Tensor]:
+    """Tokens (B, N, C) in output order → one (B, C, h_i, w_i) map per scale (the low-res
+    ``low_res_side``² grid first), zero where a cell was not selected (design §3.13)."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be (B, N, C), got shape {tuple(features.shape)}")
+    B, N, C = features.shape
+    maps = [torch.ones(B, low_res_side, low_res_side, dtype=torch.bool, device=features.device)]
+    maps += [m.to(features.device).bool() for m in selection_maps]
+    flat = torch.cat([m.flatten(1) for m in maps], dim=1)
+    expected = flat.sum(1)
+    if not torch.equal(expected, torch.full_like(expected, N)):
+        raise ValueError(f"features hold {N} tokens per sample but the selection maps mark "
+                         f"{expected.tolist()} cells (incl. {low_res_side ** 2} low-res)")
+    # Selected cells, in canvas order, receive the tokens in order.
+    order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)[:, :N]
+    canvas = features.new_zeros(B, flat.shape[1], C)
+    canvas.scatter_(1, order.unsqueeze(-1).expand(B, N, C), features)
+    out, start = [], 0
+    for m in maps:
+        h, w = m.shape[-2:]
+        out.append(canvas[:, start:start + h * w].reshape(B, h, w, C).permute(0, 3, 1, 2))
+        start += h * w
+    return out

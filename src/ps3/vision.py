@@ -24,12 +24,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .batching import ImageGroup, check_images, group_images, image_sizes, merge_group_maps, per_sample
+from .batching import ImageGroup, check_call, check_images, group_images, image_sizes, merge_group_maps, per_sample
 from .config import PS3VisionConfig
 from .cuda_graphs import GraphedBlocks
 from .hub import PretrainedMixin
 from .looks import GroupLooks, pool_looks, run_looks
-from .outputs import LowResPass, PS3VisionOutput
+from .outputs import LowResPass, PS3VisionOutput, feature_maps
 from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, select_cells)
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
                                  first_slot_probs, gt_area_at_cells, resize_images, upsample_probs)
@@ -275,7 +275,7 @@ class PS3VisionEncoder(nn.Module):
         (H, W) maps (or None entries). A mixed call (a list, or samples returning different token
         counts) sets ``lengths`` and zero-pads; ``per_sample()`` splits it into single-image outputs.
         """
-        self._check_inputs(pixel_values, prompt, None, num_hidden_layers_to_return, max_tokens_per_pass, check_finite)
+        check_call(pixel_values, self.width, prompt, None, num_hidden_layers_to_return, max_tokens_per_pass, check_finite)
         looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
                                           num_look_close, num_token_look_close, only_select_first_n_scale, low_res)
         hidden, totals = self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
@@ -322,7 +322,7 @@ class PS3VisionEncoder(nn.Module):
         """Pre-training (design §3.14): one look with the full budget (gt maps if given), pooled over
         its high-res tokens after the final norm; ``pool_gt_token_only`` pools over the gt cells
         only; ``is_global_text`` (B, 1) samples take the low-res pooled feature instead."""
-        self._check_inputs(pixel_values, prompt, is_global_text, None, None, check_finite)
+        check_call(pixel_values, self.width, prompt, is_global_text, None, None, check_finite)
         if pool_gt_token_only and gt_selection_maps is None:
             raise ValueError("pool_gt_token_only=True needs gt_selection_maps")
         looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
@@ -363,55 +363,17 @@ class PS3VisionEncoder(nn.Module):
                                  num_hidden_layers_to_return=num_hidden_layers_to_return,
                                  max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res)
 
-    # ----------------------------------------------------------------- checks and feature maps
-    def _check_inputs(self, pixel_values, prompt, is_global_text, num_layers, max_tokens, check_finite) -> None:
-        check_images(pixel_values)
-        B = len(image_sizes(pixel_values))
-        if prompt is not None:
-            if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[0] != B:
-                raise ValueError(f"prompt must be a (B={B}, {self.width}) tensor, got "
-                                 f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
-            if prompt.shape[1] != self.width:
-                raise ValueError(f"prompt has width {prompt.shape[1]} but the vision tower expects {self.width}: "
-                                 "use the prompt of a text tower trained with this vision tower")
-        if is_global_text is not None:
-            if not isinstance(is_global_text, torch.Tensor) or is_global_text.numel() != B:
-                raise ValueError(f"is_global_text must be a (B={B}, 1) bool tensor")
-        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
-            raise ValueError(f"num_hidden_layers_to_return must be a positive int, got {num_layers!r}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"max_tokens_per_pass must be a positive int, got {max_tokens!r}")
-        if check_finite:
-            images = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
-            for name, t in [("pixel_values", image) for image in images] + [("prompt", prompt)]:
-                if t is not None and not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains NaN or Inf")
-
+    # ----------------------------------------------------------------- feature maps
     def format_features_into_feature_maps(self, features: torch.Tensor,
                                           selection_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Tokens (B, N, C) → one (B, C, h_i, w_i) map per scale (low-res first), zero where a cell
-        was not selected."""
-        if features.dim() != 3:
-            raise ValueError(f"features must be (B, N, C), got shape {tuple(features.shape)}")
-        B, N, C = features.shape
-        side = self.ps3_scales[0] // self.patch_size
-        maps = [torch.ones(B, side, side, dtype=torch.bool, device=features.device)]
-        maps += [m.to(features.device).bool() for m in selection_maps]
-        flat = torch.cat([m.flatten(1) for m in maps], dim=1)
-        expected = flat.sum(1)
-        if not torch.equal(expected, torch.full_like(expected, N)):
-            raise ValueError(f"features hold {N} tokens per sample but the selection maps mark "
-                             f"{expected.tolist()} cells (incl. {side * side} low-res)")
-        # Selected cells, in canvas order, receive the tokens in order.
-        order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)[:, :N]
-        canvas = features.new_zeros(B, flat.shape[1], C)
-        canvas.scatter_(1, order.unsqueeze(-1).expand(B, N, C), features)
-        out, start = [], 0
-        for m in maps:
-            h, w = m.shape[-2:]
-            out.append(canvas[:, start:start + h * w].reshape(B, h, w, C).permute(0, 3, 1, 2))
-            start += h * w
-        return out
+        was not selected (design §3.13)."""
+        return feature_maps(features, selection_maps, self.ps3_scales[0] // self.patch_size)
+
+    def release_cuda_graphs(self) -> None:
+        """Turn CUDA-graph replay off and drop the captured graphs, so their memory pool can be freed."""
+        self.use_cuda_graphs = False
+        self._graphed_blocks = None
 
     # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
     @property
@@ -446,11 +408,6 @@ def delegate_to_encoder(name: str, as_name: str | None = None):
     functools.update_wrapper(method, target, assigned=("__doc__",), updated=())
     method.__name__ = method.__qualname__ = as_name or name
     return method
-
-    def release_cuda_graphs(self) -> None:
-        """Turn CUDA-graph replay off and drop the captured graphs, so their memory pool can be freed."""
-        self.use_cuda_graphs = False
-        self._graphed_blocks = None
 
 
 class PS3VisionModel(PretrainedMixin, nn.Module):
