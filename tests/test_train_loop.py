@@ -425,6 +425,25 @@ def test_existing_run_without_resume_is_refused(setup, tmp_path):
     assert main_train(args + ["--quiet"]) == 2
 
 
+
+def test_user_mistake_is_one_line_and_internal_error_keeps_traceback(setup, tmp_path, capsys):
+    from ps3.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *argv(setup, run, 2), "--lr", "-1", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["ps3 train: error: --lr must be a finite number >= 0, "
+                                                            "got -1.0"]
+    assert train_in_process(argv(setup, run, 2)) == 0
+    # A checkpoint that passes the format check but lacks the optimizer state was not written by
+    # this trainer: resuming from it is a bug to investigate, so the error keeps its traceback.
+    path = run / "checkpoints" / "step_00000002.pt"
+    state = read_checkpoint(path)
+    del state["optimizer"]
+    torch.save(state, path)
+    with pytest.raises(KeyError, match="optimizer"):
+        main(["train", *argv(setup, run, 4), "--quiet"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Export
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from .convert_common import DropLog, SourceImage, read_json, sanitize_key
 from .convert_run import add_common_arguments, run_conversion
+from ..runtime import UserError
 
 __all__ = ["COCO_DROP_REASONS", "read_coco", "add_arguments", "run_from_args"]
 
@@ -37,13 +38,13 @@ COCO_DROP_REASONS = {
 def _load_json(path: str | os.PathLike, argument: str) -> dict[str, Any]:
     data = read_json(path, argument)
     if not isinstance(data, dict) or not isinstance(data.get("annotations", []), list):
-        raise ValueError(f"{argument}: {path} is not a COCO annotation file (an object with an 'annotations' list)")
+        raise UserError(f"{argument}: {path} is not a COCO annotation file (an object with an 'annotations' list)")
     return data
 
 
 def _category_texts(categories: Any, template: str) -> dict[Any, str]:
     if not isinstance(categories, list):
-        raise ValueError("--instances: the file has no 'categories' list")
+        raise UserError("--instances: the file has no 'categories' list")
     texts = {}
     for category in categories:
         if isinstance(category, dict) and "id" in category:
@@ -56,7 +57,7 @@ def _check_template(template: str) -> None:
     try:
         template.format(name="x", supercategory="y")
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"--local-text must be a text with {{name}} and/or {{supercategory}}, got {template!r} "
+        raise UserError(f"--local-text must be a text with {{name}} and/or {{supercategory}}, got {template!r} "
                          f"({type(exc).__name__}: {exc})") from None
 
 
@@ -66,7 +67,7 @@ def read_coco(images_dir: str | os.PathLike, instances: str | os.PathLike, capti
     _check_template(local_text)
     data = _load_json(instances, "--instances")
     if not isinstance(data.get("images"), list):
-        raise ValueError(f"--instances: {instances} has no 'images' list")
+        raise UserError(f"--instances: {instances} has no 'images' list")
     category_text = _category_texts(data.get("categories"), local_text)
     drops = DropLog()
     sources: dict[Any, SourceImage] = {}

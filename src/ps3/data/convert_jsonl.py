@@ -27,6 +27,7 @@ from typing import Any
 
 from .convert_common import DropLog, SourceImage, sanitize_key
 from .convert_run import add_common_arguments, run_conversion
+from ..runtime import UserError
 
 __all__ = ["JSONL_DROP_REASONS", "read_jsonl", "add_arguments", "run_from_args"]
 
@@ -68,7 +69,7 @@ def read_jsonl(path: str | os.PathLike, images_dir: str | os.PathLike | None = N
     try:
         handle = open(path, encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"FILE: cannot read {path}: {exc.strerror or exc}") from None
+        raise UserError(f"FILE: cannot read {path}: {exc.strerror or exc}") from None
     with handle:
         for number, line in enumerate(handle):
             if not line.strip():

@@ -82,6 +82,7 @@ from ..data.shards import (IMAGE_EXTENSIONS, SKIP_REASONS, ShardPair, SkipCounte
 from ..images import MAX_IMAGE_PIXELS, load_image
 from ..processor import PS3ImageProcessor
 from .captions import choose_captions, usable_captions
+from ..runtime import UserError
 
 # SKIP_REASONS, SkipCounter and list_shards are re-exported from ps3.data.shards.
 __all__ = ["SKIP_REASONS", "SkipCounter", "list_shards", "DataOptions", "PretrainDataset", "PretrainLoader",
@@ -454,7 +455,7 @@ def build_dataloader(image_shards: str | os.PathLike | Sequence[str | os.PathLik
         warnings.warn("resample=True without num_batches gives an endless stream", stacklevel=2)
     dataset = PretrainDataset(images, records, options)
     if not options.resample and len(images) < dataset.world_size:
-        raise ValueError(
+        raise UserError(
             f"{len(images)} shard pair(s) cannot be split between {dataset.world_size} ranks: every rank needs at "
             f"least one shard (write more, smaller shards, or use resample=True)"
         )

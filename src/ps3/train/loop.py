@@ -51,6 +51,7 @@ from .loss import PS3PretrainLoss, ps3_pretrain_loss
 from .model import PS3PretrainModule, initialise, logit_scale_max
 from .optim import build_optimizer, build_scheduler, clip_grad_norm, is_sharded
 from .params import RESUME_SENSITIVE, TrainParams, add_arguments
+from ..runtime import UserError, user_input
 
 __all__ = ["TrainParams", "add_arguments", "run", "train", "TrainResult", "StopCheck", "PretrainStep",
            "prepare_batch"]
@@ -118,7 +119,8 @@ def _build_model(params: TrainParams, info: DistInfo, config: PS3Config, resume_
     random.seed(params.seed)
     model = PS3Model(config)
     if resume_state is None:
-        report = initialise(model, params.init)
+        with user_input("--init"):
+            report = initialise(model, params.init)
         if params.init not in (None, "random"):
             log.info(report.summary())
     if params.train_selection_only:
@@ -137,7 +139,7 @@ def _restore(params: TrainParams, info: DistInfo, module: nn.Module, model: PS3M
              log: RankLog) -> Progress:
     """Load the optimizer and schedule (and, under FSDP, the weights) of a checkpoint."""
     if bool(state.get("fsdp", False)) != fsdp:
-        raise ValueError(f"{path} was written by a run {'with' if state.get('fsdp') else 'without'} FSDP: resume it "
+        raise UserError(f"{path} was written by a run {'with' if state.get('fsdp') else 'without'} FSDP: resume it "
                          f"{'with' if state.get('fsdp') else 'without'} --fsdp under torchrun")
     if fsdp:
         load_full_state_dicts(module, model, optimizer, state, True)
@@ -285,7 +287,7 @@ class _Reporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self.start, self.first_step = time.perf_counter(), first_step
         self.window_start, self.window_steps = self.start, 0
@@ -294,7 +296,7 @@ class _Reporter:
         """Called on every rank at the same steps (the skip counts are summed over ranks)."""
         parts = {k: float(v) for k, v in loss.as_dict().items()}  # host sync: log steps only
         if not math.isfinite(parts["total"]):
-            raise ValueError(f"the loss became {parts['total']} at step {progress.step}: lower --lr or "
+            raise UserError(f"the loss became {parts['total']} at step {progress.step}: lower --lr or "
                              "--selection-lr, or keep --grad-clip on")
         skipped = _skip_totals(counter, self.info)
         now = time.perf_counter()
@@ -414,7 +416,7 @@ def _run_steps(run: _Run, loader, stop_check: StopCheck | None) -> TrainResult:
                 dist.all_reduce(have, op=dist.ReduceOp.MIN)
             if int(have) == 0:
                 if progress.batches_in_epoch == 0:
-                    raise ValueError(f"epoch {progress.epoch} gave no full batch of --batch-size "
+                    raise UserError(f"epoch {progress.epoch} gave no full batch of --batch-size "
                                      f"{params.batch_size} on some rank: lower --batch-size or add data")
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
