@@ -85,7 +85,8 @@ from .captions import choose_captions, usable_captions
 from ..runtime import UserError
 
 # SKIP_REASONS, SkipCounter and list_shards are re-exported from ps3.data.shards.
-__all__ = ["SKIP_REASONS", "SkipCounter", "list_shards", "DataOptions", "PretrainDataset", "PretrainLoader",
+__all__ = ["SKIP_REASONS", "SkipCounter", "list_shards", "DataOptions", "PretrainDataset", "TrainingSample",
+           "PretrainLoader",
            "build_dataloader"]
 
 _CONTROL = "_control"  # marks non-batch items (placeholders, worker tails) inside the stream
@@ -191,7 +192,9 @@ class DataOptions:
 
 
 @dataclass
-class _Sample:
+class TrainingSample:
+    """One usable image/text-box pair as :meth:`PretrainDataset.read_sample` reads it."""
+
     key: str
     pixels: torch.Tensor | None  # None for placeholders (resume skipping)
     texts: list[str]
@@ -287,11 +290,11 @@ class PretrainDataset(IterableDataset):
         # the workers in turn); it can only come earlier when another worker runs out first.
         quota = None if num_batches is None else num_batches // workers + (worker < num_batches % workers)
         made = 0
-        pending: list[_Sample] = []
+        pending: list[TrainingSample] = []
         if quota != 0:
             for draw, pair in self._pairs(worker, workers, report):
                 placeholder = made * workers + worker < self.skip_batches
-                sample = self._sample(pair, draw, report, placeholder)
+                sample = self.read_sample(pair, draw, report, placeholder=placeholder)
                 if sample is None:
                     continue
                 pending.append(sample)
@@ -305,7 +308,13 @@ class PretrainDataset(IterableDataset):
                 yield self._collate(pending, report.take(), made * workers + worker < self.skip_batches)
         yield {_CONTROL: "tail", "skipped": report.take()}
 
-    def _sample(self, pair: ShardPair, draw: str, report: SkipReporter, placeholder: bool) -> _Sample | None:
+    def read_sample(self, pair: ShardPair, draw: str, report: SkipReporter, *,
+                    placeholder: bool = False) -> TrainingSample | None:
+        """One paired sample as the trainer reads it: ``None`` (after calling ``report`` with the
+        skip reason) when its image, record or captions are unusable, else its key, pixels,
+        chosen texts and their box cells. ``draw`` names the shard draw and seeds the caption
+        choice with the key; ``placeholder=True`` only checks usability (no pixels or texts),
+        as resumes and ``ps3 data check`` need."""
         key, image_shard, record_shard = pair.key, pair.image_shard, pair.record_shard
         image_bytes = next((pair.image[ext] for ext in IMAGE_EXTENSIONS if ext in pair.image), None)
         if image_bytes is None:
@@ -334,7 +343,7 @@ class PretrainDataset(IterableDataset):
             report("no_usable_caption", record_shard, key, "no usable local or global caption")
             return None
         if placeholder:  # resume skipping: validity is all that matters
-            return _Sample(key, None, [], [])
+            return TrainingSample(key, None, [], [])
 
         options, size = self.options, self.processor.image_size
         rng = random.Random(_seed(options.seed, self.epoch, draw, key))
@@ -344,9 +353,9 @@ class PretrainDataset(IterableDataset):
         cells = [None if box is None else box_cells(box, image.size, size) for _, box in chosen]
         # Decoded here under max_pixels, so the processor's steps after decoding, not preprocess().
         pixels = self.processor.preprocess_rgb(image)
-        return _Sample(key, pixels, [text for text, _ in chosen], cells)
+        return TrainingSample(key, pixels, [text for text, _ in chosen], cells)
 
-    def _collate(self, samples: list[_Sample], skipped: dict[str, int], placeholder: bool) -> dict[str, Any]:
+    def _collate(self, samples: list[TrainingSample], skipped: dict[str, int], placeholder: bool) -> dict[str, Any]:
         if placeholder:
             return {_CONTROL: "placeholder", "skipped": skipped}
         size = self.processor.image_size
