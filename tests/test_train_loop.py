@@ -426,6 +426,19 @@ def test_existing_run_without_resume_is_refused(setup, tmp_path):
 
 
 
+def test_trains_with_a_height_width_image_size(setup, tmp_path):
+    # A preprocessor with image_size [H, W] (not a square): batches of (3, H, W) pixels and (H, W) maps.
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(setup["config"].read_text())
+    size = worker.PREPROCESSOR["image_size"]
+    (model_dir / "preprocessor_config.json").write_text(
+        json.dumps({**worker.PREPROCESSOR, "image_size": [size, size * 3 // 4]}))
+    args = argv({**setup, "config": model_dir / "config.json"}, tmp_path / "run", 2)
+    assert train_in_process(args) == 0
+    assert json.loads((tmp_path / "run" / "preprocessor_config.json").read_text())["image_size"] == [size, size * 3 // 4]
+    assert final_state(tmp_path / "run")["progress"]["step"] == 2
+
 def test_user_mistake_is_one_line_and_internal_error_keeps_traceback(setup, tmp_path, capsys):
     from ps3.cli import main
 

@@ -107,7 +107,8 @@ class DataOptions:
     (``ValueError``/``TypeError`` naming the field). Change fields with ``dataclasses.replace``.
 
     Attributes:
-        image_size, mean, std: the preprocessing (``preprocessor_config.json`` of the model).
+        image_size, mean, std: the preprocessing (``preprocessor_config.json`` of the model);
+            ``image_size`` is an int (a square) or a (height, width) pair.
         batch_size: images per batch (each brings ``sample_n_box_each_image`` texts).
         workers: DataLoader worker processes (0 reads in the main process).
         seed, epoch: make the stream deterministic; change ``epoch`` (or ``set_epoch``) each epoch.
@@ -127,7 +128,7 @@ class DataOptions:
         max_pixels: refuse larger images (counted as ``bad_image``).
     """
 
-    image_size: int
+    image_size: int | tuple[int, int]
     batch_size: int
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
@@ -152,6 +153,7 @@ class DataOptions:
 
     def __post_init__(self) -> None:
         processor = self.processor()  # checks image_size, mean and std
+        object.__setattr__(self, "image_size", processor.image_size)  # an int or a (height, width) tuple
         object.__setattr__(self, "mean", tuple(processor.mean))
         object.__setattr__(self, "std", tuple(processor.std))
         for name, minimum in (("batch_size", 1), ("workers", 0), ("seed", 0), ("epoch", 0), ("shuffle_buffer", 1),
@@ -359,9 +361,10 @@ class PretrainDataset(IterableDataset):
         if placeholder:
             return {_CONTROL: "placeholder", "skipped": skipped}
         size = self.processor.image_size
+        height, width = (size, size) if isinstance(size, int) else size
         texts = [text for sample in samples for text in sample.texts]
         cells = [cell for sample in samples for cell in sample.cells]
-        gt = torch.zeros(len(texts), size, size)
+        gt = torch.zeros(len(texts), height, width)
         for row, cell in enumerate(cells):
             if cell is None:
                 gt[row] = 1.0

@@ -165,7 +165,7 @@ def _build_loader(args: TrainParams, info: DistInfo, preprocessor: dict, tokeniz
     from .data import DataOptions, build_dataloader
 
     options = DataOptions(
-        image_size=int(preprocessor["image_size"]), mean=preprocessor.get("mean", [0.5] * 3),
+        image_size=preprocessor["image_size"], mean=preprocessor.get("mean", [0.5] * 3),
         std=preprocessor.get("std", [0.5] * 3), batch_size=args.batch_size, workers=args.workers, seed=args.seed,
         epoch=progress.epoch, skip_batches=progress.batches_in_epoch, global_caption_prob=args.global_caption_prob,
         sample_n_box_each_image=args.sample_n_box_each_image, sentence_masking=args.sentence_masking,
