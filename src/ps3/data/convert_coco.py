@@ -88,16 +88,25 @@ def read_coco(images_dir: str | os.PathLike, instances: str | os.PathLike, capti
     return list(sources.values()), drops
 
 
+def _source_of(annotation: Any, field: str, kind: type, what: str, sources: dict[Any, SourceImage],
+               drops: DropLog) -> SourceImage | None:
+    """The image an annotation belongs to, or None after counting why it is dropped: not an
+    object with ``field`` of type ``kind`` (``bad_annotation``), or an unknown ``image_id``."""
+    if not isinstance(annotation, dict) or not isinstance(annotation.get(field), kind):
+        drops.add("bad_annotation", f"{what} {str(annotation)[:80]}")
+        return None
+    source = sources.get(annotation.get("image_id"))
+    if source is None:
+        drops.add("unknown_image", f"{what} {annotation.get('id')} of image {annotation.get('image_id')}")
+    return source
+
+
 def _add_object(annotation: Any, sources: dict[Any, SourceImage], category_text: dict[Any, str],
                 keep_crowd: bool, drops: DropLog) -> None:
-    if not isinstance(annotation, dict) or not isinstance(annotation.get("bbox"), list):
-        drops.add("bad_annotation", f"annotation {str(annotation)[:80]}")
-        return
-    source = sources.get(annotation.get("image_id"))
-    where = f"annotation {annotation.get('id')} of image {annotation.get('image_id')}"
+    source = _source_of(annotation, "bbox", list, "annotation", sources, drops)
     if source is None:
-        drops.add("unknown_image", where)
         return
+    where = f"annotation {annotation.get('id')} of image {annotation.get('image_id')}"
     if annotation.get("iscrowd") and not keep_crowd:
         drops.add("crowd", f"{source.name}: {where}")
         return
@@ -113,12 +122,8 @@ def _add_object(annotation: Any, sources: dict[Any, SourceImage], category_text:
 
 
 def _add_caption(annotation: Any, sources: dict[Any, SourceImage], drops: DropLog) -> None:
-    if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
-        drops.add("bad_annotation", f"caption {str(annotation)[:80]}")
-        return
-    source = sources.get(annotation.get("image_id"))
+    source = _source_of(annotation, "caption", str, "caption", sources, drops)
     if source is None:
-        drops.add("unknown_image", f"caption {annotation.get('id')} of image {annotation.get('image_id')}")
         return
     source.global_texts.append(annotation["caption"])
 

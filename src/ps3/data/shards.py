@@ -267,19 +267,25 @@ class _Realigner:
 
     def drop_image(self, sample: dict, other_keys: set[str]) -> None:
         key = sample["__key__"]
-        self.passed_images.add(key)
-        if key in other_keys or key in self.passed_records:
-            self.report("key_mismatch", self.image_url, key, f"key {key!r} is out of lockstep with {self.record_url}")
-        else:
-            self.report("missing_json", self.image_url, key, f"no {key}.json in {self.record_url}")
+        self._drop(key, other_keys, image_side=True, missing="missing_json",
+                   detail=f"no {key}.json in {self.record_url}")
 
     def drop_record(self, sample: dict, other_keys: set[str]) -> None:
         key = sample["__key__"]
-        self.passed_records.add(key)
-        if key in other_keys or key in self.passed_images:
-            self.report("key_mismatch", self.record_url, key, f"key {key!r} is out of lockstep with {self.image_url}")
+        self._drop(key, other_keys, image_side=False, missing="missing_image",
+                   detail=f"no image for key {key!r} in {self.image_url}")
+
+    def _drop(self, key: str, other_keys: set[str], *, image_side: bool, missing: str, detail: str) -> None:
+        """Drop ``key`` from one side: ``key_mismatch`` when the other side has it (ahead, or
+        already passed over), else ``missing`` with ``detail``."""
+        passed, other_passed = ((self.passed_images, self.passed_records) if image_side
+                                else (self.passed_records, self.passed_images))
+        url, other_url = (self.image_url, self.record_url) if image_side else (self.record_url, self.image_url)
+        passed.add(key)
+        if key in other_keys or key in other_passed:
+            self.report("key_mismatch", url, key, f"key {key!r} is out of lockstep with {other_url}")
         else:
-            self.report("missing_image", self.record_url, key, f"no image for key {key!r} in {self.image_url}")
+            self.report(missing, url, key, detail)
 
     def drop_both_heads(self, image_key: str, record_key: str) -> None:
         self.report("key_mismatch", self.image_url, image_key,
