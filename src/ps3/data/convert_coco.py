@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..runtime import UserError
 from .convert_common import DropLog, SourceImage, read_json, sanitize_key
 from .convert_run import add_common_arguments, run_conversion
-from ..runtime import UserError
 
 __all__ = ["COCO_DROP_REASONS", "read_coco", "add_arguments", "run_from_args"]
 

@@ -40,8 +40,8 @@ from typing import Any
 from PIL import Image
 
 from ..images import load_image
-from .boxes import clip_box
 from ..runtime import UserError
+from .boxes import clip_box
 
 __all__ = ["DROP_REASONS", "DropLog", "SourceImage", "SampleOptions", "Sample", "build_sample",
            "clean_text", "read_json", "sanitize_key", "choose_global_text", "GLOBAL_CAPTION_CHOICES"]

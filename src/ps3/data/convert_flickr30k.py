@@ -31,9 +31,9 @@ import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+from ..runtime import UserError
 from .convert_common import DropLog, SourceImage, sanitize_key
 from .convert_run import add_common_arguments, run_conversion
-from ..runtime import UserError
 
 __all__ = ["FLICKR_DROP_REASONS", "parse_sentence", "read_flickr30k_entities", "add_arguments", "run_from_args"]
 

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runtime import UserError, user_input
 from .convert_common import (DROP_REASONS, GLOBAL_CAPTION_CHOICES, DropLog, SampleOptions, SourceImage,
                              build_sample)
 from .writer import IMAGE_DIR, TEXT_BOX_DIR, ShardWriter, encode_record, existing_paired_shards
-from ..runtime import UserError, user_input
 
 __all__ = ["ConvertResult", "convert", "add_common_arguments", "options_from_args", "run_conversion",
            "summary_lines"]

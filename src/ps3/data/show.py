@@ -16,9 +16,9 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from ..images import load_image
+from ..runtime import UserError, user_input
 from .shards import IMAGE_EXTENSIONS, iter_shard, list_shard_pairs
 from .writer import IMAGE_DIR, TEXT_BOX_DIR
-from ..runtime import UserError, user_input
 
 __all__ = ["find_sample", "draw_sample", "add_arguments", "run_from_args"]
 

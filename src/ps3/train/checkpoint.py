@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from ..config import PS3Config
+from ..runtime import UserError
 from ..tokenizer import PS3Tokenizer
 from .distributed import DistInfo, RankLog, on_main
 from .model import build_caption_tokenizer, get_model_spec, read_captions
 from .params import TrainParams
-from ..runtime import UserError
 
 __all__ = [
     "CHECKPOINT_DIR",

@@ -18,9 +18,9 @@ from ..config import PS3Config
 from ..hub import check_and_load
 from ..model import PS3Model
 from ..processor import PS3ImageProcessor
+from ..runtime import UserError, user_input
 from ..tokenizer import PS3Tokenizer
 from .checkpoint import TOKENIZER_DIR, load_latest_checkpoint, read_checkpoint
-from ..runtime import UserError, user_input
 
 __all__ = ["export", "load_run_model"]
 

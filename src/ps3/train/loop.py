@@ -42,6 +42,7 @@ from torch import nn
 
 from ..config import PS3Config
 from ..model import PS3Model
+from ..runtime import UserError, user_input
 from ..tokenizer import PS3Tokenizer
 from .checkpoint import (CHECKPOINT_FORMAT, TOKENIZER_DIR, Progress, find_resume, prepare_run_dir, rng_state,
                          save_checkpoint, set_rng_state)
@@ -51,7 +52,6 @@ from .loss import PS3PretrainLoss, ps3_pretrain_loss
 from .model import PS3PretrainModule, initialise, logit_scale_max
 from .optim import build_optimizer, build_scheduler, clip_grad_norm, is_sharded
 from .params import RESUME_SENSITIVE, TrainParams, add_arguments
-from ..runtime import UserError, user_input
 
 __all__ = ["TrainParams", "add_arguments", "run", "train", "TrainResult", "StopCheck", "PretrainStep",
            "prepare_batch"]
