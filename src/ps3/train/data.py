@@ -15,7 +15,7 @@ Per sample (design §5)
    (global vs local, boxes without replacement, sentence masking): :mod:`ps3.train.captions`.
 2. The image is squash-resized to ``image_size`` and normalised
    (:meth:`ps3.PS3ImageProcessor.preprocess_rgb`, the inference processor's steps); each box is
-   clipped, scaled by the same squash and drawn as an (S, S) map of ones
+   clipped, scaled by the same squash and drawn as an (S, S) or (H, W) map of ones
    (:func:`ps3.data.boxes.box_to_gt_map`). A global caption's map is all 1.
 
 Batches
