@@ -22,6 +22,25 @@ COLOURS = {
 }
 
 
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """``ps3 ARGS`` run in this process: (exit code, stdout and stderr together)."""
+    from ps3.cli import main
+
+    code = main([*map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def dropped_counts(output: str) -> dict[str, int]:
+    """{reason: count} of a conversion summary's ``dropped N reason: ...`` lines."""
+    counts = {}
+    for line in output.splitlines():
+        if line.startswith("dropped ") and ":" in line:
+            count, reason = line[len("dropped "):].split(":")[0].split()
+            counts[reason] = int(count)
+    return counts
+
+
 def make_image(path: Path, size: tuple[int, int], rects: list[tuple[str, list[int]]], *, fmt: str = "JPEG",
                orientation: int | None = None) -> Path:
     """An image of ``size`` with a filled rectangle of each named colour at its edge-coordinate box

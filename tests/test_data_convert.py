@@ -14,7 +14,7 @@ from ps3.cli import main  # noqa: E402
 from ps3.data.convert_common import DropLog, SampleOptions, SourceImage, build_sample  # noqa: E402
 from ps3.images import load_image  # noqa: E402
 
-from _data_sources import assert_box_covers, make_image, read_samples  # noqa: E402
+from _data_sources import assert_box_covers, dropped_counts, make_image, read_samples, run_cli  # noqa: E402
 
 
 def _jsonl(path: Path, lines: list) -> Path:
@@ -23,18 +23,7 @@ def _jsonl(path: Path, lines: list) -> Path:
 
 
 def _convert(capsys, *args) -> tuple[int, str]:
-    code = main(["data", "from-jsonl", *map(str, args), "--workers", "1"])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-def _dropped(output: str) -> dict[str, int]:
-    counts = {}
-    for line in output.splitlines():
-        if line.startswith("dropped ") and ":" in line:
-            count, reason = line[len("dropped "):].split(":")[0].split()
-            counts[reason] = int(count)
-    return counts
+    return run_cli(capsys, "data", "from-jsonl", *args, "--workers", "1")
 
 
 @pytest.fixture
@@ -78,8 +67,9 @@ def test_boxes_land_on_their_rectangles_and_drops_are_counted(source, capsys):
         assert_box_covers(image_a, box, text.split(".")[0])
     assert_box_covers(image_b, record_b["box"][0], "yellow")
     assert "global_text" not in record_b
-    assert _dropped(output) == {"duplicate_region": 1, "merged_same_box": 1, "box_outside_image": 1, "bad_box": 1,
-                                "empty_text": 1, "small_box": 1, "missing_image_file": 1, "bad_line": 2}
+    assert dropped_counts(output) == {"duplicate_region": 1, "merged_same_box": 1, "box_outside_image": 1,
+                                      "bad_box": 1, "empty_text": 1, "small_box": 1, "missing_image_file": 1,
+                                      "bad_line": 2}
     assert "wrote 2 images with 4 regions" in output and "e.g. line 4: invalid JSON" in output
 
 
@@ -135,13 +125,13 @@ def test_images_without_regions_kept_for_global_captions_or_skipped(tmp_path, ca
         {"image": "g.jpg", "regions": [{"text": "nothing", "box": [50, 50, 60, 60]}]},
     ])
     code, output = _convert(capsys, jsonl, "--out", tmp_path / "keep", "--global-caption", "longest")
-    assert code == 0 and _dropped(output) == {"box_outside_image": 1, "no_caption": 1, "empty_global_text": 1}
+    assert code == 0 and dropped_counts(output) == {"box_outside_image": 1, "no_caption": 1, "empty_global_text": 1}
     [(_, _, record, _)] = read_samples(tmp_path / "keep")
     assert record["text"] == [] and record["global_text"] == "A plain grey image, nothing on it."
     code, output = _convert(capsys, jsonl, "--out", tmp_path / "all", "--global-caption", "all")
     assert read_samples(tmp_path / "all")[0][2]["global_text"] == "A grey square. A plain grey image, nothing on it."
     code, output = _convert(capsys, jsonl, "--out", tmp_path / "skip", "--skip-images-without-regions")
-    assert code == 1 and _dropped(output)["no_region"] == 1 and "wrote 0 images" in output
+    assert code == 1 and dropped_counts(output)["no_region"] == 1 and "wrote 0 images" in output
     assert not list((tmp_path / "skip/images").glob("*.tar"))
 
 
@@ -195,5 +185,5 @@ def test_argument_errors_are_one_line(tmp_path, capsys):
     code, output = _convert(capsys, tmp_path / "nope.jsonl", "--out", tmp_path / "x")
     assert code == 2 and "cannot read" in output
     code, output = _convert(capsys, _jsonl(tmp_path / "bad.jsonl", ["[1]", '{"image": 3}']), "--out", tmp_path / "x")
-    assert code == 1 and _dropped(output) == {"bad_line": 2} and "nothing to convert" in output
+    assert code == 1 and dropped_counts(output) == {"bad_line": 2} and "nothing to convert" in output
     assert "e.g. line 2: no 'image' path" in output

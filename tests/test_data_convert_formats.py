@@ -11,24 +11,8 @@ import pytest
 
 pytest.importorskip("webdataset")
 
-from ps3.cli import main  # noqa: E402
-
-from _data_sources import assert_box_covers, make_image, read_samples, train_two_steps  # noqa: E402
-
-
-def _run(capsys, *args) -> tuple[int, str]:
-    code = main([*map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-def _dropped(output: str) -> dict[str, int]:
-    counts = {}
-    for line in output.splitlines():
-        if line.startswith("dropped ") and ":" in line:
-            count, reason = line[len("dropped "):].split(":")[0].split()
-            counts[reason] = int(count)
-    return counts
+from _data_sources import (assert_box_covers, dropped_counts, make_image, read_samples, run_cli,  # noqa: E402
+                           train_two_steps)
 
 
 def _write_json(path: Path, data) -> Path:
@@ -75,10 +59,11 @@ def _coco(root: Path) -> dict[str, Path]:
 def test_coco(tmp_path, capsys):
     source = _coco(tmp_path)
     out = tmp_path / "coco"
-    code, output = _run(capsys, "data", "from-coco", "--images", source["images"], "--instances", source["instances"],
-                        "--captions", source["captions"], "--out", out, "--local-text", "a {name}", "--workers", "1")
+    code, output = run_cli(capsys, "data", "from-coco", "--images", source["images"], "--instances",
+                           source["instances"], "--captions", source["captions"], "--out", out, "--local-text",
+                           "a {name}", "--workers", "1")
     assert code == 0, output
-    assert _dropped(output) == {"crowd": 1, "unknown_category": 1, "unknown_image": 1, "missing_image_file": 1}
+    assert dropped_counts(output) == {"crowd": 1, "unknown_category": 1, "unknown_image": 1, "missing_image_file": 1}
     (key1, image1, record1, _), (key2, _, record2, _) = read_samples(out)
     assert (key1, key2) == ("000000000001", "000000000002")
     assert record1["text"] == ["a cat", "a dog"] and record1["box"] == [[10, 10, 50, 40], [60, 30, 110, 75]]
@@ -88,10 +73,10 @@ def test_coco(tmp_path, capsys):
     assert record2 == {"text": [], "box": [], "global_text": "A crowd of people in blue.",
                        "source": "000000000002.jpg"}  # the crowd box is dropped, the caption kept
 
-    code, output = _run(capsys, "data", "from-coco", "--images", source["images"], "--instances",
-                        source["instances"], "--out", tmp_path / "crowd", "--keep-crowd", "--max-side", "60",
-                        "--workers", "1")
-    assert code == 0 and "crowd" not in _dropped(output)
+    code, output = run_cli(capsys, "data", "from-coco", "--images", source["images"], "--instances",
+                           source["instances"], "--out", tmp_path / "crowd", "--keep-crowd", "--max-side", "60",
+                           "--workers", "1")
+    assert code == 0 and "crowd" not in dropped_counts(output)
     (_, image1, record1, _), (_, image2, record2, _) = read_samples(tmp_path / "crowd")
     assert record1["text"] == ["cat", "dog"] and "global_text" not in record1
     assert record1["box"] == [[5, 5, 25, 20], [30, 15, 55, 37.5]] and image1.size == (60, 40)
@@ -132,11 +117,11 @@ def _visual_genome(root: Path) -> dict[str, Path]:
 def test_visual_genome(tmp_path, capsys):
     source = _visual_genome(tmp_path)
     out = tmp_path / "vg_out"
-    code, output = _run(capsys, "data", "from-vg", "--images", source["images"], "--regions", source["regions"],
-                        "--image-data", source["image_data"], "--out", out, "--workers", "1")
+    code, output = run_cli(capsys, "data", "from-vg", "--images", source["images"], "--regions", source["regions"],
+                           "--image-data", source["image_data"], "--out", out, "--workers", "1")
     assert code == 0, output
-    assert _dropped(output) == {"duplicate_region": 1, "merged_same_box": 1, "bad_annotation": 1,
-                                "box_outside_image": 1, "no_caption": 1}
+    assert dropped_counts(output) == {"duplicate_region": 1, "merged_same_box": 1, "bad_annotation": 1,
+                                      "box_outside_image": 1, "no_caption": 1}
     (key1, image1, record1, _), (key2, image2, record2, _) = read_samples(out)
     assert (key1, key2) == ("1", "2")
     assert record1 == {"text": ["a red box. red thing.", "blue square"], "box": [[5, 5, 45, 35], [50, 40, 95, 75]],
@@ -147,8 +132,8 @@ def test_visual_genome(tmp_path, capsys):
     assert_box_covers(image2, record2["box"][0], "yellow")
 
     # Without image_data.json the files are found as VG_100K*/ID.jpg or ID.jpg.
-    code, output = _run(capsys, "data", "from-vg", "--images", source["images"], "--regions", source["regions"],
-                        "--out", tmp_path / "no_image_data", "--workers", "1")
+    code, output = run_cli(capsys, "data", "from-vg", "--images", source["images"], "--regions", source["regions"],
+                           "--out", tmp_path / "no_image_data", "--workers", "1")
     assert code == 0 and "missing_image_file" not in output
     assert [r["source"] for _, _, r, _ in read_samples(tmp_path / "no_image_data")] == ["VG_100K/1.jpg",
                                                                                        "VG_100K_2/2.jpg"]
@@ -190,11 +175,11 @@ def _flickr(root: Path) -> dict[str, Path]:
 def test_flickr30k_entities(tmp_path, capsys):
     source = _flickr(tmp_path)
     out = tmp_path / "flickr"
-    code, output = _run(capsys, "data", "from-flickr30k-entities", "--images", source["images"], "--annotations",
-                        source["annotations"], "--sentences", source["sentences"], "--out", out, "--workers", "1")
+    code, output = run_cli(capsys, "data", "from-flickr30k-entities", "--images", source["images"], "--annotations",
+                           source["annotations"], "--sentences", source["sentences"], "--out", out, "--workers", "1")
     assert code == 0, output
-    assert _dropped(output) == {"scene": 1, "no_box": 1, "not_visual": 1, "merged_same_box": 1,
-                                "missing_annotation": 1, "missing_sentences": 1}
+    assert dropped_counts(output) == {"scene": 1, "no_box": 1, "not_visual": 1, "merged_same_box": 1,
+                                      "missing_annotation": 1, "missing_sentences": 1}
     (key1, image1, record1, _), (key2, _, record2, _) = read_samples(out)
     assert (key1, key2) == ("1000", "2000")
     # Entity 1 has two boxes: the region is the box enclosing both; its two phrases are merged.
@@ -208,9 +193,9 @@ def test_flickr30k_entities(tmp_path, capsys):
 
     split = tmp_path / "train.txt"
     split.write_text("1000\n")
-    code, output = _run(capsys, "data", "from-flickr30k-entities", "--images", source["images"], "--annotations",
-                        source["annotations"], "--sentences", source["sentences"], "--split", split,
-                        "--global-caption", "longest", "--out", tmp_path / "split", "--workers", "1")
+    code, output = run_cli(capsys, "data", "from-flickr30k-entities", "--images", source["images"], "--annotations",
+                           source["annotations"], "--sentences", source["sentences"], "--split", split,
+                           "--global-caption", "longest", "--out", tmp_path / "split", "--workers", "1")
     [(_, _, record, _)] = read_samples(tmp_path / "split")
     assert code == 0 and record["global_text"] == "Two young men in blue shirts stand on a street."
 
@@ -234,12 +219,12 @@ def test_check_and_train_on_every_converter(tmp_path, capsys):
     commands.append(["from-jsonl", tmp_path / "j/x.jsonl"])
     for index, command in enumerate(commands):
         out = tmp_path / f"out{index}"
-        code, output = _run(capsys, "data", *command, "--out", out, "--workers", "1", "--quiet")
+        code, output = run_cli(capsys, "data", *command, "--out", out, "--workers", "1", "--quiet")
         assert code == 0 and output == ""
-        code, output = _run(capsys, "data", "check", out)
+        code, output = run_cli(capsys, "data", "check", out)
         assert code == 0 and "skipped: nothing" in output, output
         outputs.append(out)
-    code, output = _run(capsys, "data", "check", outputs[0])
+    code, output = run_cli(capsys, "data", "check", outputs[0])
     assert "2 image/record pair(s) read, 2 usable" in output and "1 image(s) with a global caption only" in output
     assert "image width:         min 64, median 92, mean 92.0, max 120" in output
 

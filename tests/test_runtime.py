@@ -9,7 +9,7 @@ import torch
 
 import ps3
 from golden import MODEL_DIR
-from ps3.runtime import (UserError, legacy_user_errors, load_model, matmul_rate, measure, parse_device,
+from ps3.runtime import (UserError, load_model, matmul_rate, measure, parse_device,
                          parse_dtype, run_command, timeit, user_input)
 
 
@@ -67,18 +67,20 @@ def test_run_command_prints_only_user_errors(capsys, monkeypatch):
         run_command(user_mistake, _args(), "ps3 encode")
 
 
-def test_legacy_commands_keep_value_and_os_errors_one_line(capsys):
-    def missing_dir(args):
-        raise FileNotFoundError(2, "no such run directory", "runs/x")
+def test_training_commands_print_only_user_errors(tmp_path, capsys):
+    from ps3.cli import main
 
-    assert run_command(legacy_user_errors(missing_dir), _args(), "ps3 export") == 2
-    assert "no such run directory" in capsys.readouterr().err
+    # A missing run directory is the user's mistake: one line, exit code 2.
+    assert main(["export", str(tmp_path / "no-run"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ps3 export: error: ") and "is not a training run directory" in err
+    assert len(err.strip().splitlines()) == 1
 
-    def bug(args):
-        raise TypeError("unsupported operand")
+    def bug(args):  # any other ValueError/OSError is a bug and propagates with its traceback
+        raise ValueError("an internal invariant broke")
 
-    with pytest.raises(TypeError):
-        run_command(legacy_user_errors(bug), _args(), "ps3 train")
+    with pytest.raises(ValueError, match="internal invariant"):
+        run_command(bug, _args(), "ps3 train")
 
 
 def test_device_and_dtype_parsing():

@@ -149,6 +149,18 @@ def test_box_map_exact_for_hand_computed_case(tmp_path):
     assert not batch["is_global_text"].any()
 
 
+
+def test_height_width_image_size_gives_matching_pixels_and_maps(tmp_path):
+    # A (height, width) image_size: pixels (3, H, W) and gt maps (H, W), the box scaled per axis.
+    image_dir, record_dir = _write(tmp_path, [[("a", _jpeg(100, 50))]],
+                                   [[("a", _record(["the box"], [[15, 5, 42.5, 20]]))]])
+    (batch,) = _all(_load(image_dir, record_dir, image_size=[10, 12], batch_size=1))
+    assert batch["pixel_values"].shape == (1, 3, 10, 12) and batch["gt_selection_maps"].shape == (1, 10, 12)
+    assert torch.equal(batch["gt_selection_maps"][0], box_to_gt_map([15, 5, 42.5, 20], (100, 50), (10, 12)))
+    expected = torch.zeros(10, 12)
+    expected[1:5, 1:7] = 1  # rows 5·10/50 = 1 .. 20·10/50 = 4; columns ⌊15·12/100⌋ = 1 .. ⌈42.5·12/100⌉ = 6
+    assert torch.equal(batch["gt_selection_maps"][0], expected)
+
 def _captioned(tmp_path, records: list[dict]):
     samples = [(f"k{i}", _jpeg(32, 32)) for i in range(len(records))]
     return _write(tmp_path, [samples], [[(f"k{i}", r) for i, r in enumerate(records)]])

@@ -425,6 +425,38 @@ def test_existing_run_without_resume_is_refused(setup, tmp_path):
     assert main_train(args + ["--quiet"]) == 2
 
 
+
+def test_trains_with_a_height_width_image_size(setup, tmp_path):
+    # A preprocessor with image_size [H, W] (not a square): batches of (3, H, W) pixels and (H, W) maps.
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(setup["config"].read_text())
+    size = worker.PREPROCESSOR["image_size"]
+    (model_dir / "preprocessor_config.json").write_text(
+        json.dumps({**worker.PREPROCESSOR, "image_size": [size, size * 3 // 4]}))
+    args = argv({**setup, "config": model_dir / "config.json"}, tmp_path / "run", 2)
+    assert train_in_process(args) == 0
+    assert json.loads((tmp_path / "run" / "preprocessor_config.json").read_text())["image_size"] == [size, size * 3 // 4]
+    assert final_state(tmp_path / "run")["progress"]["step"] == 2
+
+def test_user_mistake_is_one_line_and_internal_error_keeps_traceback(setup, tmp_path, capsys):
+    from ps3.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *argv(setup, run, 2), "--lr", "-1", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["ps3 train: error: --lr must be a finite number >= 0, "
+                                                            "got -1.0"]
+    assert train_in_process(argv(setup, run, 2)) == 0
+    # A checkpoint that passes the format check but lacks the optimizer state was not written by
+    # this trainer: resuming from it is a bug to investigate, so the error keeps its traceback.
+    path = run / "checkpoints" / "step_00000002.pt"
+    state = read_checkpoint(path)
+    del state["optimizer"]
+    torch.save(state, path)
+    with pytest.raises(KeyError, match="optimizer"):
+        main(["train", *argv(setup, run, 4), "--quiet"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Export
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .runtime import (DTYPE_NAMES, LoadedModel, Measurement, UserError, legacy_user_errors, load_model, measure,
+from .runtime import (DTYPE_NAMES, LoadedModel, Measurement, UserError, load_model, measure,
                       parse_device, run_command, user_input)
 from .vision import PS3VisionOutput
 
@@ -160,19 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands whose code does not yet raise UserError itself (issue 12.6: the training side, until its
-# checks do); their ValueError/OSError still print as one line. Every other command marks its own.
-_LEGACY_COMMANDS = {"train", "export", "data"}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None or not hasattr(args, "func"):
         parser.print_help()
         return 0
-    func = legacy_user_errors(args.func) if args.command in _LEGACY_COMMANDS else args.func
-    return run_command(func, args, prog=f"ps3 {args.command}")
+    return run_command(args.func, args, prog=f"ps3 {args.command}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def matmul_gflops() -> float:
     """This machine's float32 matmul rate (2048², best of 10), as ``ps3 bench`` measures it."""
     import torch
 
-    from .bench import matmul_rate
+    from .runtime import matmul_rate
 
     return matmul_rate(torch.device("cpu"), torch.float32, 2048) / 1e9
 
@@ -150,7 +150,7 @@ def show_heldout(model_dir: Path, out: Path, image_size: int) -> tuple[Path, str
     import torch
     from PIL import Image
 
-    from . import PS3ImageProcessor, PS3TextModel, PS3Tokenizer, PS3VisionModel
+    from .runtime import load_model
     from .train.synthetic import render_scene
     from .viz import overlay_selection
 
@@ -158,8 +158,8 @@ def show_heldout(model_dir: Path, out: Path, image_size: int) -> tuple[Path, str
     image = out / "heldout.png"
     scene.image.save(image)
     caption = scene.captions[0]
-    vision, text = PS3VisionModel.from_pretrained(model_dir), PS3TextModel.from_pretrained(model_dir)
-    tokenizer, processor = PS3Tokenizer.from_pretrained(model_dir), PS3ImageProcessor.from_pretrained(model_dir)
+    loaded = load_model(model_dir, device="cpu", text=True)
+    vision, text, tokenizer, processor = loaded.vision, loaded.text, loaded.tokenizer, loaded.processor
     pixels = processor(str(image))["pixel_values"][0][None]
     side = max(256, image_size)  # drawn at 256 px or more, so that the title fits
     shown = scene.image.resize((side, side), Image.Resampling.NEAREST)

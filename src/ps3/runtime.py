@@ -24,7 +24,7 @@ import torch
 
 from .hub import parse_dtype as _dtype_from_name, resolve_model_dir
 
-__all__ = ["UserError", "user_input", "run_command", "legacy_user_errors", "DTYPE_NAMES", "parse_device", "parse_dtype",
+__all__ = ["UserError", "user_input", "run_command", "DTYPE_NAMES", "parse_device", "parse_dtype",
            "synchronize", "timeit", "matmul_rate", "Measurement", "measure", "LoadedModel", "load_model"]
 
 # The dtype names the command lines offer (hub.parse_dtype also takes aliases such as "bf16").
@@ -75,17 +75,6 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
             raise
         print(f"{prog}: error: {_first_line(exc)}", file=sys.stderr)
         return 2
-
-
-def legacy_user_errors(func: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
-    """Interim adapter for a command whose code does not yet raise :class:`UserError` where it
-    reads the user's flags, files and directories: its ``ValueError`` and ``OSError`` count as the
-    user's (anything else keeps its traceback). Drop it once the command marks its own."""
-    def run(args: argparse.Namespace) -> Any:
-        with user_input(errors=(ValueError, OSError)):
-            return func(args)
-
-    return run
 
 
 # ------------------------------------------------------------------------------------------ device and dtype

@@ -223,6 +223,62 @@ def _to_feature_map(out: torch.Tensor, plan: _ScalePlan, batch: int, num_prefix_
     return fmap, prefix
 
 
+def _check_request(input: torch.Tensor, split_mode: str, output_shape: str, num_prefix_token: int,
+                   split_chunk_size: int | None) -> None:
+    """Refuse a malformed :func:`multiscale_forward` request before any compute."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor of shape B×C×H×W, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D B×C×H×W, got shape {tuple(input.shape)}; "
+                         "add a batch dim with input.unsqueeze(0) for one image")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}; "
+                        "convert it, e.g. input.float() / 255")
+    if split_mode not in ("resize", "pad"):
+        raise ValueError(f"split_mode must be 'resize' or 'pad', got {split_mode!r}")
+    if output_shape not in ("bnc", "bchw"):
+        raise ValueError(f"output_shape must be 'bnc' (model returns B×N×C tokens) or 'bchw' "
+                         f"(model returns B×C×h×w maps), got {output_shape!r}")
+    if not _is_int(num_prefix_token) or num_prefix_token < 0:
+        raise ValueError(f"num_prefix_token must be an int >= 0, got {num_prefix_token!r}")
+    if output_shape == "bchw" and num_prefix_token:
+        raise ValueError(f"num_prefix_token={num_prefix_token} needs output_shape='bnc'; feature maps "
+                         "(output_shape='bchw') have no prefix tokens, pass num_prefix_token=0")
+    if split_chunk_size is not None and (not _is_int(split_chunk_size) or split_chunk_size <= 0):
+        raise ValueError(f"split_chunk_size must be a positive int (pieces per backbone call) or None, "
+                         f"got {split_chunk_size!r}")
+
+
+def _encode_scale(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor, plan: _ScalePlan, index: int,
+                  split_mode: str, chunk: int | None, num_prefix_token: int,
+                  output_shape: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One scale of :func:`multiscale_forward`: resize, grow to whole pieces, split, encode,
+    stitch and shrink back. Returns the B×C×h×w feature map and the prefix tokens (mean over the
+    pieces) or None."""
+    batch = input.shape[0]
+    x = _resize(input, plan.size, "bicubic")
+    if plan.full != plan.size:
+        if split_mode == "resize":
+            x = _resize(x, plan.full, "bicubic")
+        else:
+            x = F.pad(x, (0, plan.full[1] - plan.size[1], 0, plan.full[0] - plan.size[0]))
+    out = _run_backbone(model, split_chessboard(x, plan.splits), chunk)
+    fmap, prefix = _to_feature_map(out, plan, batch, num_prefix_token, output_shape, index)
+    # Feature size the requested (ungrown) image would have had: ceil(size / full · feature),
+    # in floating point exactly as the reference computes it (so shapes agree to the token).
+    fh, fw = fmap.shape[-2:]
+    keep = (math.ceil(plan.size[0] / plan.full[0] * fh), math.ceil(plan.size[1] / plan.full[1] * fw))
+    if split_mode == "resize":
+        fmap = _resize(fmap, keep, "area")
+    else:
+        fmap = fmap[:, :, :keep[0], :keep[1]]
+    if prefix is not None:
+        # Mean over the chessboard pieces (piece-major batch layout), accumulated in float32.
+        n_pieces = plan.splits[0] * plan.splits[1]
+        prefix = prefix.reshape(n_pieces, batch, *prefix.shape[1:]).float().mean(0).to(prefix.dtype)
+    return fmap, prefix
+
+
 def multiscale_forward(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor,
                        scales: Sequence[float] | None = None,
                        img_sizes: Sequence[int | Sequence[int]] | None = None,
@@ -255,28 +311,7 @@ def multiscale_forward(model: Callable[[torch.Tensor], torch.Tensor], input: tor
     Returns:
         Features in `model`'s output dtype; the gradient flows to `model` and `input`.
     """
-    # --- validate the request before any compute -------------------------------------------
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor of shape B×C×H×W, got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D B×C×H×W, got shape {tuple(input.shape)}; "
-                         "add a batch dim with input.unsqueeze(0) for one image")
-    if not input.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}; "
-                        "convert it, e.g. input.float() / 255")
-    if split_mode not in ("resize", "pad"):
-        raise ValueError(f"split_mode must be 'resize' or 'pad', got {split_mode!r}")
-    if output_shape not in ("bnc", "bchw"):
-        raise ValueError(f"output_shape must be 'bnc' (model returns B×N×C tokens) or 'bchw' "
-                         f"(model returns B×C×h×w maps), got {output_shape!r}")
-    if not _is_int(num_prefix_token) or num_prefix_token < 0:
-        raise ValueError(f"num_prefix_token must be an int >= 0, got {num_prefix_token!r}")
-    if output_shape == "bchw" and num_prefix_token:
-        raise ValueError(f"num_prefix_token={num_prefix_token} needs output_shape='bnc'; feature maps "
-                         "(output_shape='bchw') have no prefix tokens, pass num_prefix_token=0")
-    if split_chunk_size is not None and (not _is_int(split_chunk_size) or split_chunk_size <= 0):
-        raise ValueError(f"split_chunk_size must be a positive int (pieces per backbone call) or None, "
-                         f"got {split_chunk_size!r}")
+    _check_request(input, split_mode, output_shape, num_prefix_token, split_chunk_size)
     batch, _, in_h, in_w = input.shape
     sizes = _target_sizes((in_h, in_w), scales, img_sizes)
     if not _is_int(resize_output_to_idx) or not -len(sizes) <= resize_output_to_idx < len(sizes):
@@ -290,27 +325,10 @@ def multiscale_forward(model: Callable[[torch.Tensor], torch.Tensor], input: tor
     fmaps: list[torch.Tensor] = []
     prefixes: list[torch.Tensor] = []
     for i, plan in enumerate(plans):
-        x = _resize(input, plan.size, "bicubic")
-        if plan.full != plan.size:
-            if split_mode == "resize":
-                x = _resize(x, plan.full, "bicubic")
-            else:
-                x = F.pad(x, (0, plan.full[1] - plan.size[1], 0, plan.full[0] - plan.size[0]))
-        out = _run_backbone(model, split_chessboard(x, plan.splits), chunk)
-        fmap, prefix = _to_feature_map(out, plan, batch, num_prefix_token, output_shape, i)
-        # Feature size the requested (ungrown) image would have had: ceil(size / full · feature),
-        # in floating point exactly as the reference computes it (so shapes agree to the token).
-        fh, fw = fmap.shape[-2:]
-        keep = (math.ceil(plan.size[0] / plan.full[0] * fh), math.ceil(plan.size[1] / plan.full[1] * fw))
-        if split_mode == "resize":
-            fmap = _resize(fmap, keep, "area")
-        else:
-            fmap = fmap[:, :, :keep[0], :keep[1]]
+        fmap, prefix = _encode_scale(model, input, plan, i, split_mode, chunk, num_prefix_token, output_shape)
         fmaps.append(fmap)
         if prefix is not None:
-            # Mean over the chessboard pieces (piece-major batch layout), accumulated in float32.
-            n_pieces = plan.splits[0] * plan.splits[1]
-            prefixes.append(prefix.reshape(n_pieces, batch, *prefix.shape[1:]).float().mean(0).to(prefix.dtype))
+            prefixes.append(prefix)
 
     # --- bring every scale to one feature size and concatenate on channels -------------------
     out_hw = tuple(fmaps[resize_output_to_idx].shape[-2:])

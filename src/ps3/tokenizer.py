@@ -146,6 +146,51 @@ def _tokenizer_source(name: str, hub_kwargs: dict[str, Any]) -> tuple[Path, list
     return tokenizer_file, extras
 
 
+def _locate_files(path_or_hub_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> tuple[Path, Path | None]:
+    """(``tokenizer_config.json``, ``tokenizer.json`` beside it or None) of a directory or hub repo."""
+    location = Path(path_or_hub_id).expanduser()
+    text = str(path_or_hub_id)
+    if location.is_dir():
+        config_file: Path | None = location / TOKENIZER_CONFIG_NAME
+        own_file: Path | None = location / TOKENIZER_FILE_NAME
+        if not config_file.is_file():
+            raise ValueError(f"no {TOKENIZER_CONFIG_NAME} in {location}: pass a directory written by "
+                             "PS3Tokenizer.save_pretrained or a PS3 model repo")
+        if not own_file.is_file():
+            own_file = None
+    elif location.exists():
+        raise ValueError(f"{text} is a file: pass the directory that holds {TOKENIZER_CONFIG_NAME}")
+    elif _is_hub_id(text):
+        config_file = _hub_file(text, TOKENIZER_CONFIG_NAME, hub_kwargs, required=True)
+        own_file = _hub_file(text, TOKENIZER_FILE_NAME, hub_kwargs, required=False)
+    else:
+        raise ValueError(f"{text!r} is neither an existing directory nor a hub id like 'nvidia/PS3-4K-SigLIP2'")
+    if config_file is None:  # required=True raises first; kept explicit for type checkers and -O
+        raise ValueError(f"{text!r} has no {TOKENIZER_CONFIG_NAME}")
+    return config_file, own_file
+
+
+def _vocabulary_files(config: dict[str, Any], config_file: Path, own_file: Path | None,
+                      hub_kwargs: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
+    """The ``tokenizer.json`` to load (``own_file``, else the one of the config's
+    ``tokenizer_name``) and the configs that may say which token pads, ours first."""
+    # Which token pads (and on which side) may be said by our config or, as transformers
+    # writes it, by the configs beside the tokenizer.json; ours wins.
+    sources = [config]
+    if own_file is not None:
+        special_map = config_file.parent / SPECIAL_TOKENS_MAP_NAME
+        if special_map.is_file():
+            sources.append(_read_json(special_map))
+    else:
+        name = config.get("tokenizer_name") or config.get("hf_tokenizer_name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{config_file} names no tokenizer_name and there is no {TOKENIZER_FILE_NAME} "
+                             "beside it: nothing to load the vocabulary from")
+        own_file, extras = _tokenizer_source(name, hub_kwargs)
+        sources += extras
+    return own_file, sources
+
+
 class PS3Tokenizer:
     """Clean, encode, truncate and pad texts to a (B, context_length) LongTensor.
 
@@ -215,41 +260,9 @@ class PS3Tokenizer:
         if not isinstance(path_or_hub_id, (str, os.PathLike)):
             raise TypeError(f"path_or_hub_id must be a directory or a hub id string, got {type(path_or_hub_id).__name__}")
         hub_kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-        location = Path(path_or_hub_id).expanduser()
-        text = str(path_or_hub_id)
-        if location.is_dir():
-            config_file: Path | None = location / TOKENIZER_CONFIG_NAME
-            own_file: Path | None = location / TOKENIZER_FILE_NAME
-            if not config_file.is_file():
-                raise ValueError(f"no {TOKENIZER_CONFIG_NAME} in {location}: pass a directory written by "
-                                 "PS3Tokenizer.save_pretrained or a PS3 model repo")
-            if not own_file.is_file():
-                own_file = None
-        elif location.exists():
-            raise ValueError(f"{text} is a file: pass the directory that holds {TOKENIZER_CONFIG_NAME}")
-        elif _is_hub_id(text):
-            config_file = _hub_file(text, TOKENIZER_CONFIG_NAME, hub_kwargs, required=True)
-            own_file = _hub_file(text, TOKENIZER_FILE_NAME, hub_kwargs, required=False)
-        else:
-            raise ValueError(f"{text!r} is neither an existing directory nor a hub id like 'nvidia/PS3-4K-SigLIP2'")
-        if config_file is None:  # required=True raises first; kept explicit for type checkers and -O
-            raise ValueError(f"{text!r} has no {TOKENIZER_CONFIG_NAME}")
+        config_file, own_file = _locate_files(path_or_hub_id, hub_kwargs)
         config = _read_json(config_file)
-
-        # Which token pads (and on which side) may be said by our config or, as transformers
-        # writes it, by the configs beside the tokenizer.json; ours wins.
-        sources = [config]
-        if own_file is not None:
-            special_map = config_file.parent / SPECIAL_TOKENS_MAP_NAME
-            if special_map.is_file():
-                sources.append(_read_json(special_map))
-        else:
-            name = config.get("tokenizer_name") or config.get("hf_tokenizer_name")
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"{config_file} names no tokenizer_name and there is no {TOKENIZER_FILE_NAME} "
-                                 "beside it: nothing to load the vocabulary from")
-            own_file, extras = _tokenizer_source(name, hub_kwargs)
-            sources += extras
+        own_file, sources = _vocabulary_files(config, config_file, own_file, hub_kwargs)
 
         def first(key: str) -> Any:
             return next((s[key] for s in sources if s.get(key) is not None), None)

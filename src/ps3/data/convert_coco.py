@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..runtime import UserError
 from .convert_common import DropLog, SourceImage, read_json, sanitize_key
 from .convert_run import add_common_arguments, run_conversion
 
@@ -37,13 +38,13 @@ COCO_DROP_REASONS = {
 def _load_json(path: str | os.PathLike, argument: str) -> dict[str, Any]:
     data = read_json(path, argument)
     if not isinstance(data, dict) or not isinstance(data.get("annotations", []), list):
-        raise ValueError(f"{argument}: {path} is not a COCO annotation file (an object with an 'annotations' list)")
+        raise UserError(f"{argument}: {path} is not a COCO annotation file (an object with an 'annotations' list)")
     return data
 
 
 def _category_texts(categories: Any, template: str) -> dict[Any, str]:
     if not isinstance(categories, list):
-        raise ValueError("--instances: the file has no 'categories' list")
+        raise UserError("--instances: the file has no 'categories' list")
     texts = {}
     for category in categories:
         if isinstance(category, dict) and "id" in category:
@@ -56,7 +57,7 @@ def _check_template(template: str) -> None:
     try:
         template.format(name="x", supercategory="y")
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"--local-text must be a text with {{name}} and/or {{supercategory}}, got {template!r} "
+        raise UserError(f"--local-text must be a text with {{name}} and/or {{supercategory}}, got {template!r} "
                          f"({type(exc).__name__}: {exc})") from None
 
 
@@ -66,7 +67,7 @@ def read_coco(images_dir: str | os.PathLike, instances: str | os.PathLike, capti
     _check_template(local_text)
     data = _load_json(instances, "--instances")
     if not isinstance(data.get("images"), list):
-        raise ValueError(f"--instances: {instances} has no 'images' list")
+        raise UserError(f"--instances: {instances} has no 'images' list")
     category_text = _category_texts(data.get("categories"), local_text)
     drops = DropLog()
     sources: dict[Any, SourceImage] = {}
@@ -87,16 +88,25 @@ def read_coco(images_dir: str | os.PathLike, instances: str | os.PathLike, capti
     return list(sources.values()), drops
 
 
+def _source_of(annotation: Any, field: str, kind: type, what: str, sources: dict[Any, SourceImage],
+               drops: DropLog) -> SourceImage | None:
+    """The image an annotation belongs to, or None after counting why it is dropped: not an
+    object with ``field`` of type ``kind`` (``bad_annotation``), or an unknown ``image_id``."""
+    if not isinstance(annotation, dict) or not isinstance(annotation.get(field), kind):
+        drops.add("bad_annotation", f"{what} {str(annotation)[:80]}")
+        return None
+    source = sources.get(annotation.get("image_id"))
+    if source is None:
+        drops.add("unknown_image", f"{what} {annotation.get('id')} of image {annotation.get('image_id')}")
+    return source
+
+
 def _add_object(annotation: Any, sources: dict[Any, SourceImage], category_text: dict[Any, str],
                 keep_crowd: bool, drops: DropLog) -> None:
-    if not isinstance(annotation, dict) or not isinstance(annotation.get("bbox"), list):
-        drops.add("bad_annotation", f"annotation {str(annotation)[:80]}")
-        return
-    source = sources.get(annotation.get("image_id"))
-    where = f"annotation {annotation.get('id')} of image {annotation.get('image_id')}"
+    source = _source_of(annotation, "bbox", list, "annotation", sources, drops)
     if source is None:
-        drops.add("unknown_image", where)
         return
+    where = f"annotation {annotation.get('id')} of image {annotation.get('image_id')}"
     if annotation.get("iscrowd") and not keep_crowd:
         drops.add("crowd", f"{source.name}: {where}")
         return
@@ -112,12 +122,8 @@ def _add_object(annotation: Any, sources: dict[Any, SourceImage], category_text:
 
 
 def _add_caption(annotation: Any, sources: dict[Any, SourceImage], drops: DropLog) -> None:
-    if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
-        drops.add("bad_annotation", f"caption {str(annotation)[:80]}")
-        return
-    source = sources.get(annotation.get("image_id"))
+    source = _source_of(annotation, "caption", str, "caption", sources, drops)
     if source is None:
-        drops.add("unknown_image", f"caption {annotation.get('id')} of image {annotation.get('image_id')}")
         return
     source.global_texts.append(annotation["caption"])
 

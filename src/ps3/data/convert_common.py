@@ -40,6 +40,7 @@ from typing import Any
 from PIL import Image
 
 from ..images import load_image
+from ..runtime import UserError
 from .boxes import clip_box
 
 __all__ = ["DROP_REASONS", "DropLog", "SourceImage", "SampleOptions", "Sample", "build_sample",
@@ -142,9 +143,9 @@ def read_json(path: str | os.PathLike, argument: str) -> Any:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except OSError as exc:
-        raise ValueError(f"{argument}: cannot read {path}: {exc.strerror or exc}") from None
+        raise UserError(f"{argument}: cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise ValueError(f"{argument}: {path} is not valid JSON ({exc})") from None
+        raise UserError(f"{argument}: {path} is not valid JSON ({exc})") from None
 
 
 def clean_text(text: Any) -> str:

@@ -31,6 +31,7 @@ import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+from ..runtime import UserError
 from .convert_common import DropLog, SourceImage, sanitize_key
 from .convert_run import add_common_arguments, run_conversion
 
@@ -93,7 +94,7 @@ def _image_ids(annotations: Path, sentences: Path, split: str | os.PathLike | No
             with open(split, encoding="utf-8") as handle:
                 return [line.strip() for line in handle if line.strip()]
         except OSError as exc:
-            raise ValueError(f"--split: cannot read {split}: {exc.strerror or exc}") from None
+            raise UserError(f"--split: cannot read {split}: {exc.strerror or exc}") from None
     ids = {p.stem for p in annotations.glob("*.xml")} | {p.stem for p in sentences.glob("*.txt")}
     return sorted(ids, key=lambda i: (len(i), i))  # numeric ids in numeric order
 
@@ -130,7 +131,7 @@ def read_flickr30k_entities(images_dir: str | os.PathLike, annotations_dir: str 
     annotations, sentences = Path(annotations_dir), Path(sentences_dir)
     for argument, folder in (("--annotations", annotations), ("--sentences", sentences)):
         if not folder.is_dir():
-            raise ValueError(f"{argument}: {folder} is not a directory")
+            raise UserError(f"{argument}: {folder} is not a directory")
     drops = DropLog()
     sources = []
     for image_id in _image_ids(annotations, sentences, split):

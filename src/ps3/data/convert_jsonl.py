@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..runtime import UserError
 from .convert_common import DropLog, SourceImage, sanitize_key
 from .convert_run import add_common_arguments, run_conversion
 
@@ -68,7 +69,7 @@ def read_jsonl(path: str | os.PathLike, images_dir: str | os.PathLike | None = N
     try:
         handle = open(path, encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"FILE: cannot read {path}: {exc.strerror or exc}") from None
+        raise UserError(f"FILE: cannot read {path}: {exc.strerror or exc}") from None
     with handle:
         for number, line in enumerate(handle):
             if not line.strip():

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runtime import UserError, user_input
 from .convert_common import (DROP_REASONS, GLOBAL_CAPTION_CHOICES, DropLog, SampleOptions, SourceImage,
                              build_sample)
 from .writer import IMAGE_DIR, TEXT_BOX_DIR, ShardWriter, encode_record, existing_paired_shards
@@ -55,7 +56,7 @@ def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> N
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise UserError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_options(options: SampleOptions, shard_size: int, workers: int) -> None:
@@ -64,12 +65,12 @@ def _check_options(options: SampleOptions, shard_size: int, workers: int) -> Non
     _check_int("max_side", options.max_side, 16, optional=True)
     _check_int("jpeg_quality", options.jpeg_quality, 1)
     if options.jpeg_quality > 100:
-        raise ValueError(f"jpeg_quality must be in 1..100, got {options.jpeg_quality}")
+        raise UserError(f"jpeg_quality must be in 1..100, got {options.jpeg_quality}")
     if isinstance(options.min_box_side, bool) or not isinstance(options.min_box_side, (int, float)) \
             or not options.min_box_side >= 0:
-        raise ValueError(f"min_box_side must be a number >= 0, got {options.min_box_side!r}")
+        raise UserError(f"min_box_side must be a number >= 0, got {options.min_box_side!r}")
     if options.global_caption not in GLOBAL_CAPTION_CHOICES:
-        raise ValueError(f"global_caption must be one of {', '.join(GLOBAL_CAPTION_CHOICES)}, "
+        raise UserError(f"global_caption must be one of {', '.join(GLOBAL_CAPTION_CHOICES)}, "
                          f"got {options.global_caption!r}")
 
 
@@ -92,10 +93,10 @@ def _prepare(root: Path, manifest: dict[str, Any], overwrite: bool) -> None:
         previous = json.loads(manifest_path.read_text())
         if previous != manifest:
             changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
-            raise ValueError(f"{root} holds a conversion with other inputs or settings ({', '.join(changed)} "
+            raise UserError(f"{root} holds a conversion with other inputs or settings ({', '.join(changed)} "
                              f"differ): pass --overwrite to replace it, or choose another --out")
     elif existing_paired_shards(root):
-        raise ValueError(f"{root} already holds shards that no conversion there wrote: choose an empty --out "
+        raise UserError(f"{root} already holds shards that no conversion there wrote: choose an empty --out "
                          f"or pass --overwrite to replace them")
     for folder in (IMAGE_DIR, TEXT_BOX_DIR, STATS_DIR):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -256,7 +257,8 @@ def run_conversion(args: argparse.Namespace, sources: Sequence[SourceImage], rea
         result = ConvertResult(drops=reader_drops)
         print("\n".join(summary_lines(result, args.out, reasons)[1:] + ["nothing to convert: no usable image listed"]))
         return 1
-    with tqdm(total=len(sources), unit="image", desc=source_name, disable=args.quiet) as bar:
+    with tqdm(total=len(sources), unit="image", desc=source_name, disable=args.quiet) as bar, \
+            user_input("--out", errors=(OSError,)):
         result = convert(sources, args.out, source_name=source_name, settings=settings, options=options,
                          shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite,
                          reader_drops=reader_drops, progress=bar.update)

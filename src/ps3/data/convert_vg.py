@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..runtime import UserError
 from .convert_common import DropLog, SourceImage, read_json, sanitize_key
 from .convert_run import add_common_arguments, run_conversion
 
@@ -38,7 +39,7 @@ def _image_data(path: str | os.PathLike | None) -> dict[Any, dict[str, Any]]:
         return {}
     data = read_json(path, "--image-data")
     if not isinstance(data, list):
-        raise ValueError(f"--image-data: {path} is not Visual Genome image data (a JSON list of images)")
+        raise UserError(f"--image-data: {path} is not Visual Genome image data (a JSON list of images)")
     by_id = {}
     for entry in data:
         if isinstance(entry, dict):
@@ -80,7 +81,7 @@ def read_visual_genome(images_dir: str | os.PathLike, regions: str | os.PathLike
     """The images of ``region_descriptions.json`` with their regions, and what was dropped."""
     data = read_json(regions, "--regions")
     if not isinstance(data, list):
-        raise ValueError(f"--regions: {regions} is not Visual Genome region descriptions (a JSON list of images)")
+        raise UserError(f"--regions: {regions} is not Visual Genome region descriptions (a JSON list of images)")
     info_by_id = _image_data(image_data)
     root = Path(images_dir)
     drops = DropLog()

@@ -23,6 +23,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from ..runtime import UserError
+
 __all__ = [
     "SKIP_REASONS",
     "IMAGE_EXTENSIONS",
@@ -107,7 +109,7 @@ class SkipReporter:
             raise RuntimeError(f"internal error: unknown skip reason {reason!r}")
         if self.strict:
             where = f"shard {shard}" + (f", key {key!r}" if key is not None else "")
-            raise ValueError(f"bad training data ({reason}) in {where}: {detail or SKIP_REASONS[reason]}")
+            raise UserError(f"bad training data ({reason}) in {where}: {detail or SKIP_REASONS[reason]}")
         self.counts[reason] += 1
 
     def take(self) -> dict[str, int]:
@@ -137,7 +139,7 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], *, argume
         if os.path.isdir(text):
             shards = sorted(glob.glob(os.path.join(glob.escape(text), "*.tar")))
             if not shards:
-                raise ValueError(f"{argument}: directory {text} holds no *.tar shards")
+                raise UserError(f"{argument}: directory {text} holds no *.tar shards")
             return shards
         shards = list(expand_urls(text))
     elif isinstance(spec, Sequence) and not isinstance(spec, bytes):
@@ -147,11 +149,11 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], *, argume
             f"{argument} must be a directory, a brace pattern or a list of shards, got {type(spec).__name__}"
         )
     if not shards:
-        raise ValueError(f"{argument}: no shards given")
+        raise UserError(f"{argument}: no shards given")
     missing = [s for s in shards if _is_local(s) and not os.path.isfile(s)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"{argument}: shard not found: {missing[0]}{more}")
+        raise UserError(f"{argument}: shard not found: {missing[0]}{more}")
     return shards
 
 
@@ -167,7 +169,7 @@ def list_shard_pairs(
     images = list_shards(image_shards, argument=image_argument)
     records = list_shards(text_box_shards, argument=text_box_argument)
     if len(images) != len(records):
-        raise ValueError(
+        raise UserError(
             f"{image_argument} has {len(images)} shards but {text_box_argument} has {len(records)}: they must "
             f"pair up shard by shard (image shard i with text-box shard i)"
         )
@@ -265,19 +267,25 @@ class _Realigner:
 
     def drop_image(self, sample: dict, other_keys: set[str]) -> None:
         key = sample["__key__"]
-        self.passed_images.add(key)
-        if key in other_keys or key in self.passed_records:
-            self.report("key_mismatch", self.image_url, key, f"key {key!r} is out of lockstep with {self.record_url}")
-        else:
-            self.report("missing_json", self.image_url, key, f"no {key}.json in {self.record_url}")
+        self._drop(key, other_keys, image_side=True, missing="missing_json",
+                   detail=f"no {key}.json in {self.record_url}")
 
     def drop_record(self, sample: dict, other_keys: set[str]) -> None:
         key = sample["__key__"]
-        self.passed_records.add(key)
-        if key in other_keys or key in self.passed_images:
-            self.report("key_mismatch", self.record_url, key, f"key {key!r} is out of lockstep with {self.image_url}")
+        self._drop(key, other_keys, image_side=False, missing="missing_image",
+                   detail=f"no image for key {key!r} in {self.image_url}")
+
+    def _drop(self, key: str, other_keys: set[str], *, image_side: bool, missing: str, detail: str) -> None:
+        """Drop ``key`` from one side: ``key_mismatch`` when the other side has it (ahead, or
+        already passed over), else ``missing`` with ``detail``."""
+        passed, other_passed = ((self.passed_images, self.passed_records) if image_side
+                                else (self.passed_records, self.passed_images))
+        url, other_url = (self.image_url, self.record_url) if image_side else (self.record_url, self.image_url)
+        passed.add(key)
+        if key in other_keys or key in other_passed:
+            self.report("key_mismatch", url, key, f"key {key!r} is out of lockstep with {other_url}")
         else:
-            self.report("missing_image", self.record_url, key, f"no image for key {key!r} in {self.image_url}")
+            self.report(missing, url, key, detail)
 
     def drop_both_heads(self, image_key: str, record_key: str) -> None:
         self.report("key_mismatch", self.image_url, image_key,

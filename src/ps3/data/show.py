@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from ..images import load_image
+from ..runtime import UserError, user_input
 from .shards import IMAGE_EXTENSIONS, iter_shard, list_shard_pairs
 from .writer import IMAGE_DIR, TEXT_BOX_DIR
 
@@ -40,12 +41,12 @@ def find_sample(root: str | os.PathLike, key: str | None = None) -> tuple[str, b
         image = next((s for s in iter_shard(image_shard) if s["__key__"] == found), None)
         data = None if image is None else next((image[e] for e in IMAGE_EXTENSIONS if e in image), None)
         if data is None or "json" not in record:
-            raise ValueError(f"key {found!r} has no image in {image_shard} or no .json in {record_shard}")
+            raise UserError(f"key {found!r} has no image in {image_shard} or no .json in {record_shard}")
         try:
             return found, data, json.loads(record["json"])
         except ValueError as exc:
-            raise ValueError(f"the record of key {found!r} in {record_shard} is not valid JSON ({exc})") from None
-    raise ValueError(f"--key: no sample {key!r} in {root}" if key is not None else f"{root} holds no sample")
+            raise UserError(f"the record of key {found!r} in {record_shard} is not valid JSON ({exc})") from None
+    raise UserError(f"--key: no sample {key!r} in {root}" if key is not None else f"{root} holds no sample")
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -100,13 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     key, data, record = find_sample(args.dir, args.key)
     if not isinstance(record, dict):
-        raise ValueError(f"the record of key {key!r} is not a JSON object")
+        raise UserError(f"the record of key {key!r} is not a JSON object")
     try:
         drawing = draw_sample(data, record, max_side=args.max_side or None)
     except ValueError as exc:
-        raise ValueError(f"the image of key {key!r} does not decode ({exc})") from None
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    drawing.save(args.out)
+        raise UserError(f"the image of key {key!r} does not decode ({exc})") from None
+    with user_input("--out", errors=(OSError,)):
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        drawing.save(args.out)
     texts = record.get("text") or []
     print(f"wrote {args.out}: key {key}, {len(texts)} region(s)"
           + (f", global caption {record['global_text'][:60]!r}" if record.get("global_text") else ""))

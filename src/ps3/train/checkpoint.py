@@ -15,7 +15,6 @@ tensors only (``weights_only``), never arbitrary pickles.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from ..config import PS3Config
+from ..runtime import UserError
 from ..tokenizer import PS3Tokenizer
 from .distributed import DistInfo, RankLog, on_main
 from .model import build_caption_tokenizer, get_model_spec, read_captions
@@ -89,15 +89,15 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint (tensors only, no arbitrary pickles); ``ValueError`` when it is
+    """Load a checkpoint (tensors only, no arbitrary pickles); ``UserError`` (a ``ValueError``) when it is
     incomplete, corrupt or not a ps3 training checkpoint."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip raises RuntimeError, a missing file OSError, ...
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ValueError(f"checkpoint {path} is incomplete or unreadable ({type(exc).__name__}: {first})") from exc
+        raise UserError(f"checkpoint {path} is incomplete or unreadable ({type(exc).__name__}: {first})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a ps3 training checkpoint")
+        raise UserError(f"{path} is not a ps3 training checkpoint")
     return state
 
 
@@ -162,8 +162,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
         previous = [p for s, p in list_checkpoints(run_dir) if s != step]
         intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
         reason = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        code = getattr(exc, "errno", None) or errno.EIO
-        raise OSError(code, f"could not write checkpoint {final} ({reason}); {intact}") from exc
+        raise UserError(f"could not write checkpoint {final} ({reason}); {intact}") from exc
     for _, old in list_checkpoints(run_dir)[:-keep]:
         try:
             old.unlink()
@@ -194,7 +193,7 @@ def _remove_stale_temporaries(run_dir: Path, log: RankLog) -> None:
 
 
 def check_writable(directory: Path) -> None:
-    """Create ``directory`` and write a probe file into it; ``OSError`` with a clear reason if not."""
+    """Create ``directory`` and write a probe file into it; ``UserError`` with a clear reason if not."""
     probe = directory / f".write-test-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -202,9 +201,8 @@ def check_writable(directory: Path) -> None:
             handle.write(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise OSError(exc.errno or errno.EACCES,
-                      f"output directory {directory} is not writable ({exc.strerror or exc}): choose a writable "
-                      "--output-dir") from exc
+        raise UserError(f"output directory {directory} is not writable ({exc.strerror or exc}): choose a writable "
+                        "--output-dir") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +242,7 @@ def _resolve_spec(params: TrainParams):
         return get_model_spec(params.model)
     if params.init not in (None, "random") and Path(params.init).is_dir():
         return get_model_spec(params.init)
-    raise ValueError("--model is required (tiny-synthetic, PS3-4K-SigLIP2, …, or a config.json path) unless "
+    raise UserError("--model is required (tiny-synthetic, PS3-4K-SigLIP2, …, or a config.json path) unless "
                      "--init is a PS3 checkpoint directory")
 
 
@@ -289,7 +287,7 @@ def prepare_run_dir(params: TrainParams, log: RankLog) -> None:
     run_dir = Path(params.output_dir)
     check_writable(run_dir)
     if not params.resume and list_checkpoints(run_dir):
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume latest to continue that run, or "
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume latest to continue that run, or "
                          "choose another --output-dir")
     _remove_stale_temporaries(run_dir, log)
     spec = _resolve_spec(params)
@@ -298,14 +296,14 @@ def prepare_run_dir(params: TrainParams, log: RankLog) -> None:
     if config.text_config.vocab_size is None:
         config.text_config.vocab_size = tokenizer.vocab_size
     elif tokenizer.vocab_size > config.text_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text tower only "
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text tower only "
                          f"{config.text_config.vocab_size}: use the model's tokenizer or a larger vocab_size")
     PS3ImageProcessor(**spec.preprocessor)  # validates it
     config_file, preprocessor_file = run_dir / "config.json", run_dir / "preprocessor_config.json"
     if config_file.is_file():
         existing = PS3Config.from_pretrained(run_dir)
         if existing.to_dict() != config.to_dict():
-            raise ValueError(f"{run_dir} belongs to a run with another model config ({config_file}): use a new "
+            raise UserError(f"{run_dir} belongs to a run with another model config ({config_file}): use a new "
                              "--output-dir or the same --model")
     else:
         write_atomic(config_file, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")

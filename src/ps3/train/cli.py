@@ -75,9 +75,9 @@ def register(subparsers) -> None:
 def main_train(argv: list[str] | None = None) -> int:
     """``python -m ps3.train``: the ``ps3 train`` flags; a user mistake ends with one line and exit
     code 2, an internal bug with its traceback (:func:`ps3.runtime.run_command`)."""
-    from ..runtime import legacy_user_errors, run_command
+    from ..runtime import run_command
 
     parser = argparse.ArgumentParser(prog="python -m ps3.train", description="Pre-train PS3.")
     add_train_parser(parser)
     args = parser.parse_args(argv)
-    return run_command(legacy_user_errors(args.func), args, prog="ps3 train")
+    return run_command(args.func, args, prog="ps3 train")

@@ -15,7 +15,7 @@ Per sample (design §5)
    (global vs local, boxes without replacement, sentence masking): :mod:`ps3.train.captions`.
 2. The image is squash-resized to ``image_size`` and normalised
    (:meth:`ps3.PS3ImageProcessor.preprocess_rgb`, the inference processor's steps); each box is
-   clipped, scaled by the same squash and drawn as an (S, S) map of ones
+   clipped, scaled by the same squash and drawn as an (S, S) or (H, W) map of ones
    (:func:`ps3.data.boxes.box_to_gt_map`). A global caption's map is all 1.
 
 Batches
@@ -69,7 +69,7 @@ import json
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,110 +79,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..data.boxes import box_cells
 from ..data.shards import (IMAGE_EXTENSIONS, SKIP_REASONS, ShardPair, SkipCounter, SkipReporter, iter_paired_shard,
                            list_shard_pairs, list_shards)
-from ..images import MAX_IMAGE_PIXELS, load_image
-from ..processor import PS3ImageProcessor
+from ..images import load_image
+from ..runtime import UserError
 from .captions import choose_captions, usable_captions
+from .data_options import DataOptions, check_int
 
-# SKIP_REASONS, SkipCounter and list_shards are re-exported from ps3.data.shards.
-__all__ = ["SKIP_REASONS", "SkipCounter", "list_shards", "DataOptions", "PretrainDataset", "PretrainLoader",
-           "build_dataloader"]
+# SKIP_REASONS, SkipCounter and list_shards are re-exported from ps3.data.shards, DataOptions from
+# ps3.train.data_options.
+__all__ = ["SKIP_REASONS", "SkipCounter", "list_shards", "DataOptions", "PretrainDataset", "TrainingSample",
+           "PretrainLoader", "build_dataloader"]
 
 _CONTROL = "_control"  # marks non-batch items (placeholders, worker tails) inside the stream
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Options
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataOptions:
-    """Everything besides the shards that decides the batch stream; checked when made
-    (``ValueError``/``TypeError`` naming the field). Change fields with ``dataclasses.replace``.
-
-    Attributes:
-        image_size, mean, std: the preprocessing (``preprocessor_config.json`` of the model).
-        batch_size: images per batch (each brings ``sample_n_box_each_image`` texts).
-        workers: DataLoader worker processes (0 reads in the main process).
-        seed, epoch: make the stream deterministic; change ``epoch`` (or ``set_epoch``) each epoch.
-        shuffle: shuffle the shard order and samples (through a ``shuffle_buffer``-sample buffer
-            per worker, holding encoded images: budget ``shuffle_buffer`` × JPEG size of memory
-            per worker); False reads shards and samples in order.
-        resample: draw shards with replacement, endlessly (use ``num_batches`` as epoch length).
-        global_caption_prob, sample_n_box_each_image, sentence_masking: caption choice (design §5).
-        rank, world_size: this rank; default (both None) from ``torch.distributed`` when
-            initialised, else 0/1.
-        strict: raise ``ValueError`` on the first bad sample instead of skipping and counting it.
-        tokenize: callable list[str] → token ids, run in the workers; result in ``text_ids``.
-        num_batches: stop after this many batches of this rank (needed with ``resample``).
-        drop_last: drop each worker's final partial batch.
-        skip_batches: resume: leave out the first this many batches of this epoch (cheaply).
-        pin_memory: pin batch tensors (for asynchronous copies to a GPU).
-        max_pixels: refuse larger images (counted as ``bad_image``).
-    """
-
-    image_size: int
-    batch_size: int
-    mean: Sequence[float] = (0.5, 0.5, 0.5)
-    std: Sequence[float] = (0.5, 0.5, 0.5)
-    workers: int = 0
-    seed: int = 0
-    epoch: int = 0
-    shuffle: bool = True
-    shuffle_buffer: int = 256
-    resample: bool = False
-    global_caption_prob: float = 0.0
-    sample_n_box_each_image: int = 1
-    sentence_masking: bool = False
-    rank: int | None = None
-    world_size: int | None = None
-    strict: bool = False
-    tokenize: Callable[[list[str]], Any] | None = None
-    num_batches: int | None = None
-    drop_last: bool = False
-    skip_batches: int = 0
-    pin_memory: bool = False
-    max_pixels: int = MAX_IMAGE_PIXELS
-
-    def __post_init__(self) -> None:
-        processor = self.processor()  # checks image_size, mean and std
-        object.__setattr__(self, "mean", tuple(processor.mean))
-        object.__setattr__(self, "std", tuple(processor.std))
-        for name, minimum in (("batch_size", 1), ("workers", 0), ("seed", 0), ("epoch", 0), ("shuffle_buffer", 1),
-                              ("sample_n_box_each_image", 1), ("skip_batches", 0), ("max_pixels", 1)):
-            _check_int(name, getattr(self, name), minimum)
-        if self.num_batches is not None:
-            _check_int("num_batches", self.num_batches, 1)
-        prob = self.global_caption_prob
-        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
-            raise ValueError(f"global_caption_prob must be a number in [0, 1], got {prob!r}")
-        object.__setattr__(self, "global_caption_prob", float(prob))
-        if self.tokenize is not None and not callable(self.tokenize):
-            raise TypeError(f"tokenize must be a callable list[str] -> token ids, got {type(self.tokenize).__name__}")
-        if (self.rank is None) != (self.world_size is None):
-            raise ValueError("pass both rank and world_size, or neither (then torch.distributed decides)")
-        if self.rank is not None:
-            for name in ("rank", "world_size"):
-                if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                    raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
-            if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-                raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
-
-    def processor(self) -> PS3ImageProcessor:
-        """The inference processor with this preprocessing."""
-        return PS3ImageProcessor(image_size=self.image_size, mean=self.mean, std=self.std)
-
-    def resolved_rank(self) -> tuple[int, int]:
-        """(rank, world_size): the given ones, else ``torch.distributed``'s, else (0, 1)."""
-        if self.rank is not None:
-            return self.rank, self.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +97,9 @@ class DataOptions:
 
 
 @dataclass
-class _Sample:
+class TrainingSample:
+    """One usable image/text-box pair as :meth:`PretrainDataset.read_sample` reads it."""
+
     key: str
     pixels: torch.Tensor | None  # None for placeholders (resume skipping)
     texts: list[str]
@@ -286,11 +195,11 @@ class PretrainDataset(IterableDataset):
         # the workers in turn); it can only come earlier when another worker runs out first.
         quota = None if num_batches is None else num_batches // workers + (worker < num_batches % workers)
         made = 0
-        pending: list[_Sample] = []
+        pending: list[TrainingSample] = []
         if quota != 0:
             for draw, pair in self._pairs(worker, workers, report):
                 placeholder = made * workers + worker < self.skip_batches
-                sample = self._sample(pair, draw, report, placeholder)
+                sample = self.read_sample(pair, draw, report, placeholder=placeholder)
                 if sample is None:
                     continue
                 pending.append(sample)
@@ -304,7 +213,13 @@ class PretrainDataset(IterableDataset):
                 yield self._collate(pending, report.take(), made * workers + worker < self.skip_batches)
         yield {_CONTROL: "tail", "skipped": report.take()}
 
-    def _sample(self, pair: ShardPair, draw: str, report: SkipReporter, placeholder: bool) -> _Sample | None:
+    def read_sample(self, pair: ShardPair, draw: str, report: SkipReporter, *,
+                    placeholder: bool = False) -> TrainingSample | None:
+        """One paired sample as the trainer reads it: ``None`` (after calling ``report`` with the
+        skip reason) when its image, record or captions are unusable, else its key, pixels,
+        chosen texts and their box cells. ``draw`` names the shard draw and seeds the caption
+        choice with the key; ``placeholder=True`` only checks usability (no pixels or texts),
+        as resumes and ``ps3 data check`` need."""
         key, image_shard, record_shard = pair.key, pair.image_shard, pair.record_shard
         image_bytes = next((pair.image[ext] for ext in IMAGE_EXTENSIONS if ext in pair.image), None)
         if image_bytes is None:
@@ -333,7 +248,7 @@ class PretrainDataset(IterableDataset):
             report("no_usable_caption", record_shard, key, "no usable local or global caption")
             return None
         if placeholder:  # resume skipping: validity is all that matters
-            return _Sample(key, None, [], [])
+            return TrainingSample(key, None, [], [])
 
         options, size = self.options, self.processor.image_size
         rng = random.Random(_seed(options.seed, self.epoch, draw, key))
@@ -343,15 +258,16 @@ class PretrainDataset(IterableDataset):
         cells = [None if box is None else box_cells(box, image.size, size) for _, box in chosen]
         # Decoded here under max_pixels, so the processor's steps after decoding, not preprocess().
         pixels = self.processor.preprocess_rgb(image)
-        return _Sample(key, pixels, [text for text, _ in chosen], cells)
+        return TrainingSample(key, pixels, [text for text, _ in chosen], cells)
 
-    def _collate(self, samples: list[_Sample], skipped: dict[str, int], placeholder: bool) -> dict[str, Any]:
+    def _collate(self, samples: list[TrainingSample], skipped: dict[str, int], placeholder: bool) -> dict[str, Any]:
         if placeholder:
             return {_CONTROL: "placeholder", "skipped": skipped}
         size = self.processor.image_size
+        height, width = (size, size) if isinstance(size, int) else size
         texts = [text for sample in samples for text in sample.texts]
         cells = [cell for sample in samples for cell in sample.cells]
-        gt = torch.zeros(len(texts), size, size)
+        gt = torch.zeros(len(texts), height, width)
         for row, cell in enumerate(cells):
             if cell is None:
                 gt[row] = 1.0
@@ -396,8 +312,8 @@ class PretrainLoader:
         return self.dataset.epoch
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        _check_int("epoch", epoch, 0)
-        _check_int("skip_batches", skip_batches, 0)
+        check_int("epoch", epoch, 0)
+        check_int("skip_batches", skip_batches, 0)
         self.dataset.epoch = epoch
         self._skip_next = skip_batches
 
@@ -454,7 +370,7 @@ def build_dataloader(image_shards: str | os.PathLike | Sequence[str | os.PathLik
         warnings.warn("resample=True without num_batches gives an endless stream", stacklevel=2)
     dataset = PretrainDataset(images, records, options)
     if not options.resample and len(images) < dataset.world_size:
-        raise ValueError(
+        raise UserError(
             f"{len(images)} shard pair(s) cannot be split between {dataset.world_size} ranks: every rank needs at "
             f"least one shard (write more, smaller shards, or use resample=True)"
         )

@@ -86,7 +86,7 @@ def check_dataset(root: str | Path) -> DatasetReport:
     for image_shard, record_shard in zip(images, records):
         for pair in iter_paired_shard(image_shard, record_shard, reporter, strict=False):
             report.pairs += 1
-            if dataset._sample(pair, "check", reporter, placeholder=True) is None:
+            if dataset.read_sample(pair, "check", reporter, placeholder=True) is None:
                 continue
             _add_usable(report, pair)
     report.skips, report.examples = reporter.log.counts, reporter.log.examples

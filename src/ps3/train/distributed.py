@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..runtime import UserError
+
 __all__ = ["DistInfo", "init_distributed", "broadcast", "on_main", "RankLog", "wrap", "full_state_dicts",
            "load_full_state_dicts"]
 
@@ -42,12 +44,12 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was given but CUDA is not available: use --device cpu")
+            raise UserError("--device cuda was given but CUDA is not available: use --device cpu")
         if device == "cuda":
             device = f"cuda:{local_rank}"
         torch.cuda.set_device(torch.device(device))
     elif device != "cpu":
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
 
 

@@ -18,6 +18,7 @@ from ..config import PS3Config
 from ..hub import check_and_load
 from ..model import PS3Model
 from ..processor import PS3ImageProcessor
+from ..runtime import UserError, user_input
 from ..tokenizer import PS3Tokenizer
 from .checkpoint import TOKENIZER_DIR, load_latest_checkpoint, read_checkpoint
 
@@ -30,14 +31,15 @@ def load_run_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     in eval mode; also returns the checkpoint state and its path."""
     run = Path(run_dir)
     if not (run / "config.json").is_file():
-        raise ValueError(f"{run} is not a training run directory (no config.json): pass the --output-dir of a run")
+        raise UserError(f"{run} is not a training run directory (no config.json): pass the --output-dir of a run")
     if checkpoint is not None:
         path = Path(checkpoint)
-        state = read_checkpoint(path)
+        with user_input("--checkpoint"):
+            state = read_checkpoint(path)
     else:
         found = load_latest_checkpoint(run, warn)
         if found is None:
-            raise ValueError(f"{run} holds no readable checkpoint to export")
+            raise UserError(f"{run} holds no readable checkpoint to export")
         path, state = found
     config = PS3Config.from_pretrained(run)
     with torch.device("meta"):
@@ -58,10 +60,11 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     run = Path(run_dir)
     out = Path(out_dir)
     if out.resolve() == run.resolve():
-        raise ValueError("out_dir must differ from run_dir (the run directory holds the training config)")
+        raise UserError("out_dir must differ from run_dir (the run directory holds the training config)")
     model, state, path = load_run_model(run, checkpoint,
                                         warn=lambda message: print(f"warning: {message}"))
-    out.mkdir(parents=True, exist_ok=True)
+    with user_input("OUT_DIR", errors=(OSError,)):
+        out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     preprocessor_file = run / "preprocessor_config.json"
     if preprocessor_file.is_file():

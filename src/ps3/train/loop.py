@@ -42,6 +42,7 @@ from torch import nn
 
 from ..config import PS3Config
 from ..model import PS3Model
+from ..runtime import UserError, user_input
 from ..tokenizer import PS3Tokenizer
 from .checkpoint import (CHECKPOINT_FORMAT, TOKENIZER_DIR, Progress, find_resume, prepare_run_dir, rng_state,
                          save_checkpoint, set_rng_state)
@@ -118,7 +119,8 @@ def _build_model(params: TrainParams, info: DistInfo, config: PS3Config, resume_
     random.seed(params.seed)
     model = PS3Model(config)
     if resume_state is None:
-        report = initialise(model, params.init)
+        with user_input("--init"):
+            report = initialise(model, params.init)
         if params.init not in (None, "random"):
             log.info(report.summary())
     if params.train_selection_only:
@@ -137,7 +139,7 @@ def _restore(params: TrainParams, info: DistInfo, module: nn.Module, model: PS3M
              log: RankLog) -> Progress:
     """Load the optimizer and schedule (and, under FSDP, the weights) of a checkpoint."""
     if bool(state.get("fsdp", False)) != fsdp:
-        raise ValueError(f"{path} was written by a run {'with' if state.get('fsdp') else 'without'} FSDP: resume it "
+        raise UserError(f"{path} was written by a run {'with' if state.get('fsdp') else 'without'} FSDP: resume it "
                          f"{'with' if state.get('fsdp') else 'without'} --fsdp under torchrun")
     if fsdp:
         load_full_state_dicts(module, model, optimizer, state, True)
@@ -163,7 +165,7 @@ def _build_loader(args: TrainParams, info: DistInfo, preprocessor: dict, tokeniz
     from .data import DataOptions, build_dataloader
 
     options = DataOptions(
-        image_size=int(preprocessor["image_size"]), mean=preprocessor.get("mean", [0.5] * 3),
+        image_size=preprocessor["image_size"], mean=preprocessor.get("mean", [0.5] * 3),
         std=preprocessor.get("std", [0.5] * 3), batch_size=args.batch_size, workers=args.workers, seed=args.seed,
         epoch=progress.epoch, skip_batches=progress.batches_in_epoch, global_caption_prob=args.global_caption_prob,
         sample_n_box_each_image=args.sample_n_box_each_image, sentence_masking=args.sentence_masking,
@@ -285,7 +287,7 @@ class _Reporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self.start, self.first_step = time.perf_counter(), first_step
         self.window_start, self.window_steps = self.start, 0
@@ -294,7 +296,7 @@ class _Reporter:
         """Called on every rank at the same steps (the skip counts are summed over ranks)."""
         parts = {k: float(v) for k, v in loss.as_dict().items()}  # host sync: log steps only
         if not math.isfinite(parts["total"]):
-            raise ValueError(f"the loss became {parts['total']} at step {progress.step}: lower --lr or "
+            raise UserError(f"the loss became {parts['total']} at step {progress.step}: lower --lr or "
                              "--selection-lr, or keep --grad-clip on")
         skipped = _skip_totals(counter, self.info)
         now = time.perf_counter()
@@ -414,7 +416,7 @@ def _run_steps(run: _Run, loader, stop_check: StopCheck | None) -> TrainResult:
                 dist.all_reduce(have, op=dist.ReduceOp.MIN)
             if int(have) == 0:
                 if progress.batches_in_epoch == 0:
-                    raise ValueError(f"epoch {progress.epoch} gave no full batch of --batch-size "
+                    raise UserError(f"epoch {progress.epoch} gave no full batch of --batch-size "
                                      f"{params.batch_size} on some rank: lower --batch-size or add data")
                 progress.epoch += 1
                 progress.batches_in_epoch = 0

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..runtime import UserError
+
 __all__ = ["TrainParams", "add_arguments", "RESUME_SENSITIVE"]
 
 # Parameters that must not change across a resume for the continuation to be exact.
@@ -83,13 +85,13 @@ class TrainParams:
         _check_counts(self)
         _check_rates(self)
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+            raise UserError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.deterministic not in ("auto", "on", "off"):
-            raise ValueError(f"--deterministic must be auto, on or off, got {self.deterministic!r}")
+            raise UserError(f"--deterministic must be auto, on or off, got {self.deterministic!r}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
         if self.resume is not None and self.resume != "latest" and not Path(self.resume).is_file():
-            raise ValueError(f"--resume must be 'latest' or an existing checkpoint file, got {self.resume!r}")
+            raise UserError(f"--resume must be 'latest' or an existing checkpoint file, got {self.resume!r}")
 
 
 def _flag(name: str) -> str:
@@ -102,26 +104,26 @@ def _check_counts(params: TrainParams) -> None:
     for name in positive:
         value = getattr(params, name)
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
+            raise UserError(f"{_flag(name)} must be a positive integer, got {value!r}")
     for name in ("workers", "warmup", "seed"):
         if getattr(params, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(params, name)}")
+            raise UserError(f"--{name} must be >= 0, got {getattr(params, name)}")
 
 
 def _check_rates(params: TrainParams) -> None:
     for name in ("lr", "wd", "eps", "grad_clip", "bottomup_loss_weight", "topdown_loss_weight"):
         value = getattr(params, name)
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+            raise UserError(f"{_flag(name)} must be a finite number >= 0, got {value}")
     if params.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {params.lr}")
+        raise UserError(f"--lr must be > 0, got {params.lr}")
     if params.selection_lr is not None and not (math.isfinite(params.selection_lr) and params.selection_lr > 0):
-        raise ValueError(f"--selection-lr must be > 0, got {params.selection_lr}")
+        raise UserError(f"--selection-lr must be > 0, got {params.selection_lr}")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(params, name) < 1:
-            raise ValueError(f"--{name} must be in [0, 1), got {getattr(params, name)}")
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(params, name)}")
     if not 0 <= params.global_caption_prob <= 1:
-        raise ValueError(f"--global-caption-prob must be in [0, 1], got {params.global_caption_prob}")
+        raise UserError(f"--global-caption-prob must be in [0, 1], got {params.global_caption_prob}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

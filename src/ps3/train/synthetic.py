@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..data.writer import PairedShardWriter, existing_paired_shards, prepare_paired_output
+from ..runtime import UserError, user_input
 
 __all__ = [
     "SHAPES",
@@ -228,7 +229,7 @@ def sample_key(index: int) -> str:
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise UserError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_arguments(images: int, seed: int, size: int, shard_size: int) -> None:
@@ -288,8 +289,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     # Refuse bad arguments before a progress bar appears.
     _check_arguments(args.images, args.seed, args.size, args.shard_size)
     if not args.overwrite and existing_paired_shards(args.out):
-        prepare_paired_output(args.out, overwrite=False)  # raises the error that explains what to do
-    with tqdm(total=args.images, unit="image", desc="synthetic", disable=args.quiet) as bar:
+        with user_input("--out"):
+            prepare_paired_output(args.out, overwrite=False)  # raises the error that explains what to do
+    with tqdm(total=args.images, unit="image", desc="synthetic", disable=args.quiet) as bar, \
+            user_input("--out", errors=(OSError,)):
         written = write_synthetic_dataset(args.out, args.images, args.seed, size=args.size,
                                           shard_size=args.shard_size, overwrite=args.overwrite, progress=bar.update)
     if not args.quiet:
