@@ -1,4 +1,4 @@
-"""The published checkpoint layouts (SPEC §1), built on the meta device: every key and shape."""
+"""The published checkpoint layouts (design §1), built on the meta device: every key and shape."""
 import torch
 
 import ps3

@@ -218,7 +218,8 @@ def test_rows_of_other_lengths_share_a_masked_pass(model):
     trunk.forward_blocks = counting
     try:
         with torch.no_grad():
-            out = model(images, num_token_look_close=[80, 30, 25, 7])
+            # A token budget per pass packs rows (the GPU default; a CPU runs one look per pass).
+            out = model(images, num_token_look_close=[80, 30, 25, 7], max_tokens_per_pass=16384)
     finally:
         del trunk.forward_blocks
     assert out.lengths.tolist() == [16 + 80, 16 + 30, 16 + 25, 16 + 7]

@@ -1,4 +1,4 @@
-"""S2 multi-scale features (SPEC §6): hand-derived cases, an independent loop-based reference, every
+"""S2 multi-scale features (design §6): hand-derived cases, an independent loop-based reference, every
 option, gradients, dtypes and every caller error."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def bicubic(x: torch.Tensor, size) -> torch.Tensor:
 
 # ------------------------------------------------------------------ independent loop reference
 def reference(model, x, sizes, piece, patch, split_mode="resize", out_idx=0, prefix=0, bchw=False):
-    """Straightforward S2 with explicit loops and torch.cat, written from SPEC §6.
+    """Straightforward S2 with explicit loops and torch.cat, written from design §6.
 
     `sizes` and `piece` are (h, w); `patch` is the backbone's stride (token grid = piece / patch)."""
     b = x.shape[0]

@@ -1,4 +1,4 @@
-"""Property tests for S2 (SPEC §6): output shapes for random input sizes, scales, piece sizes and
+"""Property tests for S2 (design §6): output shapes for random input sizes, scales, piece sizes and
 modes, derived from the spec's size arithmetic; and chunked backbone calls never change numbers."""
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ def patchify(p: int):
 
 
 def expected_hw(size: tuple[int, int], piece: tuple[int, int], patch: int) -> tuple[int, int]:
-    """Feature size SPEC §6 keeps for one scale: ceil(size / grown_size · grown_feature_size)."""
+    """Feature size design §6 keeps for one scale: ceil(size / grown_size · grown_feature_size)."""
     out = []
     for s, m in zip(size, piece):
         n = math.ceil(s / m)
         feat = n * (m // patch)
-        out.append(math.ceil(s / (n * m) * feat))  # float order as SPEC/upstream compute it
+        out.append(math.ceil(s / (n * m) * feat))  # float order as design §6 and upstream compute it
     return out[0], out[1]
 
 

@@ -1,4 +1,4 @@
-"""PS3 text tower: recorded upstream outputs, published parameter names and count, the SPEC §4
+"""PS3 text tower: recorded upstream outputs, published parameter names and count, the design §4
 behaviours (masking, pooling, projection, prompt) and input errors."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ from ps3.config import PS3TextConfig
 from ps3.hub import load_state_dict
 from ps3.text import PS3TextModel, PS3TextOutput, PS3TextTransformer
 
-# The text_config of nvidia/PS3-4K-SigLIP2 (SPEC §1).
+# The text_config of nvidia/PS3-4K-SigLIP2 (design §1).
 SIGLIP2_TEXT = dict(context_length=64, vocab_size=256000, hf_tokenizer_name="timm/ViT-SO400M-14-SigLIP2-378",
                     tokenizer_kwargs={"clean": "canonicalize"}, width=1152, heads=16, layers=27, mlp_ratio=3.7362,
                     no_causal_mask=True, proj_bias=True, pool_type="last", norm_kwargs={"eps": 1e-06},
@@ -39,7 +39,7 @@ def ids(b=3, n=8, vocab=50, seed=1):
 
 
 def published_keys(layers: int, proj_bias: bool) -> set[str]:
-    """The text_model.* names of SPEC §1, without the prefix."""
+    """The text_model.* names of design §1, without the prefix."""
     keys = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias"}
     for i in range(layers):
         b = f"transformer.resblocks.{i}."
@@ -139,7 +139,7 @@ def test_norm_eps_and_activation_follow_the_config():
 # --- behaviour against an independent reference ----------------------------------------------------
 
 def reference_forward(tower: PS3TextTransformer, token_ids: torch.Tensor, causal: bool, approximate: str):
-    """SPEC §4 written with torch's own nn.MultiheadAttention holding the same weights."""
+    """design §4 written with torch's own nn.MultiheadAttention holding the same weights."""
     n = token_ids.shape[1]
     x = tower.token_embedding.weight[token_ids] + tower.positional_embedding[:n]
     mask = torch.full((n, n), float("-inf")).triu(1) if causal else None

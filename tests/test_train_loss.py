@@ -1,4 +1,4 @@
-"""Tests for the pre-training losses (SPEC §5): SigLIP ring loss and box supervision."""
+"""Tests for the pre-training losses (design §5): SigLIP ring loss and box supervision."""
 
 from __future__ import annotations
 

@@ -221,9 +221,10 @@ def _run_pass(encoder, tokens: torch.Tensor, rows: Sequence[Row], low_res, batch
 
 
 def run_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int, keep: int,
-              max_tokens: int | None) -> tuple[list[torch.Tensor], list[int]]:
+              max_tokens: int | None, min_rows: int | None = None) -> tuple[list[torch.Tensor], list[int]]:
     """Encode every look of every group: per kept layer (B, width, C) — each image's low-res tokens
-    then its selected high-res tokens in canvas order, zero-padded — and each image's token count."""
+    then its selected high-res tokens in canvas order, zero-padded — and each image's token count.
+    ``min_rows`` (default ``batch``): the rows a pass is filled to, with shorter rows if need be."""
     P = low_res.hidden_states[0].shape[1]
     rows = list_rows(groups)
     totals = [P] * batch
@@ -239,7 +240,7 @@ def run_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int, keep: 
         buf[:trash].view(batch, width, -1)[:, :P] = low
         buffers.append(buf)
     dests = output_positions(groups, P, width, trash)
-    for ids in plan_passes([r.length for r in rows], batch, max_tokens):
+    for ids in plan_passes([r.length for r in rows], min_rows or batch, max_tokens):
         prow = _pass_rows(rows, ids)
         cap = max(r.length for r in prow)
         tokens = embed_pass(encoder, groups, prow, cap)

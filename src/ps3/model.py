@@ -1,4 +1,4 @@
-"""The joint PS3 model: vision tower, text tower and the SigLIP logit scale/bias (SPEC §1, §4).
+"""The joint PS3 model: vision tower, text tower and the SigLIP logit scale/bias (design §1, §4).
 
 Its state dict is exactly the published repo layout (``vision_model.*``, ``text_model.*``,
 ``logit_scale``, ``logit_bias``), so ``save_pretrained`` writes a repo that every tower loads from.

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 from .config import PS3VisionConfig
 
 # --------------------------------------------------------------------------------------------
-# ViT backbones (design §1, "Backbone names")
+# ViT backbones (design §1.5)
 
 #: MLP ratio of the SigLIP so400m shape: hidden = int(1152 × 3.7362) = 4304.
 SO400M_MLP_RATIO: float = 3.7362

@@ -1,4 +1,4 @@
-"""S2: multi-scale features from any vision backbone (SPEC §6).
+"""S2: multi-scale features from any vision backbone (design §6).
 
 The image is resized to every requested size; each resized image is cut into a chessboard of
 ``max_split_size`` pieces that all go through the *same* backbone at its native resolution; the

@@ -1,5 +1,5 @@
 """Selection arithmetic for PS3: image/feature sizes per scale, token budgets, look planning and
-top-k cell selection (SPEC §3.1, §3.8, §3.9).
+top-k cell selection (design §3.1, §3.8, §3.9).
 
 Everything that decides *how many* cells a look takes is pure Python on the host: the counts do
 not depend on the image content, only on the config and the call's arguments, so they are known

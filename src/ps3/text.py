@@ -1,4 +1,4 @@
-"""The PS3 text tower (SPEC §4): a CLIP/SigLIP-style text transformer whose pooled output is
+"""The PS3 text tower (design §4): a CLIP/SigLIP-style text transformer whose pooled output is
 turned into the ``prompt`` that steers PS3's top-down selection.
 
 Module names mirror the published checkpoints (``text_model.token_embedding``,
@@ -152,7 +152,7 @@ def check_token_ids(token_ids: Any, context_length: int, vocab_size: int) -> Non
 
 class PS3TextTransformer(nn.Module):
     """Token + position embedding, ``layers`` pre-norm blocks, ``ln_final``, pooling, projection,
-    and the prompt projection (SPEC §4). Built from a ``PS3TextConfig``."""
+    and the prompt projection (design §4). Built from a ``PS3TextConfig``."""
 
     def __init__(self, config: PS3TextConfig):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Text → token ids for the PS3 text tower (SPEC §4), with the ``tokenizers`` library only.
+"""Text → token ids for the PS3 text tower (design §4), with the ``tokenizers`` library only.
 
 This reproduces what open_clip's ``HFTokenizer`` does for the SigLIP/SigLIP2 towers PS3 is built
 on: clean the text (``canonicalize`` / ``lower`` / ``whitespace``), encode it with the Hugging Face

@@ -155,8 +155,14 @@ class PS3VisionEncoder(nn.Module):
         feats = self.selection_feature_proj(feats).view(B, h0, w0, n_high, self.width).permute(0, 3, 4, 1, 2)
         highres = None
         if self.highres_selection_feature_module is not None:
-            image = resize_images(pixel_values, (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE))
-            highres = self.highres_selection_feature_module(image)
+            square = (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE)
+            if isinstance(pixel_values, torch.Tensor):
+                highres = self.highres_selection_feature_module(resize_images(pixel_values, square))
+            else:
+                # A list is resized image by image anyway; running the ConvNet on each keeps its
+                # 1512 px activations (~50 MB an image at width 512) from growing with the batch.
+                highres = torch.cat([self.highres_selection_feature_module(resize_images([image], square))
+                                     for image in pixel_values])
         return feats, highres
 
     def encode_low_res(self, pixel_values, keep_kv: bool = True) -> LowResPass:
@@ -311,9 +317,11 @@ class PS3VisionEncoder(nn.Module):
             return list(low_res.hidden_states[-keep:]), [self.low_res_token_num] * low_res.batch_size
         # Looks only see the low-res cache and themselves, so several go through the trunk as one
         # batch, up to max_tokens tokens per pass (None: several looks per pass on a GPU, one per
-        # pass on a CPU, where batching measured slower).
+        # pass on a CPU, where batching measured slower: there a mixed batch's looks of other
+        # lengths run unpadded, one image's look per pass, `python benchmarks/ragged.py`).
         budget = max_tokens or self.max_tokens_per_pass or (16384 if low_res.pooled_output.is_cuda else 1)
-        return run_looks(self, looks, low_res, low_res.batch_size, keep, budget)
+        mixed = len(looks) > 1
+        return run_looks(self, looks, low_res, low_res.batch_size, keep, budget, 1 if mixed and budget == 1 else None)
 
     def encode_pooled(self, pixel_values, *, prompt: torch.Tensor | None = None, gt_selection_maps=None,
                       is_global_text: torch.Tensor | None = None, pool_gt_token_only: bool = False,

@@ -149,7 +149,7 @@ class PatchEmbed(nn.Module):
 
 
 def resample_grid(table: torch.Tensor, h: int, w: int, crop_only: bool = False) -> torch.Tensor:
-    """A square (g, g, C) position table for an (h, w) token grid (SPEC §2).
+    """A square (g, g, C) position table for an (h, w) token grid (design §2).
 
     As is when h == w == g; otherwise bicubic with antialias to (max(h,w), max(h,w)) and the
     top-left h × w kept. ``crop_only`` (RADIO) skips the interpolation.

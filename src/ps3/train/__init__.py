@@ -1,4 +1,4 @@
-"""PS3 pre-training (SPEC §5), open_clip style, one concern per module:
+"""PS3 pre-training (design §5), open_clip style, one concern per module:
 
 * :mod:`ps3.train.data` — paired image / text-box webdatasets → batches, bad samples skipped and counted;
 * :mod:`ps3.train.synthetic` — scenes of captioned objects for tests, the demo and the benchmark;

@@ -1,4 +1,4 @@
-"""Training run → published model directory (SPEC §1, §5 "Export").
+"""Training run → published model directory (design §1, §5.7).
 
 The training model is a :class:`ps3.PS3Model` whose state dict already uses the published key
 names (``vision_model.*``, ``text_model.*`` with the prompt projection under

@@ -1,4 +1,4 @@
-"""Pre-training losses for PS3 (SPEC §5).
+"""Pre-training losses for PS3 (design §5).
 
 Two parts:
 
@@ -347,7 +347,7 @@ def ps3_pretrain_loss(
     normalize: bool = True,
     eps: float = 1e-6,
 ) -> PS3PretrainLoss:
-    """SigLIP loss + box supervision of the bottom-up and top-down selection (SPEC §5).
+    """SigLIP loss + box supervision of the bottom-up and top-down selection (design §5).
 
     ``bottomup_probs`` / ``topdown_probs``: lists of (B, h_i, w_i) maps, one per high-res scale,
     or ``None`` (that term is then 0). When either is given, ``gt_selection_maps`` (B, H, W) is

@@ -1,5 +1,5 @@
 """The model side of pre-training: named training configs, initialisation, the tokenizer, and
-the module the training loop runs (SPEC §1, §3.14, §5).
+the module the training loop runs (design §1, §3.14, §5).
 
 * :func:`get_model_spec` turns a config name (``tiny-synthetic``, the published ``PS3-*`` names)
   or a ``config.json`` path into a :class:`ps3.PS3Config` plus a preprocessor dict.
@@ -197,7 +197,7 @@ def _group_keys(keys: list[str]) -> list[str]:
 
 @torch.no_grad()
 def reset_logit_parameters(model: PS3Model) -> None:
-    """The SigLIP starting values: scale log 10, bias −10 (SPEC §5)."""
+    """The SigLIP starting values: scale log 10, bias −10 (design §5)."""
     model.logit_scale.fill_(LOGIT_SCALE_INIT)
     model.logit_bias.fill_(LOGIT_BIAS_INIT)
 
@@ -303,7 +303,7 @@ def initialise(model: PS3Model, init: str | None) -> InitReport:
 
 
 class PS3PretrainModule(nn.Module):
-    """The pre-training forward of a :class:`ps3.PS3Model` (SPEC §3.14, §5).
+    """The pre-training forward of a :class:`ps3.PS3Model` (design §3.14, §5).
 
     ``forward(pixel_values (B,3,S,S), text_ids (B,L), gt_selection_maps (B,S,S),
     is_global_text (B,1))`` → ``(image_features, text_features, logit_scale, logit_bias,
