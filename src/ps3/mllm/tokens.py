@@ -21,23 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..config import PS3VisionConfig
-from ..selection import default_budgets, scale_feature_sizes
+from ..selection import TokenCount, default_budgets, scale_feature_sizes
 from ..vit import arch_from_config
 
 Size = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class LLMTokenCount:
+class LLMTokenCount(TokenCount):
     """LLM tokens of one image: merged low-res tokens, merged tokens per high-res scale, looks."""
-
-    low_res: int
-    per_scale: list[int]
-    num_looks: int
-
-    @property
-    def total(self) -> int:
-        return self.low_res + sum(self.per_scale)
 
 
 def _check_k(k: Any) -> int:
