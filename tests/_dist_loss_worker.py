@@ -87,6 +87,9 @@ def main(out_dir: str) -> None:
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # Tear down together: a rank that leaves while its peer's ring traffic is in flight can
+        # abort gloo's I/O thread in the peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -116,6 +116,7 @@ def main(out_dir: str, mode: str) -> None:
         reloaded, _ = full_state_dicts(fresh_module, fresh, fresh_step.optimizer, True)
     torch.save({"loss": loss.total, "grads": grads, "params": params, "reloaded": reloaded},
                f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # tear down together (see _dist_loss_worker.py)
     dist.destroy_process_group()
 
 
