@@ -130,7 +130,9 @@ def group_images(pixel_values, num_look_close, num_token_look_close, only_select
         if len(keys) == 1 and isinstance(pixel_values, torch.Tensor):
             pixels, gt = pixel_values, gt_selection_maps
         else:
-            pixels = torch.stack([pixel_values[b] for b in samples])
+            # A lone image is a view, not a copy (a mixed call is often all lone images).
+            pixels = pixel_values[samples[0]].unsqueeze(0) if len(samples) == 1 else \
+                torch.stack([pixel_values[b] for b in samples])
             gt = torch.stack([gts[b] for b in samples]) if gt_key is not None else None
         first = None if first_n[0] is None else [first_n[b] for b in samples]
         index = torch.tensor(samples).to(device, non_blocking=True)

@@ -202,9 +202,15 @@ def _run_pass(encoder, tokens: torch.Tensor, rows: Sequence[Row], low_res, batch
     cap = tokens.shape[1]
     samples = [r.sample for r in rows]
     padded = any(r.length < cap for r in rows)
+    run = encoder.trunk.forward_blocks if eager else encoder._blocks
     if not padded and samples == list(range(batch)) * (len(rows) // batch):
-        run = encoder.trunk.forward_blocks if eager else encoder._blocks
         x, hidden, _ = run(tokens, kv_cache=low_res.kv_cache, keep_hidden=keep)
+        return x, hidden, None
+    if not padded and len(set(samples)) == 1:
+        # Looks of one image: its slice of the cache (a view) broadcasts to them, nothing gathered.
+        s = samples[0]
+        kv = [(k[s:s + 1], v[s:s + 1]) for k, v in low_res.kv_cache]
+        x, hidden, _ = run(tokens, kv_cache=kv, keep_hidden=keep)
         return x, hidden, None
     device = tokens.device
     prefix_rows = torch.tensor(samples).to(device, non_blocking=True)

@@ -88,7 +88,11 @@ def first_slot_probs(feats: torch.Tensor, highres: torch.Tensor | None, prompt: 
     logits = (F.normalize(feats, dim=2) * F.normalize(prompt, dim=-1)[:, None, :, None, None]).sum(2)
     if highres is not None:
         q = prompt_proj_for_highres(prompt).view(prompt.shape[0], feats.shape[1], -1)
-        fine = (F.normalize(highres, dim=1).unsqueeze(1) * F.normalize(q, dim=-1)[..., None, None]).sum(2)
+        # Cosine as a matmul over channels divided by the cells' norms: no normalised copy of the
+        # fine features and no (B, S-1, C', h, w) product (each ~50–100 MB for 8 images).
+        B, _, h, w = highres.shape
+        norms = torch.linalg.vector_norm(highres, dim=1).clamp_min(1e-12).unsqueeze(1)
+        fine = torch.bmm(F.normalize(q, dim=-1), highres.flatten(2)).view(B, -1, h, w) / norms
         logits = (logits + F.adaptive_max_pool2d(fine, logits.shape[-2:])) / 2
     probs = torch.sigmoid((logits * 5.0).clamp(-10, 10))
     return probs[:, :1]

@@ -161,8 +161,13 @@ class PS3VisionEncoder(nn.Module):
             else:
                 # A list is resized image by image anyway; running the ConvNet on each keeps its
                 # 1512 px activations (~50 MB an image at width 512) from growing with the batch.
-                highres = torch.cat([self.highres_selection_feature_module(resize_images([image], square))
-                                     for image in pixel_values])
+                # Each result goes straight into its row: no list of results and no copy of them.
+                module = self.highres_selection_feature_module
+                for i, image in enumerate(pixel_values):
+                    one = module(resize_images([image], square))
+                    if highres is None:
+                        highres = one.new_empty(len(pixel_values), *one.shape[1:])
+                    highres[i] = one[0]
         return feats, highres
 
     def encode_low_res(self, pixel_values, keep_kv: bool = True) -> LowResPass:

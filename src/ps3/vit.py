@@ -33,7 +33,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(self.act(self.fc1(x))))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled():
+            hidden = self.act(hidden)
+        else:  # inference: GELU over fc1's output in place, one 4×-wide activation fewer per block
+            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
+        return self.fc2(self.norm(hidden))
 
 
 def _prepend(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +212,7 @@ def interpolation_taps_on(src: int, dst: int, antialias: bool, device: torch.dev
 
 
 def resize_patches(images: torch.Tensor, size: tuple[int, int], patch_size: int, batch: torch.Tensor,
-                   rows: torch.Tensor, cols: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+                   rows: torch.Tensor, cols: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Patches of ``F.interpolate(images, size, mode="bicubic")`` at cells (rows, cols) of the
     resized image's patch grid, computed without resizing the whole image.
 
