@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ps3.vit import Attention, ViTArch, VisionTransformer, interpolation_taps, resize_patches
+from ps3.vit import Attention, ViTArch, VisionTransformer, interpolation_taps, patch_taps, resize_patches
 
 
 @pytest.mark.parametrize("g,h,w", [(4, 8, 8), (4, 16, 8), (4, 8, 4), (4, 3, 2), (4, 4, 4), (27, 54, 30), (27, 270, 270)])
@@ -16,7 +16,7 @@ def test_pos_embed_at_equals_resampled_table(g, h, w):
     torch.testing.assert_close(trunk.pos_embed_at(h, w, rows, cols), full[rows, cols], atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("size", [(112, 56), (56, 28), (280, 420), (14, 14), (150, 196), (1512, 1512)])
+@pytest.mark.parametrize("size", [(112, 56), (56, 28), (280, 420), (14, 14), (28, 28), (150, 196), (1512, 1512)])
 def test_resize_patches_equals_full_resize(size):
     x = torch.randn(2, 3, 150, 200)
     full = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
@@ -26,6 +26,15 @@ def test_resize_patches_equals_full_resize(size):
     got = resize_patches(x, size, p, b, r, c, chunk=3).view(4, 3, p, p)
     want = torch.stack([full[i, :, y * p:(y + 1) * p, z * p:(z + 1) * p] for i, y, z in zip(b, r, c)])
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_patch_sources_are_a_short_window_unless_downsampling_strongly():
+    p = 14
+    assert patch_taps(378, 756, p)[0].shape[1] <= 11  # 2x up: 7 source pixels and the kernel's reach
+    assert patch_taps(2000, 1512, p)[0].shape[1] <= 23  # mild down: still one window
+    index, weight = patch_taps(3780, 378, p)  # 10x down: the 4 taps of each output, listed
+    assert index.shape[1] == 4 * p
+    torch.testing.assert_close(weight.sum(-1), torch.ones(378 // p, p))
 
 
 def test_taps_sum_to_one_and_stay_sparse():
