@@ -8,7 +8,7 @@ Eight images of eight sizes (4:1 and 1:4 among them), each with its own token bu
 never skips a scale on a 1.5K model, and the point is a mix of first-n groups), encoded
 three ways in one run: one ragged call; one call per image; one call per first-n value (the
 grouping VILA-HD's ``encode_images_ps3`` does). Prints time (median of ``--repeats`` rounds, the
-three ways taking turns, each call after a warm-up call), the peak memory of each way (measured in a fresh process on a CPU: peak resident set
+three ways taking turns in alternating order, each call after a warm-up call), the peak memory of each way (measured in a fresh process on a CPU: peak resident set
 beyond the model and the images; on a GPU: the allocator's peak beyond them), and the ragged
 call's padding: tokens computed by the trunk's look passes over tokens returned (measured; and,
 from the look plans alone, for the same images with token budgets only, where looks of many
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--dtype", help="default float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--width", type=int, default=384)
     parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     dev = torch.device(args.device)
     dt = getattr(torch, args.dtype) if args.dtype else (torch.float32 if dev.type == "cpu" else torch.bfloat16)
@@ -140,10 +140,11 @@ def main() -> None:
     res = {"device": str(dev), "dtype": str(dt).replace("torch.", ""), "width": args.width, "depth": args.depth,
            "images": [[h, w] for h, w, _, _ in IMAGES], "num_token_look_close": inputs[1],
            "only_select_first_n_scale": inputs[2]}
-    # Round-robin, so that a shared machine's slow spells fall on every way alike.
+    # Round-robin, so that a shared machine's slow spells fall on every way alike; every other
+    # round in reverse, so that no way always follows the same one (whose freed memory it inherits).
     times: dict[str, list[float]] = {way: [] for way in WAYS}
-    for _ in range(args.repeats):
-        for way in WAYS:
+    for round_ in range(args.repeats):
+        for way in (WAYS if round_ % 2 == 0 else WAYS[::-1]):
             times[way].append(timeit(lambda: encode(model, way, *inputs), dev, 1))
     for way in WAYS:
         res[f"{way}_s"] = round(statistics.median(times[way]), 4)

@@ -85,17 +85,23 @@ def first_slot_probs(feats: torch.Tensor, highres: torch.Tensor | None, prompt: 
     fine features against the projected prompt; then sigmoid(clamp(5·logit)). Every scale reads
     the first high-res slot (as the published models were trained).
     """
-    logits = (F.normalize(feats, dim=2) * F.normalize(prompt, dim=-1)[:, None, :, None, None]).sum(2)
+    # Only the first slot is ever read, so only its scores are computed: each a matmul over
+    # channels divided by the cells' norms, with no normalised copy of any feature map.
+    B, _, C, h, w = feats.shape
+    cells = feats[:, 0].permute(0, 2, 3, 1).reshape(B, h * w, C)  # a view in the encoder's layout
+    logits = _cosine(cells, prompt).view(B, 1, h, w)
     if highres is not None:
-        q = prompt_proj_for_highres(prompt).view(prompt.shape[0], feats.shape[1], -1)
-        # Cosine as a matmul over channels divided by the cells' norms: no normalised copy of the
-        # fine features and no (B, S-1, C', h, w) product (each ~50–100 MB for 8 images).
-        B, _, h, w = highres.shape
-        norms = torch.linalg.vector_norm(highres, dim=1).clamp_min(1e-12).unsqueeze(1)
-        fine = torch.bmm(F.normalize(q, dim=-1), highres.flatten(2)).view(B, -1, h, w) / norms
+        q = prompt_proj_for_highres(prompt).view(B, feats.shape[1], -1)[:, 0]
+        fh, fw = highres.shape[-2:]
+        fine = _cosine(highres.flatten(2).transpose(1, 2), q).view(B, 1, fh, fw)
         logits = (logits + F.adaptive_max_pool2d(fine, logits.shape[-2:])) / 2
-    probs = torch.sigmoid((logits * 5.0).clamp(-10, 10))
-    return probs[:, :1]
+    return torch.sigmoid((logits * 5.0).clamp(-10, 10))
+
+
+def _cosine(cells: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Cosine of every cell (B, N, C) against its sample's query (B, C): (B, N)."""
+    dots = torch.bmm(cells, F.normalize(query, dim=-1).unsqueeze(-1)).squeeze(-1)
+    return dots / torch.linalg.vector_norm(cells, dim=-1).clamp_min(1e-12)
 
 
 def upsample_probs(first: torch.Tensor, sizes: Sequence[Size], dtype: torch.dtype) -> list[torch.Tensor]:
