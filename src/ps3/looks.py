@@ -239,11 +239,19 @@ def run_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int, keep: 
     width = max(totals)
     trash = batch * width
     first_layer = encoder.layers - keep
+    # Only the padding is zeroed: every other position is written exactly once below.
+    padding = None
+    if min(totals) < width:
+        device = low_res.hidden_states[-1].device
+        padding = torch.arange(width, device=device) >= torch.tensor(totals).to(device, non_blocking=True)[:, None]
     buffers = []
     for layer in range(keep):
         low = low_res.hidden_states[first_layer + layer]
-        buf = low.new_zeros(trash + 1, low.shape[-1])
-        buf[:trash].view(batch, width, -1)[:, :P] = low
+        buf = low.new_empty(trash + 1, low.shape[-1])
+        out = buf[:trash].view(batch, width, -1)
+        if padding is not None:
+            out.masked_fill_(padding[..., None], 0)
+        out[:, :P] = low
         buffers.append(buf)
     dests = output_positions(groups, P, width, trash)
     for ids in plan_passes([r.length for r in rows], min_rows or batch, max_tokens):

@@ -53,8 +53,23 @@ class HighresSelectionFeatures(nn.Module):
         self.blocks = nn.Sequential(*[ConvNeXtBlock(hidden) for _ in range(depth)])
         self.out_proj = nn.Conv2d(hidden, out, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(self.blocks(self.stem(x)))
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 3, 1512, 1512) → (n, o, 1512/k, 1512/k), written into ``out`` when given (a slice of
+        a batch's features: no copy). The 1×1 output conv runs as a matmul either way, so both
+        give the same values."""
+        y = self.blocks(self.stem(x))
+        n, c, h, w = y.shape
+        weight, bias = self.out_proj.weight.view(-1, c), self.out_proj.bias.view(1, -1, 1)
+        direct = (out is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled(y.device.type)
+                  and out.dtype == y.dtype == weight.dtype and out.is_contiguous())
+        if direct and n == 1:  # inference: the matmul writes into the caller's slice (the same
+            # kernel as below: matmul folds one image into a plain mm)
+            return torch.mm(weight, y[0].flatten(1), out=out[0].view(-1, h * w)).add_(bias[0]).view(out.shape)
+        if direct:
+            return torch.matmul(weight, y.flatten(2), out=out.view(n, -1, h * w)).add_(bias).view(out.shape)
+        result = torch.matmul(weight, y.flatten(2))
+        result = result.add_(bias.to(result.dtype)).view(n, -1, h, w)
+        return result if out is None else out.copy_(result)
 
 
 def resize_image(x: torch.Tensor, size: Size) -> torch.Tensor:
@@ -74,6 +89,8 @@ def resize_images(images: torch.Tensor | Sequence[torch.Tensor], size: Size) -> 
     """A (B, 3, H, W) batch or a list of (3, H_i, W_i) images, each resized to ``size``, stacked."""
     if isinstance(images, torch.Tensor):
         return resize_image(images, size)
+    if len(images) == 1:
+        return resize_image(images[0].unsqueeze(0), size)
     return torch.cat([resize_image(image.unsqueeze(0), size) for image in images])
 
 
@@ -89,19 +106,22 @@ def first_slot_probs(feats: torch.Tensor, highres: torch.Tensor | None, prompt: 
     # channels divided by the cells' norms, with no normalised copy of any feature map.
     B, _, C, h, w = feats.shape
     cells = feats[:, 0].permute(0, 2, 3, 1).reshape(B, h * w, C)  # a view in the encoder's layout
-    logits = _cosine(cells, prompt).view(B, 1, h, w)
+    logits = _cosine(cells, prompt, channel_dim=2).view(B, 1, h, w)
     if highres is not None:
         q = prompt_proj_for_highres(prompt).view(B, feats.shape[1], -1)[:, 0]
         fh, fw = highres.shape[-2:]
-        fine = _cosine(highres.flatten(2).transpose(1, 2), q).view(B, 1, fh, fw)
+        fine = _cosine(highres.flatten(2).transpose(1, 2), q, channel_dim=1).view(B, 1, fh, fw)
         logits = (logits + F.adaptive_max_pool2d(fine, logits.shape[-2:])) / 2
     return torch.sigmoid((logits * 5.0).clamp(-10, 10))
 
 
-def _cosine(cells: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Cosine of every cell (B, N, C) against its sample's query (B, C): (B, N)."""
+def _cosine(cells: torch.Tensor, query: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Cosine of every cell (B, N, C) against its sample's query (B, C): (B, N). ``channel_dim``:
+    the dimension of ``cells``' storage that holds C, 2 if (B, N, C) in memory, 1 if (B, C, N)
+    (reducing along the storage's own layout keeps the norms a streaming pass)."""
     dots = torch.bmm(cells, F.normalize(query, dim=-1).unsqueeze(-1)).squeeze(-1)
-    return dots / torch.linalg.vector_norm(cells, dim=-1).clamp_min(1e-12)
+    stored = cells if channel_dim == 2 else cells.transpose(1, 2)
+    return dots / torch.linalg.vector_norm(stored, dim=channel_dim).clamp_min(1e-12)
 
 
 def upsample_probs(first: torch.Tensor, sizes: Sequence[Size], dtype: torch.dtype) -> list[torch.Tensor]:

@@ -167,14 +167,15 @@ class PS3VisionEncoder(nn.Module):
         if isinstance(pixel_values, torch.Tensor):
             return module(resize_images(pixel_values, square))
         # A list is resized image by image anyway; running the ConvNet on each keeps its 1512 px
-        # activations (~50 MB an image at width 512) from growing with the batch. Each result goes
-        # straight into its row: no list of results and no copy of them.
-        highres = None
-        for i, image in enumerate(pixel_values):
-            one = module(resize_images([image], square))
-            if highres is None:
-                highres = one.new_empty(len(pixel_values), *one.shape[1:])
-            highres[i] = one[0]
+        # activations (~50 MB an image at width 512) from growing with the batch. Each result is
+        # written straight into its row: no list of results and no copy of them.
+        first = module(resize_images(pixel_values[:1], square))
+        if len(pixel_values) == 1:
+            return first
+        highres = first.new_empty(len(pixel_values), *first.shape[1:])
+        highres[:1] = first
+        for i in range(1, len(pixel_values)):
+            module(resize_images(pixel_values[i:i + 1], square), out=highres[i:i + 1])
         return highres
 
     def encode_low_res(self, pixel_values, keep_kv: bool = True) -> LowResPass:
