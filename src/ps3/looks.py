@@ -238,7 +238,6 @@ def run_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int, keep: 
         totals[r.sample] += r.length
     width = max(totals)
     trash = batch * width
-    first_layer = encoder.layers - keep
     # Only the padding is zeroed: every other position is written exactly once below.
     padding = None
     if min(totals) < width:
@@ -246,7 +245,7 @@ def run_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int, keep: 
         padding = torch.arange(width, device=device) >= torch.tensor(totals).to(device, non_blocking=True)[:, None]
     buffers = []
     for layer in range(keep):
-        low = low_res.hidden_states[first_layer + layer]
+        low = low_res.hidden_states[len(low_res.hidden_states) - keep + layer]
         buf = low.new_empty(trash + 1, low.shape[-1])
         out = buf[:trash].view(batch, width, -1)
         if padding is not None:

@@ -96,13 +96,21 @@ class LowResPass:
     hidden_states: list[torch.Tensor]
     kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None
     pooled_output: torch.Tensor
-    selection_features: torch.Tensor
+    selection_features: torch.Tensor | None  # None once trimmed by ``for_looks``
     highres_selection_features: torch.Tensor | None
     image_sizes: list[Size]
 
     @property
     def batch_size(self) -> int:
         return self.pooled_output.shape[0]
+
+    def for_looks(self, keep: int) -> "LowResPass":
+        """What encoding looks still needs once cells are selected: the key/value cache, the last
+        ``keep`` hidden states and the pooled feature. A call's own pass is trimmed to this before
+        its looks run, so the selection features and the other layers (27 × B × 729 × C floats for
+        the published trunk) are freed first."""
+        return LowResPass(self.hidden_states[-keep:], self.kv_cache, self.pooled_output, None, None,
+                          self.image_sizes)
 
 
 def feature_maps(features: torch.Tensor, selection_maps, low_res_side: int) -> list[torch.Tensor]:

@@ -94,6 +94,27 @@ def resize_images(images: torch.Tensor | Sequence[torch.Tensor], size: Size) -> 
     return torch.cat([resize_image(image.unsqueeze(0), size) for image in images])
 
 
+def highres_features(module: HighresSelectionFeatures | None,
+                     pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """G: the 1512 px ConvNet's features (B, o, h, w) of a batch or a list of images (None
+    without the module). A list runs image by image (each is resized on its own anyway), so the
+    ConvNet's 1512 px activations (~50 MB an image at width 512) do not grow with the batch; each
+    result is written straight into its row, with no list of results to copy."""
+    if module is None:
+        return None
+    square = (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE)
+    if isinstance(pixel_values, torch.Tensor):
+        return module(resize_images(pixel_values, square))
+    first = module(resize_images(pixel_values[:1], square))
+    if len(pixel_values) == 1:
+        return first
+    features = first.new_empty(len(pixel_values), *first.shape[1:])
+    features[:1] = first
+    for i in range(1, len(pixel_values)):
+        module(resize_images(pixel_values[i:i + 1], square), out=features[i:i + 1])
+    return features
+
+
 def first_slot_probs(feats: torch.Tensor, highres: torch.Tensor | None, prompt: torch.Tensor,
                      prompt_proj_for_highres: nn.Module | None) -> torch.Tensor:
     """Selection probability of every low-res cell for ``prompt`` (B, C): (B, 1, h_0, w_0) float32.

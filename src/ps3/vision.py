@@ -32,7 +32,8 @@ from .looks import GroupLooks, pool_looks, run_looks
 from .outputs import LowResPass, PS3VisionOutput, feature_maps
 from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, select_cells)
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
-                                 first_slot_probs, gt_area_at_cells, resize_images, upsample_probs)
+                                 first_slot_probs, gt_area_at_cells, highres_features, resize_images,
+                                 upsample_probs)
 from .vit import Mlp, VisionTransformer, arch_from_config
 
 __all__ = ["PS3VisionEncoder", "PS3VisionModel", "PS3VisionOutput", "LowResPass", "HIGHRES_SELECTION_SIZE"]
@@ -148,35 +149,15 @@ class PS3VisionEncoder(nn.Module):
 
     def selection_features(self, pixel_values, low_res_hidden: Sequence[torch.Tensor], highres=None):
         """Prompt-independent selection features: (F (B, S-1, C, h_0, w_0), G or None) (design §3.3–3.4).
-        ``highres``: G if already computed (``highres_selection_features``)."""
+        ``highres``: G if already computed (``ps3.selection_features.highres_features``)."""
         B = low_res_hidden[0].shape[0]
         h0 = w0 = self.ps3_scales[0] // self.patch_size
         n_high = len(self.ps3_scales) - 1
         feats = torch.cat([low_res_hidden[i] for i in self.config.select_based_on_layer], dim=-1)
         feats = self.selection_feature_proj(feats).view(B, h0, w0, n_high, self.width).permute(0, 3, 4, 1, 2)
         if highres is None:
-            highres = self.highres_selection_features(pixel_values)
+            highres = highres_features(self.highres_selection_feature_module, pixel_values)
         return feats, highres
-
-    def highres_selection_features(self, pixel_values) -> torch.Tensor | None:
-        """G: the 1512 px ConvNet's features (B, C', h, w) of every image, None without the module."""
-        module = self.highres_selection_feature_module
-        if module is None:
-            return None
-        square = (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE)
-        if isinstance(pixel_values, torch.Tensor):
-            return module(resize_images(pixel_values, square))
-        # A list is resized image by image anyway; running the ConvNet on each keeps its 1512 px
-        # activations (~50 MB an image at width 512) from growing with the batch. Each result is
-        # written straight into its row: no list of results and no copy of them.
-        first = module(resize_images(pixel_values[:1], square))
-        if len(pixel_values) == 1:
-            return first
-        highres = first.new_empty(len(pixel_values), *first.shape[1:])
-        highres[:1] = first
-        for i in range(1, len(pixel_values)):
-            module(resize_images(pixel_values[i:i + 1], square), out=highres[i:i + 1])
-        return highres
 
     def encode_low_res(self, pixel_values, keep_kv: bool = True) -> LowResPass:
         """The low-res pass and the prompt-independent selection features, to reuse across calls
@@ -186,7 +167,7 @@ class PS3VisionEncoder(nn.Module):
         check_images(pixel_values)
         # The ConvNet first, image by image, while little else is held (measured faster on a CPU
         # than after the batch's low-res pass, whose caches it would otherwise run beside).
-        highres = self.highres_selection_features(pixel_values)
+        highres = highres_features(self.highres_selection_feature_module, pixel_values)
         hidden, kvs, pooled = self.forward_low_res(pixel_values, keep_kv=keep_kv)
         feats, highres = self.selection_features(pixel_values, hidden, highres)
         return LowResPass(hidden, kvs if keep_kv else None, pooled, feats, highres, image_sizes(pixel_values))
@@ -298,8 +279,11 @@ class PS3VisionEncoder(nn.Module):
         counts) sets ``lengths`` and zero-pads; ``per_sample()`` splits it into single-image outputs.
         """
         check_call(pixel_values, self.width, prompt, None, num_hidden_layers_to_return, max_tokens_per_pass, check_finite)
+        own_pass = low_res is None
         looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
                                           num_look_close, num_token_look_close, only_select_first_n_scale, low_res)
+        if own_pass:  # nobody else holds this pass: free what the looks do not read
+            low_res = low_res.for_looks(self._kept_layers(num_hidden_layers_to_return))
         hidden, totals = self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
         out.hidden_states = tuple(hidden)
         out.last_hidden_state = hidden[-1]
@@ -326,9 +310,12 @@ class PS3VisionEncoder(nn.Module):
                  for g, plan, order in zip(groups, plans, orders)]
         return self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
 
+    def _kept_layers(self, num_layers: int | None) -> int:
+        return min(num_layers or self.num_hidden_layers_to_return or self.layers, self.layers)
+
     def _run_group_looks(self, looks: Sequence[GroupLooks], low_res: LowResPass, num_layers: int | None,
                          max_tokens: int | None) -> tuple[list[torch.Tensor], list[int]]:
-        keep = min(num_layers or self.num_hidden_layers_to_return or self.layers, self.layers)
+        keep = self._kept_layers(num_layers)
         if not any(gl.plan.num_looks for gl in looks):
             return list(low_res.hidden_states[-keep:]), [self.low_res_token_num] * low_res.batch_size
         # Looks only see the low-res cache and themselves, so several go through the trunk as one
