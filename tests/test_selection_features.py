@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ps3.selection_features import HighresSelectionFeatures, first_slot_probs, highres_features
+from ps3.selection_features import HighresSelectionFeatures, first_slot_probs, highres_features, prior_and_prompt_probs
 
 
 def cosine_formula(feats, highres, prompt, proj):
@@ -31,6 +31,15 @@ def test_first_slot_probs_equal_the_cosine_formula(with_highres):
         want = cosine_formula(feats, highres, prompt, proj)
     assert got.shape == (B, 1, h, h)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # The prior and a prompt scored in one pass give what two separate formulas give.
+    prior = torch.randn(C, generator=g)
+    with torch.no_grad():
+        bottomup, topdown = prior_and_prompt_probs(feats, highres, prior, prompt, proj)
+        alone, none = prior_and_prompt_probs(feats, highres, prior, None, proj)
+    torch.testing.assert_close(bottomup, cosine_formula(feats, highres, prior.expand(B, -1), proj), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(topdown, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(alone, bottomup, atol=1e-6, rtol=1e-5)
+    assert none is None
 
 
 def test_convnet_writes_into_a_row_with_the_same_values():

@@ -54,20 +54,16 @@ class HighresSelectionFeatures(nn.Module):
         self.out_proj = nn.Conv2d(hidden, out, kernel_size=1)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, 3, 1512, 1512) → (n, o, 1512/k, 1512/k), written into ``out`` when given (a slice of
-        a batch's features: no copy). The 1×1 output conv runs as a matmul either way, so both
-        give the same values."""
+        """(n, 3, 1512, 1512) → (n, o, 1512/k, 1512/k), written into ``out`` when given (a row of a
+        batch's features). The 1×1 output conv runs as a matmul, which in inference on one image
+        writes straight into ``out`` (no copy) with the same kernel, hence the same values."""
         y = self.blocks(self.stem(x))
         n, c, h, w = y.shape
-        weight, bias = self.out_proj.weight.view(-1, c), self.out_proj.bias.view(1, -1, 1)
-        direct = (out is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled(y.device.type)
-                  and out.dtype == y.dtype == weight.dtype and out.is_contiguous())
-        if direct and n == 1:  # inference: the matmul writes into the caller's slice (the same
-            # kernel as below: matmul folds one image into a plain mm)
-            return torch.mm(weight, y[0].flatten(1), out=out[0].view(-1, h * w)).add_(bias[0]).view(out.shape)
-        if direct:
-            return torch.matmul(weight, y.flatten(2), out=out.view(n, -1, h * w)).add_(bias).view(out.shape)
-        result = torch.matmul(weight, y.flatten(2))
+        weight, bias = self.out_proj.weight.view(-1, c), self.out_proj.bias.view(-1, 1)
+        if (out is not None and n == 1 and not torch.is_grad_enabled() and out.is_contiguous()
+                and not torch.is_autocast_enabled(y.device.type) and out.dtype == y.dtype == weight.dtype):
+            return torch.mm(weight, y[0].flatten(1), out=out[0].view(-1, h * w)).add_(bias).view(out.shape)
+        result = torch.matmul(weight, y.flatten(2))  # one image: the same mm as above
         result = result.add_(bias.to(result.dtype)).view(n, -1, h, w)
         return result if out is None else out.copy_(result)
 
@@ -117,7 +113,8 @@ def highres_features(module: HighresSelectionFeatures | None,
 
 def first_slot_probs(feats: torch.Tensor, highres: torch.Tensor | None, prompt: torch.Tensor,
                      prompt_proj_for_highres: nn.Module | None) -> torch.Tensor:
-    """Selection probability of every low-res cell for ``prompt`` (B, C): (B, 1, h_0, w_0) float32.
+    """Selection probability of every low-res cell for ``prompt`` (B, C), or for each of K prompts
+    (B, K, C): (B, 1 or K, h_0, w_0).
 
     Cosine of the cell features against the prompt, averaged with the max-pooled cosine of the
     fine features against the projected prompt; then sigmoid(clamp(5·logit)). Every scale reads
@@ -125,24 +122,38 @@ def first_slot_probs(feats: torch.Tensor, highres: torch.Tensor | None, prompt: 
     """
     # Only the first slot is ever read, so only its scores are computed: each a matmul over
     # channels divided by the cells' norms, with no normalised copy of any feature map.
-    B, _, C, h, w = feats.shape
+    queries = prompt.unsqueeze(1) if prompt.dim() == 2 else prompt
+    B, K = queries.shape[:2]
+    _, S, C, h, w = feats.shape
     cells = feats[:, 0].permute(0, 2, 3, 1).reshape(B, h * w, C)  # a view in the encoder's layout
-    logits = _cosine(cells, prompt, channel_dim=2).view(B, 1, h, w)
+    logits = _cosine(cells, queries, channel_dim=2).view(B, K, h, w)
     if highres is not None:
-        q = prompt_proj_for_highres(prompt).view(B, feats.shape[1], -1)[:, 0]
+        q = prompt_proj_for_highres(queries).view(B, K, S, -1)[:, :, 0]
         fh, fw = highres.shape[-2:]
-        fine = _cosine(highres.flatten(2).transpose(1, 2), q, channel_dim=1).view(B, 1, fh, fw)
+        fine = _cosine(highres.flatten(2).transpose(1, 2), q, channel_dim=1).view(B, K, fh, fw)
         logits = (logits + F.adaptive_max_pool2d(fine, logits.shape[-2:])) / 2
     return torch.sigmoid((logits * 5.0).clamp(-10, 10))
 
 
-def _cosine(cells: torch.Tensor, query: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Cosine of every cell (B, N, C) against its sample's query (B, C): (B, N). ``channel_dim``:
-    the dimension of ``cells``' storage that holds C, 2 if (B, N, C) in memory, 1 if (B, C, N)
-    (reducing along the storage's own layout keeps the norms a streaming pass)."""
-    dots = torch.bmm(cells, F.normalize(query, dim=-1).unsqueeze(-1)).squeeze(-1)
+def prior_and_prompt_probs(feats: torch.Tensor, highres: torch.Tensor | None, prior_prompt: torch.Tensor,
+                           prompt: torch.Tensor | None, prompt_proj_for_highres: nn.Module | None):
+    """(bottom-up probs from the learned prior prompt (C,), top-down probs from ``prompt`` (B, C)
+    or None), each (B, 1, h_0, w_0): both prompts scored in one pass over the features."""
+    prior = prior_prompt.expand(feats.shape[0], -1)
+    if prompt is None:
+        return first_slot_probs(feats, highres, prior, prompt_proj_for_highres), None
+    both = first_slot_probs(feats, highres, torch.stack([prior, prompt.to(prior.dtype)], 1), prompt_proj_for_highres)
+    return both[:, :1], both[:, 1:]
+
+
+def _cosine(cells: torch.Tensor, queries: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Cosine of every cell (B, N, C) against each of its sample's queries (B, K, C): (B, K, N).
+    ``channel_dim``: the dimension of ``cells``' storage that holds C, 2 if (B, N, C) in memory,
+    1 if (B, C, N) (reducing along the storage's own layout keeps the norms a streaming pass)."""
+    unit = F.normalize(queries, dim=-1).to(cells.dtype)
+    dots = torch.bmm(unit, cells.transpose(1, 2))
     stored = cells if channel_dim == 2 else cells.transpose(1, 2)
-    return dots / torch.linalg.vector_norm(stored, dim=channel_dim).clamp_min(1e-12)
+    return dots / torch.linalg.vector_norm(stored, dim=channel_dim).clamp_min(1e-12).unsqueeze(1)
 
 
 def upsample_probs(first: torch.Tensor, sizes: Sequence[Size], dtype: torch.dtype) -> list[torch.Tensor]:

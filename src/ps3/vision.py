@@ -32,7 +32,7 @@ from .looks import GroupLooks, pool_looks, run_looks
 from .outputs import LowResPass, PS3VisionOutput, feature_maps
 from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, select_cells)
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
-                                 first_slot_probs, gt_area_at_cells, highres_features, resize_images,
+                                 gt_area_at_cells, highres_features, prior_and_prompt_probs, resize_images,
                                  upsample_probs)
 from .vit import Mlp, VisionTransformer, arch_from_config
 
@@ -193,9 +193,7 @@ class PS3VisionEncoder(nn.Module):
         over high-res scales."""
         feats, highres = self.selection_features(pixel_values, low_res_hidden)
         sizes = self.feature_sizes(*pixel_values.shape[-2:])[1:]
-        bottomup = first_slot_probs(feats, highres, self.prior_prompt.expand(feats.shape[0], -1),
-                                    self.prompt_proj_for_highres)
-        topdown = first_slot_probs(feats, highres, prompt, self.prompt_proj_for_highres) if prompt is not None else None
+        bottomup, topdown = prior_and_prompt_probs(feats, highres, self.prior_prompt, prompt, self.prompt_proj_for_highres)
         return self._group_probs(bottomup, topdown, sizes, gt_selection_maps, smooth_selection_prob)
 
     @staticmethod
@@ -239,8 +237,7 @@ class PS3VisionEncoder(nn.Module):
         B = low_res.batch_size
         feats, highres = low_res.selection_features, low_res.highres_selection_features
         # Scores on the low-res grid, shared by every image size: computed once for the batch.
-        bottomup = first_slot_probs(feats, highres, self.prior_prompt.expand(B, -1), self.prompt_proj_for_highres)
-        topdown = first_slot_probs(feats, highres, prompt, self.prompt_proj_for_highres) if prompt is not None else None
+        bottomup, topdown = prior_and_prompt_probs(feats, highres, self.prior_prompt, prompt, self.prompt_proj_for_highres)
         looks, results = [], []
         for g, plan in zip(groups, plans):
             def pick(t):

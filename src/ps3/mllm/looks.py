@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..batching import group_images, merge_group_maps
 from ..outputs import LowResPass, PS3VisionOutput
 from ..selection import LookPlan, select_cells
-from ..selection_features import apply_gt_and_smoothing, first_slot_probs, upsample_probs
+from ..selection_features import apply_gt_and_smoothing, prior_and_prompt_probs, upsample_probs
 from .tokens import _check_k, block_grids, plan_block_looks
 
 
@@ -98,8 +98,8 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
     B = low_res.batch_size
     budgets = list(encoder.max_select_num_each_scale if budgets is None else budgets)
     feats, highres = low_res.selection_features, low_res.highres_selection_features
-    bottomup = first_slot_probs(feats, highres, encoder.prior_prompt.expand(B, -1), encoder.prompt_proj_for_highres)
-    topdown = first_slot_probs(feats, highres, prompt, encoder.prompt_proj_for_highres) if prompt is not None else None
+    bottomup, topdown = prior_and_prompt_probs(feats, highres, encoder.prior_prompt, prompt,
+                                               encoder.prompt_proj_for_highres)
     plans, orders, results = [], [], []
     for g in groups:
         sizes = encoder.feature_sizes(*g.size)
