@@ -172,7 +172,7 @@ def _chunked_attention(q, k, v, attn_mask):
             torch._softmax(scores, -1, False, out=probs)
             torch.bmm(probs, values, out=out[b, j])
     # (B, N, H, d) in memory, which the caller's transpose-and-reshape to (B, N, H·d) reads as a view.
-    return out.transpose(2, 3).reshape(B, chunks * c, H, d)[:, :N].transpose(1, 2)
+    return out.transpose(2, 3).contiguous().view(B, chunks * c, H, d)[:, :N].transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------ float32 fallback
