@@ -85,13 +85,31 @@ def test_masked_keys_are_never_attended(monkeypatch):
     assert out.abs().max() <= v[:, :, :100].abs().max()
 
 
-def test_training_keeps_sdpa_and_float32_is_untouched(monkeypatch):
+def test_inference_paths_only_for_large_low_precision_inputs(monkeypatch):
     monkeypatch.setenv("PS3_CPU_LOW_PRECISION", "native")
     q = rand(1, 2, 300, 64).requires_grad_()
-    assert not precision._chunked_applies(q, q, q)  # grad wanted: SDPA's fused backward
+    assert not precision._chunked_applies(q, q, q)  # grad wanted: the training path
     assert not precision._chunked_applies(q.float(), q.float(), q.float())
     small = rand(1, 2, 16, 64)
     assert not precision._chunked_applies(small, small, small)
+
+
+def test_bf16_training_attention_gradients_agree_with_float32(monkeypatch):
+    """Training in bf16 (autograd through matmuls and a softmax): values and gradients within
+    the attention tolerance above of float32's."""
+    monkeypatch.setenv("PS3_CPU_LOW_PRECISION", "native")
+    q32, k32, v32 = rand(2, 3, 40, 64, seed=1, dtype=torch.float32), rand(2, 3, 56, 64, seed=2, dtype=torch.float32), \
+        rand(2, 3, 56, 64, seed=3, dtype=torch.float32)
+    mask = torch.rand(2, 1, 1, 56, generator=torch.Generator().manual_seed(4)) > 0.3
+    grad = rand(2, 3, 40, 64, seed=5, dtype=torch.float32)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q32, k32, v32)]
+        out = attention(*leaves, mask)
+        out.backward(grad.to(dtype))
+        results.append([out.float()] + [t.grad.float() for t in leaves])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=2 ** -6 * max(want.abs().max().item(), 1.0))
 
 
 @pytest.fixture(scope="module")

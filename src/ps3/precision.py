@@ -132,17 +132,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     bf16/fp16 inference on a CPU that multiplies them natively runs as chunked matmuls (see the
     module docstring): scores are rounded to the input dtype before the softmax, as in any
     non-fused attention in that dtype, so it agrees with float32 to the dtype's rounding."""
-    if _chunked_applies(q, k, v):
-        return _chunked_attention(q, k, v, attn_mask)
+    if q.device.type == "cpu" and q.dtype in LOW_PRECISION and native_dtype(q.dtype, q.device):
+        if _needs_grad(q, k, v):
+            if _math_applies(q, k):
+                return _math_attention(q, k, v, attn_mask)
+        elif q.shape[-2] * k.shape[-2] >= _CHUNKED_MIN_PAIRS:
+            return _chunked_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
+def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _chunked_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    if q.device.type != "cpu" or q.dtype not in LOW_PRECISION or q.shape[-2] * k.shape[-2] < _CHUNKED_MIN_PAIRS:
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False  # training keeps SDPA's fused backward
-    return native_dtype(q.dtype, q.device)
+    """Whether :func:`attention` takes the chunked inference path for these inputs."""
+    return (q.device.type == "cpu" and q.dtype in LOW_PRECISION and not _needs_grad(q, k, v)
+            and q.shape[-2] * k.shape[-2] >= _CHUNKED_MIN_PAIRS and native_dtype(q.dtype, q.device))
+
+
+# Training in bf16 on a CPU: SDPA's fused backward ran at ~8 GFLOP/s (a mid-size training step
+# spent a fifth of its time there), while autograd through two batched matmuls and a softmax
+# runs at the bf16 matmul rate. The probabilities are kept for the backward pass, so this path
+# is taken while they stay under this many bytes (training sequences are short).
+_MATH_MAX_BYTES = 512 * 2**20
+
+
+def _math_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.shape[:-1].numel() * k.shape[-2] * q.element_size() <= _MATH_MAX_BYTES
+
+
+def _math_attention(q, k, v, attn_mask):
+    """softmax(q·kᵀ/√d + mask)·v with autograd, in the inputs' dtype."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 def _chunked_attention(q, k, v, attn_mask):
