@@ -83,6 +83,8 @@ def child(args) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from ps3.runtime import measure
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, call = _load(args.child, args.model_dir, args.upstream, dtype)
     torch.manual_seed(0)
@@ -122,7 +124,7 @@ def parent(args) -> int:
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     start = _matmul("start", log)
-    log(f"CPU: {start['cpu']}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    log(f"CPU: {start['cpu']}; torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads")
     ways = [(impl, dt, case) for case in args.cases
             for impl in ["ours"] + (["upstream"] if args.upstream and case in args.upstream_cases else [])
             for dt in ("float32", "bfloat16")]
@@ -137,6 +139,8 @@ def parent(args) -> int:
                        "--repeats", str(args.repeats if case == "one" else 1)]
                 if args.upstream:
                     cmd += ["--upstream", str(args.upstream)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
                 env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
@@ -185,6 +189,7 @@ def main() -> int:
     parser.add_argument("--upstream-python", default=sys.executable, help="a Python with upstream's pins")
     parser.add_argument("--upstream-cases", nargs="+", default=["one", "all"], choices=["one", "all"],
                         help="the cases upstream is measured on (default both)")
+    parser.add_argument("--threads", type=int, help="torch threads in each measured process (default: torch's)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--child", choices=["ours", "upstream"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
