@@ -9,8 +9,8 @@ GFLOP/s (4·N·P·d·H per call):
 * SDPA in float32 and in bf16 (``F.scaled_dot_product_attention``);
 * ``ps3.precision.attention`` in bf16 (on a CPU with bf16 units: 128-query chunks of batched
   matmuls and a softmax; elsewhere it is SDPA);
-* with ``--compile``: ``torch.compile`` of SDPA and of the matmul + softmax graph (compile time
-  printed, not counted).
+* with ``--compile``: ``torch.compile`` of SDPA, of the matmul + softmax graph and of
+  ``flex_attention`` (compile time printed, not counted).
 """
 from __future__ import annotations
 
@@ -50,7 +50,10 @@ def main() -> int:
         def graph(q, k, v):
             return torch.softmax(q @ k.transpose(-2, -1) * d ** -0.5, dim=-1) @ v
 
-        for name, fn in (("compiled sdpa bf16", F.scaled_dot_product_attention), ("compiled matmul+softmax bf16", graph)):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        for name, fn in (("compiled sdpa bf16", F.scaled_dot_product_attention),
+                         ("compiled matmul+softmax bf16", graph), ("compiled flex_attention bf16", flex_attention)):
             compiled = torch.compile(fn)
             start = time.perf_counter()
             with torch.no_grad():
