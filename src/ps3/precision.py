@@ -1,12 +1,12 @@
 """Low precision on the CPU: whether this CPU multiplies bf16/fp16 in hardware, attention that runs
 at the bf16 matmul rate where it does, and a float32 fallback where it does not.
 
-Measured on a 2-core AMD Zen 4 (avx512_bf16), torch 2.13 (docs/performance.md):
+Measured on a 2-core AMD Zen 4 (avx512_bf16), torch 2.13 (docs/low_precision.md):
 * a bf16 matmul runs ~2.3-4.5x the float32 rate, but ``F.scaled_dot_product_attention`` in bf16
   runs no faster than in float32 (its CPU kernel does its small block products at about the
   float32 rate). Batched matmuls over all heads for chunks of 128 queries with ``torch.softmax``
-  between them measured faster there (docs/performance.md); ``torch.compile`` of SDPA (same kernel), of a matmul+softmax
-  graph and ``flex_attention`` (~3x slower) measured no better;
+  between them measured faster; ``torch.compile`` of SDPA (the same kernel), of a matmul+softmax
+  graph and ``flex_attention`` measured no better (``benchmarks/attention_bf16.py --compile``);
 * without bf16 units (no avx512_bf16/amx_bf16) a bf16 matmul is emulated: 0.6x the float32 rate
   with AVX-512, ~1/60 of it with AVX2 only; fp16 is ~1/60 wherever there are no avx512_fp16/amx_fp16
   units. So a low-precision call on such a CPU computes in float32 and returns the caller's dtype.
