@@ -143,9 +143,14 @@ def test_topdown_prompt_changes_selection_and_keeps_bottomup(model):
     base = run(model, x, num_look_close=1)
     prompt = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
     steered = run(model, x, num_look_close=1, prompt=prompt)
-    torch.testing.assert_close(steered.bottomup_selection_probs[0], base.selection_probs[0])
-    torch.testing.assert_close(steered.selection_probs[0], steered.topdown_selection_probs[0])
     assert not torch.allclose(steered.selection_probs[0], base.selection_probs[0])
+    # Inference returns no separate bottom-up / top-down maps and no pooled feature, as upstream;
+    # the pre-training mode returns both maps, the bottom-up ones those of the prompt-less call.
+    assert steered.bottomup_selection_probs is steered.topdown_selection_probs is steered.pooled_output is None
+    with torch.no_grad():
+        pooled = model(x, prompt=prompt, output_hidden_states=False)
+    torch.testing.assert_close(pooled.bottomup_selection_probs[0], base.selection_probs[0])
+    torch.testing.assert_close(pooled.topdown_selection_probs[0], steered.selection_probs[0])
 
 
 def test_first_n_scales_budgets(model):
