@@ -81,7 +81,7 @@ def test_looks_batched_equal_sequential(model):
     batched = run(model, x, num_look_close="all", max_tokens_per_pass=10_000)
     one_by_one = run(model, x, num_look_close="all", max_tokens_per_pass=1)
     for a, b in zip(batched.hidden_states, one_by_one.hidden_states):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+        assert_close_paths(a, b, "looks batched vs one per pass")
 
 
 def test_looks_do_not_see_each_other(model):
@@ -96,7 +96,7 @@ def test_looks_do_not_see_each_other(model):
     for s, sel in enumerate(first):
         a = fmap_two[s + 1].permute(0, 2, 3, 1)[sel]
         b = fmap_one[s + 1].permute(0, 2, 3, 1)[sel]
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+        assert_close_paths(a, b, "look inside a two-look call vs alone")
 
 
 def test_hidden_layers_to_return(model):
@@ -323,7 +323,7 @@ def test_cuda_graphs_match_eager():
             graphed = run(gpu_model, x, **kw)
             assert assert_same_selection(graphed.selection_maps, eager.selection_maps, eager.selection_probs)
             for a, b in zip(eager.hidden_states, graphed.hidden_states):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                assert_close_paths(a, b, "CUDA graphs vs eager")
     captured = len(vm._graphed_blocks.graphs)
     run(gpu_model, images(2, 224, 160, seed=2).cuda(), num_look_close=1)
     assert len(vm._graphed_blocks.graphs) == captured  # same shapes replay, no new capture
