@@ -93,7 +93,7 @@ def knob_for_budget(name: str, height: int, width: int, budget: int, **params: A
     if strategy.knob is None:
         return None, None
     tried = []
-    for value in strategy.knob_values(height, width, budget):
+    for value in strategy.knob_values(height, width, budget, {**strategy.defaults, **params}):
         try:
             tried.append((value, strategy.plan(height, width, **{**params, strategy.knob: value}).num_tokens))
         except ValueError:

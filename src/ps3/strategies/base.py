@@ -321,8 +321,8 @@ class Strategy:
                separators: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Layout]:
         raise NotImplementedError
 
-    def knob_values(self, height: int, width: int, budget: int) -> list[Any]:
-        """Values of ``knob`` worth trying for a budget of ``budget`` tokens."""
+    def knob_values(self, height: int, width: int, budget: int, p: dict[str, Any]) -> list[Any]:
+        """Values of ``knob`` worth trying for a budget of ``budget`` tokens (``p``: the other parameters)."""
         return []
 
     def make_plan(self, height: int, width: int, p: dict[str, Any], views: list[View], segments: list[Segment],

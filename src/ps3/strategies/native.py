@@ -35,6 +35,6 @@ class Qwen2VL(Strategy):
         maps = encode_views(plan, backbone, image, plan.param("patch_size"))
         return assemble(plan, [fold(maps[0], plan.param("merge_size"))[0]], separators)
 
-    def knob_values(self, height, width, budget):
-        factor = self.defaults["patch_size"] * self.defaults["merge_size"]
+    def knob_values(self, height, width, budget, p):
+        factor = p["patch_size"] * p["merge_size"]
         return [n * factor * factor for n in range(max(4, budget * 3 // 4), budget * 5 // 4 + 2)]

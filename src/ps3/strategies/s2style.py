@@ -67,8 +67,8 @@ class S2(Strategy):
         size = plan.segments[0].grid
         return assemble(plan, [torch.cat([area_resize(m, size) for m in stitched], dim=-1)], separators)
 
-    def knob_values(self, height, width, budget):
-        return list(range(len(self.defaults["s2_scales"])))
+    def knob_values(self, height, width, budget, p):
+        return list(range(len(p["s2_scales"])))
 
 
 class DynamicS2(Strategy):
@@ -106,7 +106,7 @@ class DynamicS2(Strategy):
         # The 2×2 fold runs per tile; tiles have an even token side, so folding the stitched map is the same.
         return assemble(plan, [fold(merged.unsqueeze(0), 2)[0]], separators)
 
-    def knob_values(self, height, width, budget):
-        scales = self.defaults["s2_scales"]
+    def knob_values(self, height, width, budget, p):
+        scales = p["s2_scales"]
         low = (scales[-1] // scales[0]) ** 2
         return list(range(low, max(low, budget // 256 + 4) + 1))

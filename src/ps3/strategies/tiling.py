@@ -61,7 +61,7 @@ class InternVLTiling(Strategy):
             tiles.append(fold(maps[1], k)[0])
         return assemble(plan, tiles, separators)
 
-    def knob_values(self, height, width, budget):
+    def knob_values(self, height, width, budget, p):
         return list(range(1, max(1, budget // 256) + 4))
 
 
@@ -119,7 +119,7 @@ class AnyRes(Strategy):
         r0, kh, c0, kw = unpadded_grid(plan.width, plan.height, plan.grid[0] * side, plan.grid[1] * side)
         return assemble(plan, [maps[0][0], grid[r0:r0 + kh, c0:c0 + kw]], separators)
 
-    def knob_values(self, height, width, budget):
+    def knob_values(self, height, width, budget, p):
         return [f"(1x1),...,({n}x{n})" for n in range(1, 9)]
 
 
@@ -161,5 +161,5 @@ class IXCHD(Strategy):
         mosaic = stitch(fold(maps[0], 2), plan.views[0].grid)
         return assemble(plan, [fold(maps[1], 2)[0], None, mosaic], separators)
 
-    def knob_values(self, height, width, budget):
+    def knob_values(self, height, width, budget, p):
         return list(range(1, max(1, budget // 144) + 4))
