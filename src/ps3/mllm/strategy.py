@@ -78,6 +78,8 @@ class PS3Strategy(Strategy):
             raise ValueError(f"scales must be increasing sizes, a low-res one and at least one high-res, got {scales}")
         patch, k = check_int("patch_size", p["patch_size"]), _check_k(p["k"])
         budgets = _budgets(p)
+        if p["budgets"] is not None:
+            p["budgets"] = tuple(p["budgets"])
         ih, iw = self.input_size(height, width, p)
         low, grids = block_grids(ih, iw, scales, patch, k)
         looks = plan_block_looks(grids, budgets, k, p["num_looks"], p["only_select_first_n_scale"])
