@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ps3.strategies as S
-from ps3.registry import SCALES_4K, bench_vision_config
+from ps3.registry import SCALES_1P5K, SCALES_4K, bench_vision_config
 from ps3.mllm import count_llm_tokens
 from ps3.mllm.strategy import params_for
 
@@ -142,8 +142,8 @@ def test_ixc_hd_pads_white_and_centres():
     assert tiles.resize == (504, 4032) and tiles.window == (-84, 0, 672, 4032) and tiles.fill == 1.0
 
 
-def _tiny_ps3_config():
-    cfg = bench_vision_config("cpu", SCALES_4K, width=64, depth=1)
+def _tiny_ps3_config(scales=SCALES_4K):
+    cfg = bench_vision_config("cpu", scales, width=64, depth=1)
     cfg.highres_selection_feature = False
     return cfg
 
@@ -209,7 +209,7 @@ def test_encode_matches_a_direct_computation_for_qwen2_vl(backbone):
 def test_ps3_encode_agrees_with_plan():
     from ps3.vision import PS3VisionModel
     torch.manual_seed(0)
-    model = PS3VisionModel(_tiny_ps3_config()).eval()
+    model = PS3VisionModel(_tiny_ps3_config(SCALES_1P5K)).eval()  # 1.5K: the same code, a quarter of the pixels
     for hw in [(300, 400), (60, 480)]:
         p = S.plan("ps3", *hw, **params_for(model), num_token_look_close=400)
         with torch.no_grad():

@@ -184,11 +184,30 @@ def window(image: torch.Tensor, views: tuple[View, ...], index: int) -> torch.Te
     resized, then cropped and/or padded."""
     view = views[index]
     source = image if view.of < 0 else window(image, views, view.of)
-    x = resize_image(source, view.resize)
     top, left, h, w = view.window
     rh, rw = view.resize
+    inside = top >= 0 and left >= 0 and top + h <= rh and left + w <= rw
+    if inside and rh * rw > 4 * h * w:
+        return _crop_then_resize(source, view)
+    x = resize_image(source, view.resize)
     # Negative pads crop, positive pads add `fill`: one F.pad does both.
     return F.pad(x, (-left, left + w - rw, -top, top + h - rh), value=view.fill)
+
+
+def _crop_then_resize(source: torch.Tensor, view: View, margin: int = 4) -> torch.Tensor:
+    """A small crop of a large resize (LLaVA-S2's centre crop of an 8:1 panorama resized to
+    1008 × 8064, or of a 1:400 strip to 1008 × 403,200) made without the large resize: the source
+    region under the window, plus ``margin`` output pixels for the filter, is resized alone. The
+    same pixels up to the filter's edge handling and a sub-pixel shift of the footprint."""
+    sh, sw = source.shape[-2:]
+    rh, rw = view.resize
+    top, left, h, w = view.window
+    t0, l0 = max(top - margin, 0), max(left - margin, 0)
+    t1, l1 = min(top + h + margin, rh), min(left + w + margin, rw)
+    y0, y1 = math.floor(t0 * sh / rh), max(math.ceil(t1 * sh / rh), math.floor(t0 * sh / rh) + 1)
+    x0, x1 = math.floor(l0 * sw / rw), max(math.ceil(l1 * sw / rw), math.floor(l0 * sw / rw) + 1)
+    out = resize_image(source[..., y0:y1, x0:x1], (t1 - t0, l1 - l0))
+    return out[..., top - t0:top - t0 + h, left - l0:left - l0 + w]
 
 
 def render(image: torch.Tensor, views: tuple[View, ...], index: int) -> torch.Tensor:
