@@ -44,6 +44,12 @@ class View:
     def passes(self) -> int:
         return self.grid[0] * self.grid[1] if self.encoded else 0
 
+    def span(self, height: int, width: int) -> Box:
+        """The window in source coordinates, padding included (it may reach outside the image)."""
+        top, left, h, w = self.window
+        sy, sx = height / self.resize[0], width / self.resize[1]
+        return left * sx, top * sy, (left + w) * sx, (top + h) * sy
+
     def source_box(self, height: int, width: int) -> Box:
         """The part of the source image the window shows (padding excluded)."""
         top, left, h, w = self.window

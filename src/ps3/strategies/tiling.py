@@ -150,10 +150,10 @@ class IXCHD(Strategy):
         else:
             hd = View("tiles", (new_short, new_long), (-pad, 0, padded, new_long), (rows, cols), fill=1.0)
         views = [hd, View("global", (tile, tile), (0, 0, tile, tile), (1, 1), of=0)]
-        g = hd.grid
-        segments = [features("global", (side, side), full_box(height, width), 1, row_separator="sub_GN"),
+        g, span = hd.grid, hd.span(height, width)  # both views show the padded image
+        segments = [features("global", (side, side), span, 1, row_separator="sub_GN"),
                     separator("glb_GN"),
-                    features("tiles", (g[0] * side, g[1] * side), full_box(height, width), 0, row_separator="sub_GN")]
+                    features("tiles", (g[0] * side, g[1] * side), span, 0, row_separator="sub_GN")]
         return self.make_plan(height, width, p, views, segments, text_tokens=0, grid=g)
 
     def encode(self, plan: Plan, backbone, image, separators=None):
