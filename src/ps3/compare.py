@@ -161,7 +161,8 @@ def _panel(photo: Image.Image, row: Row, lo: float, hi: float) -> Image.Image:
     panel.paste(Image.fromarray(mixed.round().astype(np.uint8)), (0, 44))
     draw = ImageDraw.Draw(panel)
     p = row.plan
-    draw.text((4, 2), f"{p.strategy}: {p.num_tokens:,} tokens, {p.backbone_passes} pass{'es' if p.backbone_passes > 1 else ''}", fill=(0, 0, 0), font=_font(15))
+    passes = f"{p.backbone_passes} pass" + ("es" if p.backbone_passes > 1 else "")
+    draw.text((4, 2), f"{p.strategy}: {p.num_tokens:,} tokens, {passes}", fill=(0, 0, 0), font=_font(15))
     finest = 1 / density.max() if seen.any() else float("inf")
     draw.text((4, 22), f"{knob_text(row)}; finest {finest:,.0f} px/token", fill=(60, 60, 60), font=_font(12))
     return panel
@@ -169,7 +170,8 @@ def _panel(photo: Image.Image, row: Row, lo: float, hi: float) -> Image.Image:
 
 def draw_figure(photo: Image.Image, rows: list[Row], title: str) -> Image.Image:
     """One panel per strategy (two columns) and a colour bar of source pixels per token."""
-    small = photo.resize((PANEL_WIDTH, max(1, round(photo.height * PANEL_WIDTH / photo.width))), Image.Resampling.BICUBIC)
+    size = (PANEL_WIDTH, max(1, round(photo.height * PANEL_WIDTH / photo.width)))
+    small = photo.resize(size, Image.Resampling.BICUBIC)
     dens = [token_density(r.layout, (small.height, small.width)) for r in rows]
     values = np.concatenate([1 / d[d > 0] for d in dens if (d > 0).any()])
     lo, hi = float(values.min()), float(values.max()) * 1.001
@@ -186,7 +188,8 @@ def draw_figure(photo: Image.Image, rows: list[Row], title: str) -> Image.Image:
     bar_w = fig.width - 2 * pad - 20
     ramp = _shade(np.exp(np.linspace(np.log(hi), np.log(lo), bar_w)), lo, hi)  # left: coarse, right: fine
     fig.paste(Image.fromarray(colormap(ramp[None].repeat(14, 0))), (pad + 10, y + 18))
-    draw.text((pad + 10, y), "source pixels per token (log scale; dark grey: never seen)", fill=(0, 0, 0), font=_font(13))
+    draw.text((pad + 10, y), "source pixels per token (log scale; dark grey: never seen)", fill=(0, 0, 0),
+              font=_font(13))
     for frac in np.linspace(0, 1, 5):
         ppt = float(np.exp(np.log(hi) - frac * (np.log(hi) - np.log(lo))))
         draw.text((pad + 10 + frac * (bar_w - 40), y + 34), f"{ppt:,.0f}", fill=(0, 0, 0), font=_font(12))
@@ -214,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         device = parse_device(args.device)
     with user_input(str(args.image)):
         photo = load_image(args.image)
-    image = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
+    image = strategies.load_image(photo)
     vision = _load_vision(args.backbone, device)
     rows = []
     for name in names:

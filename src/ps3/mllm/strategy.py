@@ -29,7 +29,8 @@ from ..processor import fit_size
 from ..registry import SCALES_4K
 from ..selection import default_budgets
 from ..strategies import register
-from ..strategies.base import Layout, Plan, Segment, Strategy, as_image, check_int, features, full_box, resize_image, squash
+from ..strategies.base import (Layout, Plan, Segment, Strategy, as_image, check_int, features, full_box, resize_image,
+                               squash)
 from .looks import encode_for_llm, encoder_of
 from .projector import kept_block_tokens, merge_grid
 from .tokens import _check_k, block_grids, plan_block_looks
@@ -88,16 +89,17 @@ class PS3Strategy(Strategy):
             blocks = sum(look[i] for look in looks)
             if blocks:
                 segments.append(Segment("features", f"scale {s}", blocks, grid, full_box(height, width), 0))
+        per_scale = [sum(look[i] for look in looks) for i in range(len(grids))]
         plan = self.make_plan(height, width, p, [squash("input", (ih, iw))], segments, text_tokens=0,
-                              notes=f"{len(looks)} look(s), blocks per scale {[sum(lk[i] for lk in looks) for i in range(len(grids))]}")
+                              notes=f"{len(looks)} look(s), blocks per scale {per_scale}")
         return dataclasses.replace(plan, backbone_passes=1 + len(looks))
 
     def encode(self, plan: Plan, backbone, image, separators=None):
         encoder = encoder_of(backbone)
         p = dict(plan.params)
         if tuple(encoder.ps3_scales) != p["scales"] or encoder.patch_size != p["patch_size"]:
-            raise ValueError(f"the plan is for scales {list(p['scales'])} and patch {p['patch_size']} but the model has "
-                             f"{list(encoder.ps3_scales)} and {encoder.patch_size}; plan with "
+            raise ValueError(f"the plan is for scales {list(p['scales'])} and patch {p['patch_size']} but the model "
+                             f"has {list(encoder.ps3_scales)} and {encoder.patch_size}; plan with "
                              "**ps3.mllm.strategy.params_for(model)")
         image = as_image(image)
         dtype = next(encoder.parameters()).dtype

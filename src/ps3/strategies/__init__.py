@@ -40,8 +40,8 @@ from .native import Qwen2VL
 from .s2style import S2, DynamicS2
 from .tiling import IXCHD, AnyRes, InternVLTiling
 
-__all__ = ["Layout", "Plan", "Segment", "Strategy", "View", "encode", "get", "knob_for_budget", "names", "plan",
-           "register"]
+__all__ = ["Layout", "Plan", "Segment", "Strategy", "View", "encode", "get", "knob_for_budget", "load_image", "names",
+           "plan", "register"]
 
 _STRATEGIES: dict[str, Strategy] = {s.name: s for s in (S2(), DynamicS2(), InternVLTiling(), AnyRes(), Qwen2VL(),
                                                         IXCHD())}
@@ -49,6 +49,17 @@ _STRATEGIES: dict[str, Strategy] = {s.name: s for s in (S2(), DynamicS2(), Inter
 # importing it here only on first use keeps this package below them (no import cycle).
 _REGISTERED_ELSEWHERE = {"ps3": "ps3.mllm.strategy"}
 ORDER = ("s2", "dynamic_s2", "internvl_tiling", "anyres", "qwen2_vl", "ixc_hd", "ps3")
+
+
+def load_image(source: Any) -> torch.Tensor:
+    """An image file, bytes or PIL image as the (3, H, W) float32 tensor in [0, 1] ``encode`` takes
+    (upright, RGB: :func:`ps3.images.load_image`)."""
+    import numpy as np
+
+    from ..images import load_image as load_rgb
+
+    rgb = np.asarray(load_rgb(source), dtype=np.float32) / 255
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
 def register(strategy: Strategy) -> Strategy:

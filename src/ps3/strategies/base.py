@@ -139,7 +139,8 @@ def resolve_params(strategy: str, defaults: Mapping[str, Any], given: Mapping[st
 
 def check_multiple(name: str, value: int, of: int, of_name: str) -> None:
     if value % of:
-        raise ValueError(f"{name}={value} must be a multiple of {of_name}={of}; pass e.g. {name}={max(of, value // of * of)}")
+        raise ValueError(f"{name} must be a multiple of {of_name}={of}, got {value}; pass e.g. "
+                         f"{max(of, value // of * of)}")
 
 
 def tokens_per_side(tile: int, patch_size: int, fold: int = 1) -> int:
@@ -168,7 +169,7 @@ def as_image(image: Any) -> torch.Tensor:
     """(3, H, W) or (1, 3, H, W) floating-point values in [0, 1] → (1, 3, H, W)."""
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a (3, H, W) float tensor with values in [0, 1], got {type(image).__name__}; "
-                        "load one with torchvision-free ps3.strategies.load_image(path)")
+                        "load one with ps3.strategies.load_image(path)")
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[:2] != (1, 3) or not image.is_floating_point():
@@ -185,11 +186,19 @@ def resize_image(image: torch.Tensor, size: Size) -> torch.Tensor:
     return out.clamp_(0, 1).to(image.dtype)
 
 
-def window(image: torch.Tensor, views: tuple[View, ...], index: int) -> torch.Tensor:
-    """View ``index``'s window (1, 3, h, w): its source (the image, or another view's window)
-    resized, then cropped and/or padded."""
+def window(image: torch.Tensor, views: tuple[View, ...], index: int,
+           cache: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """View ``index``'s window (1, 3, h, w): its source (the image, or another view's window, taken
+    from ``cache`` when there) resized, then cropped and/or padded."""
     view = views[index]
-    source = image if view.of < 0 else window(image, views, view.of)
+    if view.of < 0:
+        source = image
+    elif cache is not None and view.of in cache:
+        source = cache[view.of]
+    else:
+        source = window(image, views, view.of, cache)
+        if cache is not None:
+            cache[view.of] = source
     top, left, h, w = view.window
     rh, rw = view.resize
     inside = top >= 0 and left >= 0 and top + h <= rh and left + w <= rw
@@ -216,9 +225,14 @@ def _crop_then_resize(source: torch.Tensor, view: View, margin: int = 4) -> torc
     return out[..., top - t0:top - t0 + h, left - l0:left - l0 + w]
 
 
-def render(image: torch.Tensor, views: tuple[View, ...], index: int) -> torch.Tensor:
-    """View ``index``'s tiles: (rows·cols, 3, tile_h, tile_w), row-major."""
-    return split_chessboard(window(image, views, index), views[index].grid)
+def render(image: torch.Tensor, views: tuple[View, ...], index: int,
+           cache: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """View ``index``'s tiles: (rows·cols, 3, tile_h, tile_w), row-major; its window goes into
+    ``cache`` for the views made from it."""
+    x = window(image, views, index, cache)
+    if cache is not None:
+        cache[index] = x
+    return split_chessboard(x, views[index].grid)
 
 
 def encode_views(plan: "Plan", backbone: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
@@ -229,7 +243,8 @@ def encode_views(plan: "Plan", backbone: Callable[[torch.Tensor], torch.Tensor],
     if tuple(image.shape[-2:]) != (plan.height, plan.width):
         raise ValueError(f"the plan is for a {plan.height}x{plan.width} image but image is "
                          f"{image.shape[-2]}x{image.shape[-1]}; plan(name, height, width) with this image's size")
-    tiles = {i: render(image, plan.views, i) for i, v in enumerate(plan.views) if v.encoded}
+    cache: dict[int, torch.Tensor] = {}
+    tiles = {i: render(image, plan.views, i, cache) for i, v in enumerate(plan.views) if v.encoded}
     out: list[torch.Tensor | None] = [None] * len(plan.views)
     for size in dict.fromkeys(v.tile for v in plan.views if v.encoded):
         idx = [i for i, v in enumerate(plan.views) if v.encoded and v.tile == size]
@@ -249,7 +264,8 @@ def run_backbone(backbone: Callable[[torch.Tensor], torch.Tensor], tiles: torch.
                          f"{tuple(getattr(out, 'shape', ())) or type(out).__name__} for {tuple(tiles.shape)}")
     gh, gw = tiles.shape[-2] // patch_size, tiles.shape[-1] // patch_size
     if out.shape[1] != gh * gw:
-        raise ValueError(f"backbone returned {out.shape[1]} tokens for {where} ({tiles.shape[-2]}x{tiles.shape[-1]} px); "
+        raise ValueError(f"backbone returned {out.shape[1]} tokens for {where} "
+                         f"({tiles.shape[-2]}x{tiles.shape[-1]} px); "
                          f"the plan expects {gh}x{gw} = {gh * gw} with patch_size={patch_size}: plan with the "
                          f"backbone's patch_size and drop class tokens (e.g. lambda x: vit(x)[:, 1:])")
     return out.reshape(out.shape[0], gh, gw, out.shape[2])
