@@ -135,7 +135,7 @@ def test_encode_images_ps3_dummy_group(tower4k):
         direct, direct_maps, _ = vision_tower_forward(tower4k, images, prompts, 1, None, False, None, [3, 3])
     assert firsts == [3, 3]
     assert_close_paths(features, direct, "grouped vs direct call")
-    assert all(torch.equal(a, b) for a, b in zip(maps, direct_maps))
+    assert all(torch.equal(a, b) for a, b in zip(maps, direct_maps))  # the same call on the same batch
 
 
 # ----------------------------------------------------------------------------- S2 callers

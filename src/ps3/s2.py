@@ -303,6 +303,22 @@ def _encode_scale(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Te
     return fmap, prefix
 
 
+def _scale_plans(in_hw: Size2, scales, img_sizes, max_split_size, split_mode: str | None,
+                 resize_output_to_idx: int) -> tuple[list[_ScalePlan], str]:
+    """Every scale's chessboard and the split mode that applies (checked before any compute)."""
+    sizes = _target_sizes(in_hw, scales, img_sizes)
+    if not _is_int(resize_output_to_idx) or not -len(sizes) <= resize_output_to_idx < len(sizes):
+        raise ValueError(f"resize_output_to_idx must be an int in [{-len(sizes)}, {len(sizes) - 1}] "
+                         f"for {len(sizes)} scales, got {resize_output_to_idx!r}")
+    piece = in_hw if max_split_size is None else _as_size2(max_split_size, "max_split_size")
+    # No split_mode: a call upstream's master accepts gets master's pieces; any other call, and any
+    # call naming a split_mode (only dev_any_shape takes one), gets the any-shape rule.
+    plans = _master_plan(in_hw, sizes, piece) if split_mode is None else None
+    if plans is None:
+        return _plan(sizes, piece), split_mode or "resize"
+    return plans, "resize"
+
+
 def multiscale_forward(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor,
                        scales: Sequence[float] | None = None,
                        img_sizes: Sequence[int | Sequence[int]] | None = None,
@@ -343,17 +359,9 @@ def multiscale_forward(model: Callable[[torch.Tensor], torch.Tensor], input: tor
         Features in `model`'s output dtype; the gradient flows to `model` and `input`.
     """
     _check_request(input, split_mode, output_shape, num_prefix_token, split_chunk_size)
-    batch, _, in_h, in_w = input.shape
-    sizes = _target_sizes((in_h, in_w), scales, img_sizes)
-    if not _is_int(resize_output_to_idx) or not -len(sizes) <= resize_output_to_idx < len(sizes):
-        raise ValueError(f"resize_output_to_idx must be an int in [{-len(sizes)}, {len(sizes) - 1}] "
-                         f"for {len(sizes)} scales, got {resize_output_to_idx!r}")
-    piece = (in_h, in_w) if max_split_size is None else _as_size2(max_split_size, "max_split_size")
-    # No split_mode: a call upstream's master accepts gets master's pieces; any other call, and any
-    # call naming a split_mode (only dev_any_shape takes one), gets the any-shape rule.
-    plans = _master_plan((in_h, in_w), sizes, piece) if split_mode is None else None
-    if plans is None:
-        plans, split_mode = _plan(sizes, piece), split_mode or "resize"
+    batch = input.shape[0]
+    plans, split_mode = _scale_plans(tuple(input.shape[-2:]), scales, img_sizes, max_split_size, split_mode,
+                                     resize_output_to_idx)
     chunk = split_chunk_size if split_chunk_size is not None else (batch if split_forward else None)
 
     # --- per scale: resize, grow to whole pieces, split, encode, stitch (pad: crop back) --------
