@@ -8,14 +8,18 @@ import pytest
 
 
 def test_bench_json_reports_every_figure():
+    # In bf16 (the float32 path is the same code): also the CPU's units and both matmul rates.
     proc = subprocess.run([sys.executable, "-m", "ps3.cli", "bench", "--width", "64", "--depth", "1", "--repeats", "1",
-                           "--skip-full-vit", "--json"], capture_output=True, text=True, timeout=300)
+                           "--skip-full-vit", "--json", "--dtype", "bfloat16"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     for key in ("ratio_4k_vs_1p5k_one_look", "speedup_all_batched_vs_sequential", "trunk_matmul_fraction",
                 "mem_ratio_4k_vs_1p5k_one_look", "speedup_all_batched_upper_bound", "matmul_gflops", "s2_1512_s"):
         assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
-    assert res["width"] == 64 and res["depth"] == 1
+    assert res["width"] == 64 and res["depth"] == 1 and res["dtype"] == "bfloat16"
+    assert res["matmul_gflops_float32"] > 0 and res["matmul_gflops_bfloat16"] > 0
+    assert res["cpu"]["aten_capability"] and res["computes_in"] == ("bfloat16" if res["cpu"]["native_bf16"] else "float32")
+    assert "matmul rates measured together" in proc.stderr
     assert math.isclose(res["ratio_4k_vs_1p5k_one_look"], res["one_look_4k_s"] / res["one_look_1p5k_s"])
     assert math.isclose(res["speedup_all_batched_vs_sequential"],
                         res["all_1p5k_sequential_s"] / res["all_1p5k_batched_s"])

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ps3.train.synthetic import (
     COLOURS,
+    DEFAULT_SIZE,
     SHAPES,
     TEXTURES,
     add_arguments,
@@ -155,10 +156,16 @@ def test_command_line(tmp_path, capsys):
     out = capsys.readouterr()
     assert "wrote 3 images in 2 shard pair(s)" in out.out
     assert len(list((tmp_path / "out/images").glob("*.tar"))) == 2
+    assert out.err == ""  # stderr is not a terminal here: no progress bar drawn into it
     quiet = parser.parse_args([str(tmp_path / "q"), "--images", "2", "--quiet"])
     assert run_from_args(quiet) == 0
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
-    assert Image.open(io.BytesIO(_members(tmp_path / "q/images/image_00000.tar")[0][1])).size == (224, 224)
+    # The default size is the one the tiny-synthetic config trains at.
+    from ps3.train.model import get_model_spec
+
+    side = get_model_spec("tiny-synthetic").preprocessor["image_size"]
+    assert DEFAULT_SIZE == side
+    assert Image.open(io.BytesIO(_members(tmp_path / "q/images/image_00000.tar")[0][1])).size == (side, side)
     with pytest.raises(SystemExit):
         parser.parse_args([str(tmp_path / "z")])  # --images is required

@@ -547,3 +547,23 @@ def test_training_over_damaged_data_completes_and_learns(setup, tmp_path):
     losses = [line["total"] for line in lines]
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_run_summary_warmup_note_and_the_rate_each_step_used(setup, tmp_path, capsys):
+    from ps3.train.checkpoint import TOKENIZER_DIR
+    from ps3.train.cli import main_train
+
+    first = tmp_path / "first"
+    assert train_in_process(argv(setup, first, 1)) == 0  # builds a caption tokenizer to pass below
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert main_train(argv(setup, run, 3, 3, 2, "--warmup", "5", "--tokenizer", first / TOKENIZER_DIR)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    notes = [i for i, line in enumerate(lines) if "--warmup 5 is more than --steps 3" in line]
+    summaries = [i for i, line in enumerate(lines) if line.startswith("training ") and "parameters" in line]
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step 1"))
+    assert len(notes) == 1 and len(summaries) == 1 and summaries[0] < first_step
+    assert "3 steps of 4, cpu, fp32" in lines[summaries[0]]
+    # Warmup capped at the 3 steps: steps 1, 2, 3 train at 1/3, 2/3 and 3/3 of --lr.
+    logged = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([2e-3 / 3, 2e-3 * 2 / 3, 2e-3])

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 
 from .registry import BENCH_PRESETS, PUBLISHED, SCALES_1P5K, SCALES_4K, ViTArch, bench_vision_config
-from .runtime import DTYPE_NAMES, UserError, matmul_rate, measure, parse_device, parse_dtype, timeit, user_input
+from .runtime import (DTYPE_NAMES, UserError, cpu_capability, matmul_rate, matmul_rates, measure, native_dtype,
+                      parse_device, parse_dtype, timeit, user_input)
 from .vision import PS3VisionModel
 
 PRESETS = BENCH_PRESETS
@@ -273,6 +274,24 @@ class _Bench:
         return lines
 
 
+def _describe_precision(results: dict[str, Any], dev: torch.device, dt: torch.dtype,
+                        rates: dict[torch.dtype, float]) -> list[str]:
+    """Record (and say) what this machine does in the bench's dtype: the CPU's low-precision
+    units, and the float32 and dtype matmul rates measured together."""
+    results.update({f"matmul_gflops_{str(k).replace('torch.', '')}": v / 1e9 for k, v in rates.items()})
+    rate_text = ", ".join(f"{str(k).replace('torch.', '')} {v / 1e9:.1f}" for k, v in rates.items())
+    lines = [f"matmul rates measured together: {rate_text} GFLOP/s"]
+    if dev.type == "cpu":
+        cap = cpu_capability()
+        results["cpu"] = cap.as_dict()
+        results["computes_in"] = str(dt if native_dtype(dt, dev) else torch.float32).replace("torch.", "")
+        lines.insert(0, cap.describe())
+        if results["computes_in"] != results["dtype"]:
+            lines.append(f"this CPU has no {results['dtype']} units: the encoder computes in float32 and returns "
+                         f"{results['dtype']} (every figure below is a float32 computation)")
+    return lines
+
+
 def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None, repeats: int = 3,
               width: int | None = None, depth: int | None = None, skip_full_vit: bool = False,
               log: Callable[[str], None] = print, full: bool = False) -> dict[str, Any]:
@@ -281,8 +300,11 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
     start = time.perf_counter()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
-    first_rate = matmul_rate(dev, dt)
+    rates = matmul_rates(dev, (torch.float32, dt))
+    first_rate = rates[dt]
     bench = _Bench(preset, dev, dt, repeats, width, depth, full, skip_full_vit)
+    for line in _describe_precision(bench.results, dev, dt, rates):
+        log(line)
     steps = bench.steps()
     rate_guess = first_rate * _ASSUMED_MATMUL_SHARE
     total = sum(flops / rate_guess + fixed for _, _, flops, fixed in steps)

@@ -23,9 +23,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .hub import parse_dtype as _dtype_from_name, resolve_model_dir
+from .precision import CpuCapability, cpu_capability, native_dtype
 
 __all__ = ["UserError", "user_input", "run_command", "DTYPE_NAMES", "parse_device", "parse_dtype",
-           "synchronize", "timeit", "matmul_rate", "Measurement", "measure", "LoadedModel", "load_model"]
+           "synchronize", "timeit", "matmul_rate", "matmul_rates", "Measurement", "measure", "LoadedModel", "load_model",
+           "CpuCapability", "cpu_capability", "native_dtype"]
 
 # The dtype names the command lines offer (hub.parse_dtype also takes aliases such as "bf16").
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -142,6 +144,13 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / timeit(lambda: a @ b, device, 10, best=True)
+
+
+def matmul_rates(device: torch.device, dtypes=(torch.float32, torch.bfloat16)) -> dict[torch.dtype, float]:
+    """:func:`matmul_rate` of each dtype, measured one after the other in this call (so their
+    ratio is from one moment of a shared machine): the reference each figure of that dtype is
+    compared with. On a CPU a bf16 rate far above float32 means bf16 units (``cpu_capability``)."""
+    return {dt: matmul_rate(device, dt) for dt in dict.fromkeys(dtypes)}
 
 
 def _cpu_resident_bytes() -> int | None:

@@ -53,11 +53,26 @@ class HighresSelectionFeatures(nn.Module):
         self.blocks = nn.Sequential(*[ConvNeXtBlock(hidden) for _ in range(depth)])
         self.out_proj = nn.Conv2d(hidden, out, kernel_size=1)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The patchify conv and its LayerNorm: (n, 3, H, W) → (n, hidden, H/k, W/k). In bf16/fp16
+        the conv runs as one matmul over the gathered patches (the stride equals the kernel):
+        measured ~6x faster than oneDNN's bf16 conv on a CPU, and as fast in float32, where the
+        conv itself stays."""
+        conv, norm = self.stem
+        if x.dtype == torch.float32 or x.dtype == torch.float64:
+            return self.stem(x)
+        k = conv.kernel_size[0]
+        n, c, H, W = x.shape
+        h, w = H // k, W // k
+        patches = x[:, :, :h * k, :w * k].reshape(n, c, h, k, w, k).permute(0, 2, 4, 1, 3, 5).reshape(n, h, w, -1)
+        y = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (n, h, w, hidden)
+        return nn.LayerNorm.forward(norm, y).permute(0, 3, 1, 2)  # channels-last NCHW, as the blocks read it
+
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(n, 3, 1512, 1512) → (n, o, 1512/k, 1512/k), written into ``out`` when given (a row of a
         batch's features). The 1×1 output conv runs as a matmul, which in inference on one image
         writes straight into ``out`` (no copy) with the same kernel, hence the same values."""
-        y = self.blocks(self.stem(x))
+        y = self.blocks(self._stem(x))
         n, c, h, w = y.shape
         weight, bias = self.out_proj.weight.view(-1, c), self.out_proj.bias.view(-1, 1)
         if (out is not None and n == 1 and not torch.is_grad_enabled() and out.is_contiguous()
@@ -69,16 +84,13 @@ class HighresSelectionFeatures(nn.Module):
 
 
 def resize_image(x: torch.Tensor, size: Size) -> torch.Tensor:
-    """Bicubic resize computed in float32, returned in the input's dtype (a no-op at the same size:
-    bicubic weights at zero offset are exactly (0, 1, 0, 0))."""
+    """Bicubic resize in the input's dtype (a no-op at the same size: bicubic weights at zero
+    offset are exactly (0, 1, 0, 0)). For bf16/fp16 the kernel accumulates in float32 and rounds
+    once, so it matches resizing a float32 copy to one rounding, without making that copy (171 MB
+    for a 3780 px image) and ~25x faster on a CPU than converting channel by channel."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    if x.dtype == torch.float32:
-        return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-    # One channel at a time: a float32 copy of a whole 3780 px bf16 image would be 171 MB, the
-    # largest transient of a 4K call. Channels resample independently, so this is exact.
-    return torch.cat([F.interpolate(x[:, c:c + 1].float(), size=size, mode="bicubic", align_corners=False)
-                      .to(x.dtype) for c in range(x.shape[1])], dim=1)
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
 
 def resize_images(images: torch.Tensor | Sequence[torch.Tensor], size: Size) -> torch.Tensor:

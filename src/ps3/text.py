@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import PS3TextConfig
 from .hub import PretrainedMixin
+from .precision import float32_fallback
 
 POOL_TYPES = ("last", "first", "argmax")
 
@@ -228,6 +229,7 @@ class PS3TextTransformer(nn.Module):
         index = token_ids.argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), index]
 
+    @float32_fallback
     def forward(self, token_ids: torch.Tensor) -> PS3TextOutput:
         check_token_ids(token_ids, self.context_length, self.vocab_size)
         n = token_ids.shape[1]

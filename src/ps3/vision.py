@@ -30,6 +30,7 @@ from .cuda_graphs import GraphedBlocks
 from .hub import PretrainedMixin
 from .looks import GroupLooks, pool_looks, run_looks
 from .outputs import LowResPass, PS3VisionOutput, feature_maps
+from .precision import float32_fallback
 from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, select_cells)
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
                                  gt_area_at_cells, highres_features, prior_and_prompt_probs, resize_images,
@@ -159,6 +160,7 @@ class PS3VisionEncoder(nn.Module):
             highres = highres_features(self.highres_selection_feature_module, pixel_values)
         return feats, highres
 
+    @float32_fallback
     def encode_low_res(self, pixel_values, keep_kv: bool = True) -> LowResPass:
         """The low-res pass and the prompt-independent selection features, to reuse across calls
         on the same images: ``forward(pixel_values, ..., low_res=encoder.encode_low_res(pixel_values))``
@@ -263,6 +265,7 @@ class PS3VisionEncoder(nn.Module):
         return looks, low_res, out
 
     # ----------------------------------------------------------------- the two modes
+    @float32_fallback
     def encode_looks(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
                      prompt: torch.Tensor | None = None, gt_selection_maps=None, smooth_selection_prob: bool = False,
                      only_select_first_n_scale=None, num_hidden_layers_to_return: int | None = None,
@@ -342,6 +345,7 @@ class PS3VisionEncoder(nn.Module):
         mixed = len(looks) > 1
         return run_looks(self, looks, low_res, low_res.batch_size, keep, budget, 1 if mixed and budget == 1 else None)
 
+    @float32_fallback
     def encode_pooled(self, pixel_values, *, prompt: torch.Tensor | None = None, gt_selection_maps=None,
                       is_global_text: torch.Tensor | None = None, pool_gt_token_only: bool = False,
                       num_token_look_close=None, smooth_selection_prob: bool = False, check_finite: bool = False,

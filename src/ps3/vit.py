@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .precision import attention
 from .registry import VIT_REGISTRY, ViTArch, arch_from_config  # noqa: F401  (re-exported)
 
 
@@ -81,7 +82,7 @@ class Attention(nn.Module):
                 pk, pv = pk.index_select(0, prefix_rows), pv.index_select(0, prefix_rows)
             k, v = _prepend(pk, k), _prepend(pv, v)
         attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, attn_mask)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, own_kv) if return_kv else out
 

@@ -219,6 +219,7 @@ class PretrainStep:
         # Under FSDP the parameters it does not shard (the logit scale and bias) are replicated:
         # their gradients are averaged here, as DDP would.
         self.replicated = [p for p in self.trainable if not is_sharded(p)] if fsdp else []
+        self.lr_used = optimizer.param_groups[0]["lr"]  # the rate the last step trained at (first group)
 
     def __call__(self, batch: dict[str, Any]) -> PS3PretrainLoss:
         pixels, ids, gt, is_global = prepare_batch(batch, self.device)
@@ -238,6 +239,7 @@ class PretrainStep:
                 param.grad.div_(dist.get_world_size())
         if self.grad_clip > 0:
             clip_grad_norm(self.trainable, self.grad_clip)
+        self.lr_used = self.optimizer.param_groups[0]["lr"]  # the scheduler moves it on below
         self.optimizer.step()
         self.scheduler.step()
         if self.model.logit_scale.requires_grad:
@@ -381,6 +383,10 @@ def _train(params: TrainParams, info: DistInfo, stop_check: StopCheck | None) ->
     optimizer = build_optimizer(model, params.lr, params.wd, (params.beta1, params.beta2), params.eps,
                                 params.selection_lr)
     scheduler = build_scheduler(optimizer, params.warmup, params.steps)
+    if params.warmup > params.steps:
+        log.info(f"--warmup {params.warmup} is more than --steps {params.steps}: warming up over all "
+                 f"{params.steps} steps (the rate reaches --lr only at the last step)")
+    log.info(params.summary(model, info.device, info.world_size))
     progress = Progress()
     if resume_state is not None:
         progress = _restore(params, info, module, model, optimizer, scheduler, resume_state, resume, fsdp, log)
@@ -430,7 +436,7 @@ def _run_steps(run: _Run, loader, stop_check: StopCheck | None) -> TrainResult:
             bar.update(1)
             last = progress.step == params.steps
             if progress.step % params.log_every == 0 or last:
-                reporter.report(progress, loss, run.optimizer.param_groups[0]["lr"], loader.counter)
+                reporter.report(progress, loss, step_fn.lr_used, loader.counter)
             if progress.step % params.save_every_steps == 0 or last:
                 run.save()
                 stopped = stop_check is not None and not last and run.check(stop_check)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..runtime import UserError
 
 __all__ = ["TrainParams", "add_arguments", "RESUME_SENSITIVE"]
@@ -75,6 +77,17 @@ class TrainParams:
         """The parameters among the attributes of parsed flags (others, e.g. ``func``, are ignored)."""
         given = vars(args)
         return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+
+    def summary(self, model: torch.nn.Module, device, world_size: int = 1) -> str:
+        """The one line a run prints before step 1: what trains on what, where, in which
+        precision, for how many steps."""
+        count = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        weights = f"{count / 1e6:.1f}M parameters" + (f", {trainable / 1e6:.1f}M trained" if trainable != count else "")
+        ranks = f" x {world_size} processes" if world_size > 1 else ""
+        name = self.model or f"the config of {self.init}"
+        return (f"training {name} ({weights}) on {self.train_data_image}: {self.steps} steps of "
+                f"{self.batch_size}{ranks}, {device}, {self.precision}")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for ``args.json`` and the checkpoints' record of the run."""

@@ -24,6 +24,7 @@ import argparse
 import io
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,10 @@ class Scene:
     def record(self) -> dict[str, Any]:
         """The text-box JSON record of the scene."""
         return {"text": list(self.captions), "box": [list(b) for b in self.boxes], "global_text": self.global_text}
+
+
+# The default image side of ``ps3 data synthetic``: the size the ``tiny-synthetic`` config trains at.
+DEFAULT_SIZE = 256
 
 
 def render_scene(seed: int, index: int, size: int = 224) -> Scene:
@@ -243,7 +248,7 @@ def write_synthetic_dataset(
     out_dir: str | os.PathLike,
     images: int,
     seed: int,
-    size: int = 224,
+    size: int = DEFAULT_SIZE,
     shard_size: int = 100,
     *,
     overwrite: bool = False,
@@ -276,7 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, required=True, help="number of scenes to write")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the same seed writes the same shards (default 0)")
-    parser.add_argument("--size", type=int, default=224, help=f"image side in pixels, >= {MIN_SIZE} (default 224)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                        help=f"image side in pixels, >= {MIN_SIZE} (default {DEFAULT_SIZE}, what tiny-synthetic trains at)")
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -291,7 +297,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not args.overwrite and existing_paired_shards(args.out):
         with user_input("--out"):
             prepare_paired_output(args.out, overwrite=False)  # raises the error that explains what to do
-    with tqdm(total=args.images, unit="image", desc="synthetic", disable=args.quiet) as bar, \
+    # No bar when stderr is not a terminal (a log file would get every redraw), as ps3 train.
+    with tqdm(total=args.images, unit="image", desc="synthetic", disable=args.quiet or not sys.stderr.isatty()) as bar, \
             user_input("--out", errors=(OSError,)):
         written = write_synthetic_dataset(args.out, args.images, args.seed, size=args.size,
                                           shard_size=args.shard_size, overwrite=args.overwrite, progress=bar.update)

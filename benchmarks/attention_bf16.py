@@ -1,0 +1,86 @@
+"""Attention in bf16 on a CPU: the formulations ``ps3.precision`` chose between, at one 4K look's shape.
+
+    PYTHONPATH=src python benchmarks/attention_bf16.py [--heads 12] [--compile] [--threads N]
+
+One look of the mid-size trunk (width 768, 12 heads of 64): 2560 queries over 2560 + 729 keys.
+Each way is timed ``--rounds`` times in turn (the best reading kept, wall and process CPU time),
+with the float32 and bf16 matmul rates measured in the same run, and each figure given as
+GFLOP/s (4·N·P·d·H per call):
+* SDPA in float32 and in bf16 (``F.scaled_dot_product_attention``);
+* ``ps3.precision.attention`` in bf16 (on a CPU with bf16 units: 128-query chunks of batched
+  matmuls and a softmax; elsewhere it is SDPA);
+* with ``--compile``: ``torch.compile`` of SDPA and of the matmul + softmax graph (compile time
+  printed, not counted).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ps3.precision import attention, cpu_capability  # noqa: E402
+from ps3.runtime import matmul_rates  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--queries", type=int, default=2560)
+    parser.add_argument("--keys", type=int, default=2560 + 729)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    H, N, P, d = args.heads, args.queries, args.keys, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, n, d, generator=g) for n in (N, P, P))
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    ways = {"sdpa float32": lambda: F.scaled_dot_product_attention(q, k, v),
+            "sdpa bf16": lambda: F.scaled_dot_product_attention(qb, kb, vb),
+            "ps3.precision.attention bf16": lambda: attention(qb, kb, vb)}
+    if args.compile:
+        def graph(q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1) * d ** -0.5, dim=-1) @ v
+
+        for name, fn in (("compiled sdpa bf16", F.scaled_dot_product_attention), ("compiled matmul+softmax bf16", graph)):
+            compiled = torch.compile(fn)
+            start = time.perf_counter()
+            with torch.no_grad():
+                compiled(qb, kb, vb)
+            print(f"{name}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
+            ways[name] = lambda c=compiled: c(qb, kb, vb)
+    rates = matmul_rates(torch.device("cpu"))
+    want = F.scaled_dot_product_attention(q, k, v)
+    times = {name: [] for name in ways}
+    with torch.no_grad():
+        for name, fn in ways.items():
+            err = (fn().float() - want).abs().max().item()
+            print(f"{name}: max |difference from float32 SDPA| {err:.2e}", flush=True)
+        for _ in range(args.rounds):
+            for name, fn in ways.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    rates = {dt: max(r, rates[dt]) for dt, r in matmul_rates(torch.device("cpu")).items()}
+    flops = 4 * N * P * d * H
+    print(f"{cpu_capability().describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"matmul rates (best of start and end): float32 {rates[torch.float32] / 1e9:.0f}, "
+          f"bf16 {rates[torch.bfloat16] / 1e9:.0f} GFLOP/s")
+    for name, ts in times.items():
+        wall, cpu = min(t for t, _ in ts), min(c for _, c in ts)
+        rate = rates[torch.float32 if "float32" in name else torch.bfloat16]
+        print(f"{name:30s} {wall * 1e3:7.1f} ms = {flops / wall / 1e9:5.0f} GFLOP/s ({flops / wall / rate:4.0%} of its "
+              f"dtype's matmul rate); process CPU {cpu * 1e3:7.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
