@@ -265,7 +265,6 @@ class PS3VisionEncoder(nn.Module):
         return looks, low_res, out
 
     # ----------------------------------------------------------------- the two modes
-    @float32_fallback
     def encode_looks(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
                      prompt: torch.Tensor | None = None, gt_selection_maps=None, smooth_selection_prob: bool = False,
                      only_select_first_n_scale=None, num_hidden_layers_to_return: int | None = None,
@@ -286,6 +285,7 @@ class PS3VisionEncoder(nn.Module):
             only_select_first_n_scale=only_select_first_n_scale, num_hidden_layers_to_return=num_hidden_layers_to_return,
             max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res)[0]
 
+    @float32_fallback
     def encode_looks_with_pooled(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
                                  prompt: torch.Tensor | None = None, gt_selection_maps=None,
                                  smooth_selection_prob: bool = False, only_select_first_n_scale=None,
