@@ -35,6 +35,7 @@ from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
                                  gt_area_at_cells, highres_features, prior_and_prompt_probs, resize_images,
                                  upsample_probs)
+from .upstream_names import UpstreamEncoderNames
 from .vit import Mlp, VisionTransformer, arch_from_config
 
 __all__ = ["PS3VisionEncoder", "PS3VisionModel", "PS3VisionOutput", "LowResPass", "HIGHRES_SELECTION_SIZE"]
@@ -56,7 +57,7 @@ def _check_vision_config(config: PS3VisionConfig, patch: int) -> None:
         raise ValueError("radio=True (C-RADIO backbones) is not supported by this release")
 
 
-class PS3VisionEncoder(nn.Module):
+class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
     def __init__(self, config: PS3VisionConfig):
         super().__init__()
         self.config = config
@@ -405,26 +406,6 @@ class PS3VisionEncoder(nn.Module):
         """Turn CUDA-graph replay off and drop the captured graphs, so their memory pool can be freed."""
         self.use_cuda_graphs = False
         self._graphed_blocks = None
-
-    # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
-    @property
-    def s3_scales(self) -> list[int]:
-        """Upstream's older name for ``ps3_scales``."""
-        return self.ps3_scales
-
-    @property
-    def s3_image_size(self) -> int:
-        """The largest scale (upstream's name)."""
-        return self.ps3_scales[-1]
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """Whether the trunk recomputes block activations in the backward pass (upstream's name)."""
-        return self.trunk.grad_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enable: bool) -> None:
-        self.trunk.grad_checkpointing = bool(enable)
 
 
 def delegate_to_encoder(name: str, as_name: str | None = None):
