@@ -57,9 +57,8 @@ def plain_loop(paths: list[Path], model_dir: Path, out: Path, device: torch.devi
     for path in paths:
         pixels = processor(str(path))["pixel_values"][0][None].to(device)
         with torch.no_grad():
-            result = model(pixels, num_look_close=1)
-        tensors = {"last_hidden_state": result.last_hidden_state[0].cpu(),
-                   "pooled_output": result.pooled_output[0].cpu()}
+            result, pooled = model.encode_looks_with_pooled(pixels, num_look_close=1)
+        tensors = {"last_hidden_state": result.last_hidden_state[0].cpu(), "pooled_output": pooled[0].cpu()}
         tensors.update({f"selection_maps.{i}": m[0].cpu() for i, m in enumerate(result.selection_maps)})
         save_file(tensors, str(out / f"{path.stem}.safetensors"))
     return time.perf_counter() - start

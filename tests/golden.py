@@ -32,7 +32,10 @@ def indexed(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = FEATURE_TOL) -> None:
+    """Same dtype (the recorded call ran in float32, so every output upstream returns is float32),
+    shape and values within ``tol``."""
     assert got is not None, f"{what} missing"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, upstream returns {want.dtype}"
     got = got.detach().float().cpu()
     assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     diff = (got - want.float()).abs().max().item() if got.numel() else 0.0
@@ -62,6 +65,8 @@ def check_selection(out, t: dict[str, torch.Tensor]) -> bool:
     identical = True
     probs = indexed(t, "expected.selection_probs")
     for i, want in enumerate(indexed(t, "expected.selection_maps")):
+        # Upstream's maps are floating 0/1 (zeros_like of the probabilities); VILA area-resizes them.
+        assert out.selection_maps[i].dtype == want.dtype, f"selection_maps[{i}] dtype {out.selection_maps[i].dtype}"
         got = out.selection_maps[i].detach().cpu().long()
         assert got.shape == want.shape, f"selection_maps[{i}] shape {tuple(got.shape)}"
         if not torch.equal(got, want.long()):

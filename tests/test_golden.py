@@ -31,6 +31,13 @@ def test_case_matches_upstream(vision, path):
     with torch.no_grad():
         out = vision(t["input.pixel_values"], **kwargs)
     identical = check_selection(out, t)
+    if not meta.get("pretrain"):
+        # What upstream's inference call leaves None: no maps without looks, no pooled feature,
+        # no separate bottom-up / top-down maps (the recorder stores every field it returned).
+        for field in ("selection_maps", "pooled_output", "bottomup_selection_probs", "topdown_selection_probs"):
+            recorded = any(k.startswith(f"expected.{field}") for k in t)
+            assert (getattr(out, field) is not None) == recorded, f"{field}: None-ness differs from upstream"
+        assert isinstance(out.hidden_states, list), "upstream returns hidden_states as a list"
     if "expected.last_hidden_state" in t:
         want = t["expected.last_hidden_state"]
         if identical:

@@ -39,27 +39,38 @@ def bicubic(x: torch.Tensor, size) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ independent loop reference
-def reference(model, x, sizes, piece, patch, split_mode="resize", out_idx=0, prefix=0, bchw=False):
+def master_accepts(x, sizes, piece) -> bool:
+    """Upstream master takes square inputs and sizes cut into ceil(size / piece) equal pieces."""
+    return (x.shape[-1] == x.shape[-2] and piece[0] == piece[1] and all(h == w for h, w in sizes)
+            and all(h % math.ceil(h / piece[0]) == 0 for h, _ in sizes))
+
+
+def reference(model, x, sizes, piece, patch, split_mode=None, out_idx=0, prefix=0, bchw=False):
     """Straightforward S2 with explicit loops and torch.cat, written from design §6.
 
-    `sizes` and `piece` are (h, w); `patch` is the backbone's stride (token grid = piece / patch)."""
+    `sizes` and `piece` are (h, w); `patch` is the backbone's stride (token grid = piece / patch).
+    split_mode None: master's equal pieces where master accepts the call, else "resize"."""
     b = x.shape[0]
     feats, prefixes = [], []
+    use_master = split_mode is None and master_accepts(x, sizes, piece)
+    split_mode = split_mode or "resize"
     for h, w in sizes:
         img = bicubic(x, (h, w))
         nh, nw = math.ceil(h / piece[0]), math.ceil(w / piece[1])
-        full_h, full_w = nh * piece[0], nw * piece[1]
+        # master: equal pieces of size / count, nothing grows
+        cut = (h // nh, w // nw) if use_master else piece
+        full_h, full_w = nh * cut[0], nw * cut[1]
         if (full_h, full_w) != (h, w):
-            if split_mode == "resize":
+            if split_mode in ("resize", "resize_back"):
                 img = bicubic(img, (full_h, full_w))
             else:
                 img = F.pad(img, (0, full_w - w, 0, full_h - h))
         pieces = []
         for i in range(nh):
             for j in range(nw):
-                pieces.append(img[:, :, i * piece[0]:(i + 1) * piece[0], j * piece[1]:(j + 1) * piece[1]])
+                pieces.append(img[:, :, i * cut[0]:(i + 1) * cut[0], j * cut[1]:(j + 1) * cut[1]])
         out = model(torch.cat(pieces, dim=0))
-        gh, gw = piece[0] // patch, piece[1] // patch
+        gh, gw = cut[0] // patch, cut[1] // patch
         if not bchw:
             if prefix:
                 pre = out[:, :prefix]
@@ -71,9 +82,9 @@ def reference(model, x, sizes, piece, patch, split_mode="resize", out_idx=0, pre
             rows.append(torch.cat([out[(i * nw + j) * b:(i * nw + j + 1) * b] for j in range(nw)], dim=3))
         fmap = torch.cat(rows, dim=2)
         keep = (math.ceil(h * fmap.shape[2] / full_h), math.ceil(w * fmap.shape[3] / full_w))
-        if split_mode == "resize":
+        if split_mode == "resize_back":
             fmap = F.interpolate(fmap, size=keep, mode="area")
-        else:
+        elif split_mode == "pad":
             fmap = fmap[:, :, :keep[0], :keep[1]]
         feats.append(fmap)
     size = feats[out_idx].shape[-2:]
@@ -137,31 +148,45 @@ def test_pad_mode_keeps_the_partly_padded_token(img):
     close(out.transpose(1, 2).reshape(2, 3, 6, 6), F.avg_pool2d(padded, 2)[:, :, :6, :6])
 
 
-def test_resize_mode_grows_then_area_shrinks(img):
+def test_default_follows_master_on_square_calls(img):
+    # 8 -> 12 px with max_split_size 8: master cuts 2x2 equal pieces of 6 px (nothing grows), so
+    # identity features are the 12x12 bicubic image itself.
     out = multiscale_forward(patchify(1), img, img_sizes=[12], max_split_size=8)
+    close(out.transpose(1, 2).reshape(2, 3, 12, 12), bicubic(img, 12))
+
+
+def test_resize_mode_keeps_the_grown_grid(img):
+    # split_mode="resize" (dev_any_shape at 809ce65): 12 px grown to 16, the whole 16x16 map kept.
+    out = multiscale_forward(patchify(1), img, img_sizes=[12], max_split_size=8, split_mode="resize")
+    close(out.transpose(1, 2).reshape(2, 3, 16, 16), bicubic(bicubic(img, 12), 16))
+
+
+def test_resize_back_mode_grows_then_area_shrinks(img):
+    # The older any-shape rule (31688b1): grown to 16, then the map is area-resized back to 12x12.
+    out = multiscale_forward(patchify(1), img, img_sizes=[12], max_split_size=8, split_mode="resize_back")
     expect = F.interpolate(bicubic(bicubic(img, 12), 16), size=12, mode="area")
     close(out.transpose(1, 2).reshape(2, 3, 12, 12), expect)
 
 
-def test_resize_mode_token_counts_follow_the_original_aspect():
-    # Upstream s2wrapper (any-shape branch) documents this call: a 112x224 input with
-    # img_sizes=[(112, 224), (224, 448)], max_split_size=224 and a patch-16 ViT gives 98 = 7·14
-    # tokens: the 112x224 image is resized up to 224x224 (14x14 tokens), then that map is
-    # area-resized back to ceil(112/224·14) x ceil(224/224·14) = 7x14. Only the count is asserted
-    # here; the numbers are compared with the loop reference below.
-    x = torch.randn(1, 3, 112, 224)
-    out = multiscale_forward(patchify(16), x, img_sizes=[(112, 224), (224, 448)], max_split_size=224)
-    assert out.shape == (1, 98, 6)
-    # Issue 13's example: 24x40 input, img_sizes=[(24, 40), (48, 80)], max_split_size=16, patch 8,
-    # one class token. Scale 0 is grown to 32x48 (4x6 tokens), then area-resized to
-    # ceil(24/32·4) x ceil(40/48·6) = 3x5: 1 + 15 = 16 tokens (pad mode crops to the same 3x5).
+def test_token_counts_of_upstreams_any_shape_examples():
+    # Issue 22's example, as upstream dev_any_shape at 809ce65 computes it: a 24x40 input,
+    # img_sizes=[(24, 40), (48, 80)], max_split_size=16, patch 8, one class token. Scale 0 is grown
+    # to 32x48 = 2x3 pieces of 2x2 tokens and that whole 4x6 grid is kept: 1 + 24 = 25 tokens.
+    # "pad" and "resize_back" bring it back to ceil(24/32·4) x ceil(40/48·6) = 3x5: 1 + 15 = 16.
     x = torch.randn(1, 3, 24, 40)
-    for mode in ("resize", "pad"):
+    for mode, grid in ((None, (4, 6)), ("resize", (4, 6)), ("pad", (3, 5)), ("resize_back", (3, 5))):
         out = multiscale_forward(with_prefix(patchify(8), 1), x, img_sizes=[(24, 40), (48, 80)],
                                  max_split_size=16, num_prefix_token=1, split_mode=mode)
-        assert out.shape == (1, 1 + 3 * 5, 6)
+        assert out.shape == (1, 1 + grid[0] * grid[1], 6), mode
         close(out, reference(with_prefix(patchify(8), 1), x, [(24, 40), (48, 80)], (16, 16), 8,
                              split_mode=mode, prefix=1))
+    # The branch README's example: 112x224, img_sizes=[(112, 224), (224, 448)], max_split_size=224,
+    # patch 16: 98 = 7·14 tokens under the older rule it describes, 14·14 = 196 under the newest.
+    x = torch.randn(1, 3, 112, 224)
+    for mode, count in (("resize_back", 98), ("resize", 196), (None, 196)):
+        out = multiscale_forward(patchify(16), x, img_sizes=[(112, 224), (224, 448)], max_split_size=224,
+                                 split_mode=mode)
+        assert out.shape == (1, count, 6), mode
 
 
 def test_prefix_tokens_are_averaged_over_pieces(img):
@@ -182,7 +207,7 @@ def test_constant_image_gives_constant_features():
 
 
 # ------------------------------------------------------------- against the loop reference
-@pytest.mark.parametrize("split_mode", ["resize", "pad"])
+@pytest.mark.parametrize("split_mode", [None, "resize", "pad", "resize_back"])
 @pytest.mark.parametrize("out_idx", [0, 1, -1])
 def test_square_matches_reference(img, split_mode, out_idx):
     model = patchify(2)
@@ -201,7 +226,7 @@ def test_scales_and_img_sizes_agree(img):
     close(a, reference(model, img, [(8, 8), (12, 12), (16, 16)], (4, 4), 2))
 
 
-@pytest.mark.parametrize("split_mode", ["resize", "pad"])
+@pytest.mark.parametrize("split_mode", [None, "resize", "pad", "resize_back"])
 def test_non_square_input_matches_reference(split_mode):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 6, 10)
@@ -229,7 +254,7 @@ def test_rectangular_max_split_size_matches_reference(img):
     close(out, reference(model, img, [(8, 8), (12, 16)], (4, 6), 2, "pad"))
 
 
-@pytest.mark.parametrize("split_mode", ["resize", "pad"])
+@pytest.mark.parametrize("split_mode", [None, "resize", "pad", "resize_back"])
 def test_prefix_tokens_match_reference(img, split_mode):
     model = with_prefix(patchify(2), 1)
     out = multiscale_forward(model, img, img_sizes=[8, 14], max_split_size=8, split_mode=split_mode,
@@ -237,7 +262,7 @@ def test_prefix_tokens_match_reference(img, split_mode):
     close(out, reference(model, img, [(8, 8), (14, 14)], (8, 8), 2, split_mode, prefix=1))
 
 
-@pytest.mark.parametrize("split_mode", ["resize", "pad"])
+@pytest.mark.parametrize("split_mode", [None, "resize", "pad", "resize_back"])
 def test_bchw_matches_reference(img, split_mode):
     model = maps(2)
     out = multiscale_forward(model, img, img_sizes=[8, 12, 16], max_split_size=8, split_mode=split_mode,
@@ -364,7 +389,7 @@ def test_cuda_matches_cpu(img):
     (dict(img_sizes=[8.5]), r"img_sizes\[0\] must be a positive int"),
     (dict(scales=[1], max_split_size=0), "max_split_size must be positive"),
     (dict(scales=[1], max_split_size=(4, 0)), "max_split_size must be positive"),
-    (dict(scales=[1], split_mode="crop"), "split_mode must be 'resize' or 'pad'"),
+    (dict(scales=[1], split_mode="crop"), "split_mode must be None .upstream's default. or one of 'resize', 'pad', 'resize_back'"),
     (dict(scales=[1], output_shape="bhwc"), "output_shape must be 'bnc'"),
     (dict(scales=[1], output_shape="bchw", num_prefix_token=1), "needs output_shape='bnc'"),
     (dict(scales=[1], num_prefix_token=-1), "num_prefix_token must be an int >= 0"),

@@ -22,20 +22,37 @@ def patchify(p: int):
     return model
 
 
-def expected_hw(size: tuple[int, int], piece: tuple[int, int], patch: int) -> tuple[int, int]:
-    """Feature size design §6 keeps for one scale: ceil(size / grown_size · grown_feature_size)."""
+def master_accepts(in_hw, sizes, piece) -> bool:
+    """Upstream master's calls: square input and sizes, each cut into ceil(size / piece) equal pieces."""
+    return (in_hw[0] == in_hw[1] and piece[0] == piece[1] and all(h == w for h, w in sizes)
+            and all(h % math.ceil(h / piece[0]) == 0 for h, _ in sizes))
+
+
+def expected_hw(size: tuple[int, int], piece: tuple[int, int], patch: int, mode: str) -> tuple[int, int]:
+    """Feature size design §6 keeps for one scale: "master" count · (size / count // patch);
+    "resize" the grown grid; "pad" / "resize_back" ceil(size / grown_size · grown_feature_size)."""
     out = []
     for s, m in zip(size, piece):
         n = math.ceil(s / m)
+        if mode == "master":
+            out.append(n * (s // n // patch))
+            continue
         feat = n * (m // patch)
-        out.append(math.ceil(s / (n * m) * feat))  # float order as design §6 and upstream compute it
+        # float order as design §6 and upstream compute it
+        out.append(feat if mode == "resize" else math.ceil(s / (n * m) * feat))
     return out[0], out[1]
+
+
+def mode_of(split_mode, in_hw, sizes, piece) -> str:
+    if split_mode is None:
+        return "master" if master_accepts(in_hw, sizes, piece) else "resize"
+    return split_mode
 
 
 request = st.fixed_dictionaries({
     "h": st.integers(2, 9), "w": st.integers(2, 9), "batch": st.integers(1, 2), "patch": st.sampled_from([1, 2]),
     "piece": st.tuples(st.integers(1, 4), st.integers(1, 4)),  # in patches
-    "split_mode": st.sampled_from(["resize", "pad"]), "prefix": st.booleans(),
+    "split_mode": st.sampled_from([None, "resize", "pad", "resize_back"]), "prefix": st.booleans(),
 })
 
 
@@ -49,7 +66,8 @@ def test_scales_output_shape(req, scales, data):
     x = torch.randn(req["batch"], 2, req["h"], req["w"])
     out = multiscale_forward(patchify(req["patch"]), x, scales=scales, max_split_size=piece,
                              split_mode=req["split_mode"], resize_output_to_idx=idx, num_prefix_token=1)
-    fh, fw = expected_hw(sizes[idx], piece, req["patch"])
+    mode = mode_of(req["split_mode"], (req["h"], req["w"]), sizes, piece)
+    fh, fw = expected_hw(sizes[idx], piece, req["patch"], mode)
     assert out.shape == (req["batch"], 1 + fh * fw, 2 * len(scales))
     assert torch.isfinite(out).all()
 
@@ -63,7 +81,8 @@ def test_img_sizes_output_shape_bnc_and_bchw(req, sizes, data):
     x = torch.randn(req["batch"], 2, req["h"], req["w"])
     model = patchify(req["patch"])
     kwargs = dict(img_sizes=sizes, max_split_size=piece, split_mode=req["split_mode"], resize_output_to_idx=idx)
-    fh, fw = expected_hw(sizes[idx], piece, req["patch"])
+    mode = mode_of(req["split_mode"], (req["h"], req["w"]), sizes, piece)
+    fh, fw = expected_hw(sizes[idx], piece, req["patch"], mode)
     P = int(req["prefix"])
     out = multiscale_forward(model if P else (lambda t: model(t)[:, 1:]), x, num_prefix_token=P, **kwargs)
     assert out.shape == (req["batch"], P + fh * fw, 2 * len(sizes))

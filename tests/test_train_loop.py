@@ -487,7 +487,7 @@ def test_export_round_trip(setup, tmp_path):
         for tower in (joint.vision_model, vision):
             got = tower(pixels, prompt=want_text.prompt, num_look_close=1)
             assert torch.equal(got.last_hidden_state, want.last_hidden_state)
-            assert torch.equal(got.topdown_selection_probs[0], want.topdown_selection_probs[0])
+            assert torch.equal(got.selection_probs[0], want.selection_probs[0])  # same kernels, same data
     assert torch.equal(joint.logit_scale, state["model"]["logit_scale"])
 
 

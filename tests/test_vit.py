@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tolerances import assert_close_paths
 from ps3.vit import Attention, ViTArch, VisionTransformer, interpolation_taps, patch_taps, resize_patches
 
 
@@ -61,7 +62,7 @@ def test_kv_prefix_equals_attending_to_concatenation():
     attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
     x = q_all + block.attn.proj(attn.transpose(1, 2).reshape(1, 24, 32))
     x = x + block.mlp(block.norm2(x))
-    torch.testing.assert_close(with_cache, x[:, 16:], atol=1e-5, rtol=1e-5)
+    assert_close_paths(with_cache, x[:, 16:], "cached prefix vs full pass")
 
 
 def test_attention_broadcasts_a_prefix_over_stacked_looks():
@@ -73,6 +74,6 @@ def test_attention_broadcasts_a_prefix_over_stacked_looks():
     prefix = (torch.randn(b, 4, 7, 8), torch.randn(b, 4, 7, 8))
     repeated = tuple(t.repeat(n, 1, 1, 1) for t in prefix)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, prefix), attn(x, repeated), rtol=0, atol=0)
+        assert_close_paths(attn(x, prefix), attn(x, repeated), "broadcast prefix vs repeated")
         with pytest.raises(ValueError, match="prefix of batch 2"):
             attn(torch.randn(5, 5, 32), prefix)

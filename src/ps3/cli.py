@@ -1,4 +1,5 @@
-"""The ``ps3`` command line: ``encode``, ``data synthetic``, ``train``, ``export``, ``bench``.
+"""The ``ps3`` command line: ``encode``, ``data synthetic``, ``train``, ``export``, ``bench``, ``extract``,
+``compare``.
 
 User mistakes (a missing file, an unknown model, a bad flag) end with a one-line reason and exit
 code 2; an internal bug shows its traceback (see :mod:`ps3.runtime`). ``PS3_DEBUG=1`` shows the
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     from .extract.cli import register as register_extract  # ps3 extract (issue 16)
     register_extract(sub)
+    from .compare import register as register_compare  # ps3 compare (issue 23)
+    register_compare(sub)
     return parser
 
 

@@ -16,11 +16,14 @@ class PS3VisionOutput:
     last_hidden_state: (B, h_0·w_0 + N_selected, C): low-res tokens then the selected high-res
         tokens (scales ascending, row-major); block outputs, before the trunk's final norm.
     hidden_states: those tokens for each returned layer (the last ``num_hidden_layers_to_return``).
-    pooled_output: (B, C). Pre-training mode: pooled high-res look tokens (or low-res ones for
-        global-text samples). Inference: the low-res pooled feature.
-    selection_maps: (B, h_i, w_i) 0/1 maps of the encoded cells (None for a low-res-only call).
+    pooled_output: (B, C), pre-training mode only: pooled high-res look tokens (or low-res ones
+        for global-text samples). None in inference, as upstream (the low-res pooled feature is
+        ``encode_low_res(...).pooled_output``).
+    selection_maps: (B, h_i, w_i) 0/1 maps of the encoded cells in the probabilities' floating
+        dtype, as upstream builds them (VILA area-resizes them); None for a low-res-only call.
     selection_probs: (B, h_i, w_i) probabilities used for selection (after gt maps / smoothing).
-    bottomup_selection_probs / topdown_selection_probs: from the prior prompt / the given prompt.
+    bottomup_selection_probs / topdown_selection_probs: pre-training mode only (None in inference,
+        as upstream): from the prior prompt / the given prompt (None without a prompt).
     lengths: (B,) tokens of each sample, set by a mixed call (images of different sizes or
         budgets): ``last_hidden_state`` / ``hidden_states`` are then zero-padded to the longest
         sample, and every per-scale map is zero-padded at the bottom/right to the largest grid.
@@ -31,7 +34,7 @@ class PS3VisionOutput:
     """
 
     last_hidden_state: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+    hidden_states: list[torch.Tensor] | None = None
     pooled_output: torch.Tensor | None = None
     selection_maps: list[torch.Tensor] | None = None
     selection_probs: list[torch.Tensor] | None = None
@@ -69,7 +72,7 @@ class PS3VisionOutput:
             if self.last_hidden_state is not None:
                 values["last_hidden_state"] = self.last_hidden_state[b:b + 1, :n]
             if self.hidden_states is not None:
-                values["hidden_states"] = tuple(h[b:b + 1, :n] for h in self.hidden_states)
+                values["hidden_states"] = [h[b:b + 1, :n] for h in self.hidden_states]
             if self.pooled_output is not None:
                 values["pooled_output"] = self.pooled_output[b:b + 1]
             values.update(lengths=None, feature_sizes=None, num_looks=None)

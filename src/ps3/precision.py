@@ -247,17 +247,23 @@ class _float32_weights:
             t.data = original
 
 
-def _cast(value: Any, source: torch.dtype, target: torch.dtype) -> Any:
+def _cast(value: Any, source: torch.dtype, target: torch.dtype, seen: dict[int, torch.Tensor] | None = None) -> Any:
     """``value`` with every tensor of dtype ``source`` inside it (lists, tuples, dicts,
-    dataclasses) converted to ``target``."""
+    dataclasses) converted to ``target``. A tensor met twice is converted once, so aliases stay
+    aliases (``last_hidden_state`` is ``hidden_states[-1]``) and no memory is spent twice."""
+    seen = {} if seen is None else seen
     if isinstance(value, torch.Tensor):
-        return value.to(target) if value.dtype == source else value
+        if value.dtype != source:
+            return value
+        if id(value) not in seen:
+            seen[id(value)] = value.to(target)
+        return seen[id(value)]
     if isinstance(value, (list, tuple)):
-        items = [_cast(v, source, target) for v in value]
+        items = [_cast(v, source, target, seen) for v in value]
         return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
     if isinstance(value, dict):
-        return {k: _cast(v, source, target) for k, v in value.items()}
+        return {k: _cast(v, source, target, seen) for k, v in value.items()}
     if is_dataclass(value) and not isinstance(value, type):
-        return replace(value, **{f.name: _cast(getattr(value, f.name), source, target) for f in fields(value)
+        return replace(value, **{f.name: _cast(getattr(value, f.name), source, target, seen) for f in fields(value)
                                  if f.init})
     return value

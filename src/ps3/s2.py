@@ -25,9 +25,16 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 
-__all__ = ["multiscale_forward", "forward"]
+__all__ = ["multiscale_forward", "forward", "SPLIT_MODES"]
 
 Size2 = tuple[int, int]
+# What a scale whose size is not a multiple of the piece size becomes (design §6):
+#   "resize"       the image is resized up to whole pieces and the grown image's full feature grid
+#                  is kept (upstream dev_any_shape at 809ce65, the newest code);
+#   "pad"          the image is zero-padded to whole pieces and the map cropped back;
+#   "resize_back"  as "resize", then the map is area-resized back to the requested image's grid
+#                  (upstream 31688b1, which the dev_any_shape README's 98-token example describes).
+SPLIT_MODES = ("resize", "pad", "resize_back")
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,22 @@ def _plan(sizes: list[Size2], piece: Size2) -> list[_ScalePlan]:
     # ceil(size / piece) pieces per side (exact in integers; the reference uses math.ceil of a float).
     return [_ScalePlan(size=s, splits=(-(-s[0] // piece[0]), -(-s[1] // piece[1])), piece=piece)
             for s in sizes]
+
+
+def _master_plan(in_hw: Size2, sizes: list[Size2], piece: Size2) -> list[_ScalePlan] | None:
+    """The chessboard of upstream's master branch, or None for a call master refuses (it takes
+    square inputs and sizes only, cut into ceil(size / max_split_size) equal pieces). Where a size
+    is not a multiple of max_split_size its pieces are size / count, smaller than max_split_size:
+    no growing, no resizing back."""
+    if in_hw[0] != in_hw[1] or piece[0] != piece[1] or any(h != w for h, w in sizes):
+        return None
+    plans = []
+    for side, _ in sizes:
+        count = -(-side // piece[0])
+        if side % count:
+            return None  # master's split asserts that the pieces are equal
+        plans.append(_ScalePlan(size=(side, side), splits=(count, count), piece=(side // count,) * 2))
+    return plans
 
 
 def _resize(x: torch.Tensor, size: Size2, mode: str) -> torch.Tensor:
@@ -234,8 +257,9 @@ def _check_request(input: torch.Tensor, split_mode: str, output_shape: str, num_
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {input.dtype}; "
                         "convert it, e.g. input.float() / 255")
-    if split_mode not in ("resize", "pad"):
-        raise ValueError(f"split_mode must be 'resize' or 'pad', got {split_mode!r}")
+    if split_mode is not None and split_mode not in SPLIT_MODES:
+        raise ValueError(f"split_mode must be None (upstream's default) or one of "
+                         f"{', '.join(map(repr, SPLIT_MODES))}, got {split_mode!r}")
     if output_shape not in ("bnc", "bchw"):
         raise ValueError(f"output_shape must be 'bnc' (model returns B×N×C tokens) or 'bchw' "
                          f"(model returns B×C×h×w maps), got {output_shape!r}")
@@ -253,12 +277,12 @@ def _encode_scale(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Te
                   split_mode: str, chunk: int | None, num_prefix_token: int,
                   output_shape: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One scale of :func:`multiscale_forward`: resize, grow to whole pieces, split, encode,
-    stitch and shrink back. Returns the B×C×h×w feature map and the prefix tokens (mean over the
+    stitch and (``pad``, ``resize_back``) bring back to the requested image's grid. Returns the B×C×h×w feature map and the prefix tokens (mean over the
     pieces) or None."""
     batch = input.shape[0]
     x = _resize(input, plan.size, "bicubic")
     if plan.full != plan.size:
-        if split_mode == "resize":
+        if split_mode != "pad":
             x = _resize(x, plan.full, "bicubic")
         else:
             x = F.pad(x, (0, plan.full[1] - plan.size[1], 0, plan.full[0] - plan.size[0]))
@@ -268,9 +292,9 @@ def _encode_scale(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Te
     # in floating point exactly as the reference computes it (so shapes agree to the token).
     fh, fw = fmap.shape[-2:]
     keep = (math.ceil(plan.size[0] / plan.full[0] * fh), math.ceil(plan.size[1] / plan.full[1] * fw))
-    if split_mode == "resize":
+    if split_mode == "resize_back":
         fmap = _resize(fmap, keep, "area")
-    else:
+    elif split_mode == "pad":
         fmap = fmap[:, :, :keep[0], :keep[1]]
     if prefix is not None:
         # Mean over the chessboard pieces (piece-major batch layout), accumulated in float32.
@@ -279,10 +303,26 @@ def _encode_scale(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Te
     return fmap, prefix
 
 
+def _scale_plans(in_hw: Size2, scales, img_sizes, max_split_size, split_mode: str | None,
+                 resize_output_to_idx: int) -> tuple[list[_ScalePlan], str]:
+    """Every scale's chessboard and the split mode that applies (checked before any compute)."""
+    sizes = _target_sizes(in_hw, scales, img_sizes)
+    if not _is_int(resize_output_to_idx) or not -len(sizes) <= resize_output_to_idx < len(sizes):
+        raise ValueError(f"resize_output_to_idx must be an int in [{-len(sizes)}, {len(sizes) - 1}] "
+                         f"for {len(sizes)} scales, got {resize_output_to_idx!r}")
+    piece = in_hw if max_split_size is None else _as_size2(max_split_size, "max_split_size")
+    # No split_mode: a call upstream's master accepts gets master's pieces; any other call, and any
+    # call naming a split_mode (only dev_any_shape takes one), gets the any-shape rule.
+    plans = _master_plan(in_hw, sizes, piece) if split_mode is None else None
+    if plans is None:
+        return _plan(sizes, piece), split_mode or "resize"
+    return plans, "resize"
+
+
 def multiscale_forward(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor,
                        scales: Sequence[float] | None = None,
                        img_sizes: Sequence[int | Sequence[int]] | None = None,
-                       max_split_size: int | Sequence[int] | None = None, split_mode: str = "resize",
+                       max_split_size: int | Sequence[int] | None = None, split_mode: str | None = None,
                        resize_output_to_idx: int = 0, num_prefix_token: int = 0, output_shape: str = "bnc",
                        split_forward: bool = False, split_chunk_size: int | None = None) -> torch.Tensor:
     """Multi-scale features of `input` from `model`, concatenated on channels (S2-Wrapper).
@@ -296,8 +336,15 @@ def multiscale_forward(model: Callable[[torch.Tensor], torch.Tensor], input: tor
         max_split_size: side of one piece, an int or (h, w); default the input size (H, W).
             Sizes that are not multiples are resized (``split_mode="resize"``) or zero-padded
             bottom/right (``"pad"``) up to the next multiple.
-        split_mode: ``"resize"`` or ``"pad"``; features are area-resized or cropped back to
-            ``ceil(size / grown_size · feature_size)``.
+        split_mode: None (default): as upstream, whose two branches agree wherever every size is
+            a multiple of ``max_split_size``. A call the ``master`` branch accepts (square input
+            and sizes, each cut into equal pieces) follows master: ceil(size / max_split_size)
+            equal pieces, smaller than ``max_split_size`` when the size is not a multiple. Any
+            other call follows ``dev_any_shape``'s default, ``"resize"``.
+            ``"resize"`` (upstream ``dev_any_shape`` at 809ce65): the grown image's whole
+            feature grid is kept; ``"pad"``: the map is cropped back to
+            ``ceil(size / grown_size · feature_size)``; ``"resize_back"``: resized as ``"resize"``,
+            then the map is area-resized to that same cropped size (upstream's older 31688b1).
         resize_output_to_idx: which scale's feature size the output takes (``-1``: the largest
             scale, most detail).
         num_prefix_token: leading non-spatial tokens (class/register) of each output; averaged
@@ -312,16 +359,12 @@ def multiscale_forward(model: Callable[[torch.Tensor], torch.Tensor], input: tor
         Features in `model`'s output dtype; the gradient flows to `model` and `input`.
     """
     _check_request(input, split_mode, output_shape, num_prefix_token, split_chunk_size)
-    batch, _, in_h, in_w = input.shape
-    sizes = _target_sizes((in_h, in_w), scales, img_sizes)
-    if not _is_int(resize_output_to_idx) or not -len(sizes) <= resize_output_to_idx < len(sizes):
-        raise ValueError(f"resize_output_to_idx must be an int in [{-len(sizes)}, {len(sizes) - 1}] "
-                         f"for {len(sizes)} scales, got {resize_output_to_idx!r}")
-    piece = (in_h, in_w) if max_split_size is None else _as_size2(max_split_size, "max_split_size")
-    plans = _plan(sizes, piece)
+    batch = input.shape[0]
+    plans, split_mode = _scale_plans(tuple(input.shape[-2:]), scales, img_sizes, max_split_size, split_mode,
+                                     resize_output_to_idx)
     chunk = split_chunk_size if split_chunk_size is not None else (batch if split_forward else None)
 
-    # --- per scale: resize, grow to whole pieces, split, encode, stitch, shrink back ---------
+    # --- per scale: resize, grow to whole pieces, split, encode, stitch (pad: crop back) --------
     fmaps: list[torch.Tensor] = []
     prefixes: list[torch.Tensor] = []
     for i, plan in enumerate(plans):

@@ -35,6 +35,7 @@ from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
                                  gt_area_at_cells, highres_features, prior_and_prompt_probs, resize_images,
                                  upsample_probs)
+from .upstream_names import UpstreamEncoderNames
 from .vit import Mlp, VisionTransformer, arch_from_config
 
 __all__ = ["PS3VisionEncoder", "PS3VisionModel", "PS3VisionOutput", "LowResPass", "HIGHRES_SELECTION_SIZE"]
@@ -56,7 +57,7 @@ def _check_vision_config(config: PS3VisionConfig, patch: int) -> None:
         raise ValueError("radio=True (C-RADIO backbones) is not supported by this release")
 
 
-class PS3VisionEncoder(nn.Module):
+class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
     def __init__(self, config: PS3VisionConfig):
         super().__init__()
         self.config = config
@@ -218,7 +219,8 @@ class PS3VisionEncoder(nn.Module):
                 canvas = torch.cat([m.flatten(1) for m in new], 1)
                 width = max(plan.tokens_per_look()[j])
                 order.append(torch.argsort((~canvas).to(torch.int8), dim=1, stable=True)[:, :width])
-        return [t.long() for t in taken], order
+        # Upstream's maps are 0/1 in the probabilities' floating dtype (callers area-resize them).
+        return [t.to(p.dtype) for t, p in zip(taken, probs)], order
 
     def select(self, pixel_values, prompt: torch.Tensor | None = None, gt_selection_maps=None,
                smooth_selection_prob: bool = False, num_look_close=None, num_token_look_close=None,
@@ -255,7 +257,7 @@ class PS3VisionEncoder(nn.Module):
                               bottomup_selection_probs=merge_group_maps(groups, [r[1] for r in results], B),
                               topdown_selection_probs=merge_group_maps(groups, [r[2] for r in results], B))
         if needs_kv:
-            maps = [r[3] if r[3] is not None else [torch.zeros_like(p, dtype=torch.long) for p in r[0]] for r in results]
+            maps = [r[3] if r[3] is not None else [torch.zeros_like(p) for p in r[0]] for r in results]
             out.selection_maps = merge_group_maps(groups, maps, B)
         out.feature_sizes, out.num_looks = [None] * B, [0] * B
         for gl in looks:
@@ -264,7 +266,6 @@ class PS3VisionEncoder(nn.Module):
         return looks, low_res, out
 
     # ----------------------------------------------------------------- the two modes
-    @float32_fallback
     def encode_looks(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
                      prompt: torch.Tensor | None = None, gt_selection_maps=None, smooth_selection_prob: bool = False,
                      only_select_first_n_scale=None, num_hidden_layers_to_return: int | None = None,
@@ -277,7 +278,23 @@ class PS3VisionEncoder(nn.Module):
         all images or a list with one per image. ``gt_selection_maps``: (B, H, W) or a list of
         (H, W) maps (or None entries). A mixed call (a list, or samples returning different token
         counts) sets ``lengths`` and zero-pads; ``per_sample()`` splits it into single-image outputs.
+        Like upstream's, the output has no pooled feature (see :meth:`encode_looks_with_pooled`).
         """
+        return self.encode_looks_with_pooled(
+            pixel_values, num_look_close=num_look_close, num_token_look_close=num_token_look_close, prompt=prompt,
+            gt_selection_maps=gt_selection_maps, smooth_selection_prob=smooth_selection_prob,
+            only_select_first_n_scale=only_select_first_n_scale, num_hidden_layers_to_return=num_hidden_layers_to_return,
+            max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res)[0]
+
+    @float32_fallback
+    def encode_looks_with_pooled(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
+                                 prompt: torch.Tensor | None = None, gt_selection_maps=None,
+                                 smooth_selection_prob: bool = False, only_select_first_n_scale=None,
+                                 num_hidden_layers_to_return: int | None = None,
+                                 max_tokens_per_pass: int | None = None, check_finite: bool = False,
+                                 low_res: LowResPass | None = None) -> tuple[PS3VisionOutput, torch.Tensor]:
+        """:meth:`encode_looks`, and the low-res pooled feature (B, C) (final norm + MAP pooling)
+        that the upstream-shaped output leaves None, without a second low-res pass."""
         check_call(pixel_values, self.width, prompt, None, num_hidden_layers_to_return, max_tokens_per_pass, check_finite)
         own_pass = low_res is None
         looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
@@ -285,13 +302,16 @@ class PS3VisionEncoder(nn.Module):
         if own_pass:  # nobody else holds this pass: free what the looks do not read
             low_res = low_res.for_looks(self._kept_layers(num_hidden_layers_to_return))
         hidden, totals = self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
-        out.hidden_states = tuple(hidden)
+        # Upstream's inference output has no pooled feature and no separate bottom-up/top-down
+        # maps: the same fields stay None here.
+        out.pooled_output = out.bottomup_selection_probs = out.topdown_selection_probs = None
+        out.hidden_states = list(hidden)  # a list, as upstream returns it
         out.last_hidden_state = hidden[-1]
         if isinstance(pixel_values, torch.Tensor) and len(looks) == 1 and len(set(totals)) == 1:
             out.feature_sizes = out.num_looks = None
         else:
-            out.lengths = torch.tensor(totals).to(low_res.pooled_output.device, non_blocking=True)
-        return out
+            out.lengths = torch.tensor(totals).to(hidden[-1].device, non_blocking=True)
+        return out, low_res.pooled_output
 
     def encode_selection(self, groups: Sequence[ImageGroup], plans: Sequence[LookPlan],
                          orders: Sequence[Sequence[torch.Tensor]], low_res: LowResPass, *,
@@ -387,26 +407,6 @@ class PS3VisionEncoder(nn.Module):
         self.use_cuda_graphs = False
         self._graphed_blocks = None
 
-    # ----------------------------------------------------------------- upstream names (VILA-HD calls these)
-    @property
-    def s3_scales(self) -> list[int]:
-        """Upstream's older name for ``ps3_scales``."""
-        return self.ps3_scales
-
-    @property
-    def s3_image_size(self) -> int:
-        """The largest scale (upstream's name)."""
-        return self.ps3_scales[-1]
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """Whether the trunk recomputes block activations in the backward pass (upstream's name)."""
-        return self.trunk.grad_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enable: bool) -> None:
-        self.trunk.grad_checkpointing = bool(enable)
-
 
 def delegate_to_encoder(name: str, as_name: str | None = None):
     """A method calling ``self.vision_model.<name>`` with the same arguments; ``help()`` and
@@ -437,6 +437,7 @@ class PS3VisionModel(PretrainedMixin, nn.Module):
 
     forward = delegate_to_encoder("forward")
     encode_looks = delegate_to_encoder("encode_looks")
+    encode_looks_with_pooled = delegate_to_encoder("encode_looks_with_pooled")
     encode_pooled = delegate_to_encoder("encode_pooled")
     encode_low_res = delegate_to_encoder("encode_low_res")
     count_tokens = delegate_to_encoder("count_tokens")

@@ -72,7 +72,7 @@ def _select_blocks(probs: Sequence[torch.Tensor], plan: LookPlan, k: int):
         taken = [t | n for t, n in zip(taken, new)]
         cells = torch.cat([_cells_of(n, tuple(p.shape[-2:]), k).flatten(1) for n, p in zip(new, probs)], dim=1)
         order.append(torch.argsort((~cells).to(torch.int8), dim=1, stable=True)[:, :max(plan.tokens_per_look()[j])])
-    return [_cells_of(t, tuple(p.shape[-2:]), k).long() for t, p in zip(taken, probs)], order
+    return [_cells_of(t, tuple(p.shape[-2:]), k).to(p.dtype) for t, p in zip(taken, probs)], order
 
 
 def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | None = None,
@@ -109,8 +109,7 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
                                        smooth_selection_prob)
         _, grids = block_grids(*g.size, encoder.ps3_scales, encoder.patch_size, k)
         plan = _block_plan(g.only_select_first_n_scale or [None] * len(g.samples), grids, budgets, k, num_looks)
-        maps, order = _select_blocks(probs, plan, k) if plan.num_looks else ([torch.zeros_like(p, dtype=torch.long)
-                                                                                for p in probs], [])
+        maps, order = _select_blocks(probs, plan, k) if plan.num_looks else ([torch.zeros_like(p) for p in probs], [])
         plans.append(plan)
         orders.append(order)
         results.append((probs, bu, td, maps))
@@ -121,7 +120,7 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
     hidden, totals = encoder.encode_selection(groups, plans, orders, low_res,
                                               num_hidden_layers_to_return=num_hidden_layers_to_return,
                                               max_tokens_per_pass=max_tokens_per_pass)
-    out.hidden_states, out.last_hidden_state = tuple(hidden), hidden[-1]
+    out.hidden_states, out.last_hidden_state = list(hidden), hidden[-1]
     if not (isinstance(pixel_values, torch.Tensor) and len(groups) == 1 and len(set(totals)) == 1):
         out.lengths = torch.tensor(totals).to(feats.device, non_blocking=True)
         out.feature_sizes = [None] * B

@@ -111,7 +111,7 @@ class PS3Projector(nn.Module):
         parts, scale_ids = [low], [torch.zeros(low.shape[1], dtype=torch.long, device=tokens.device)]
         lengths = torch.full((B,), low.shape[1], dtype=torch.long, device=tokens.device)
         if maps:
-            high, ids, kept_count = self._high_res_blocks(tokens[:, h0 * w0:], maps, num_tokens, low.shape[1])
+            high, ids, kept_count = kept_block_tokens(tokens[:, h0 * w0:], maps, k, num_tokens, low.shape[1])
             parts.append(high)
             scale_ids.append(ids)
             lengths = lengths + kept_count
@@ -145,32 +145,33 @@ class PS3Projector(nn.Module):
                              f"({self.num_high_res_scales}), got {len(maps)}")
         return tokens, maps
 
-    def _high_res_blocks(self, high: torch.Tensor, maps: Sequence[torch.Tensor], num_tokens: int | None,
-                         low_count: int):
-        """Merged kept blocks (B, M, k²C) in output order, their scale ids (B, M), kept counts (B,).
 
-        Gathers only the kept blocks' cells from the selected-token list (a cell's token is at its
-        rank among the selected cells in canvas order), never a canvas of every high-res cell.
-        """
-        k, B, C = self.k, high.shape[0], high.shape[-1]
-        device = high.device
-        cells, scale_of_block, offset = [], [], 0
-        for i, m in enumerate(maps):
-            h, w = m.shape[-2:]
-            cells.append(_block_cells(h, w, k, offset, device))
-            scale_of_block.append(torch.full((cells[-1].shape[0],), i + 1, dtype=torch.long, device=device))
-            offset += h * w
-        cells_t, scale_t = torch.cat(cells), torch.cat(scale_of_block)
-        kept = _kept_blocks(maps, k)
-        kept_count = kept.sum(1)
-        M = int(kept_count.max()) if num_tokens is None else max(int(num_tokens) - low_count, 0)
-        M = min(M, kept.shape[1])
-        order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :M]  # kept blocks first, in order
-        flat = torch.cat([m.flatten(1).bool() for m in maps], dim=1)
-        rank = flat.long().cumsum(1) - 1  # position of each selected cell among the selected tokens
-        token_index = rank.gather(1, cells_t[order].view(B, -1)).clamp(0, max(high.shape[1] - 1, 0))
-        if high.shape[1] == 0:
-            merged = high.new_zeros(B, M, k * k * C)
-        else:
-            merged = high.gather(1, token_index.unsqueeze(-1).expand(-1, -1, C)).view(B, M, k * k * C)
-        return merged, scale_t[order], kept_count
+def kept_block_tokens(high: torch.Tensor, maps: Sequence[torch.Tensor], k: int, num_tokens: int | None,
+                      low_count: int):
+    """Merged kept blocks (B, M, k²C) in output order, their scale ids (B, M), kept counts (B,).
+
+    Gathers only the kept blocks' cells from the selected-token list (a cell's token is at its
+    rank among the selected cells in canvas order), never a canvas of every high-res cell.
+    """
+    B, C = high.shape[0], high.shape[-1]
+    device = high.device
+    cells, scale_of_block, offset = [], [], 0
+    for i, m in enumerate(maps):
+        h, w = m.shape[-2:]
+        cells.append(_block_cells(h, w, k, offset, device))
+        scale_of_block.append(torch.full((cells[-1].shape[0],), i + 1, dtype=torch.long, device=device))
+        offset += h * w
+    cells_t, scale_t = torch.cat(cells), torch.cat(scale_of_block)
+    kept = _kept_blocks(maps, k)
+    kept_count = kept.sum(1)
+    M = int(kept_count.max()) if num_tokens is None else max(int(num_tokens) - low_count, 0)
+    M = min(M, kept.shape[1])
+    order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :M]  # kept blocks first, in order
+    flat = torch.cat([m.flatten(1).bool() for m in maps], dim=1)
+    rank = flat.long().cumsum(1) - 1  # position of each selected cell among the selected tokens
+    token_index = rank.gather(1, cells_t[order].view(B, -1)).clamp(0, max(high.shape[1] - 1, 0))
+    if high.shape[1] == 0:
+        merged = high.new_zeros(B, M, k * k * C)
+    else:
+        merged = high.gather(1, token_index.unsqueeze(-1).expand(-1, -1, C)).view(B, M, k * k * C)
+    return merged, scale_t[order], kept_count

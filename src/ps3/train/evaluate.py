@@ -130,9 +130,14 @@ def evaluate_learnability(model: PS3Model, tokenizer: PS3Tokenizer,
         pixels = torch.stack([p for p, _, _ in pending]).to(device)
         gt = torch.stack([g for _, _, g in pending]).to(device)
         prompt = model.text_model(tokenizer([c for _, c, _ in pending]).to(device)).prompt
-        out = model.vision_model(pixels, prompt=prompt, num_look_close=1)
-        topdown, chance = selection_precision(out.topdown_selection_probs[0], gt)
-        bottomup, _ = selection_precision(out.bottomup_selection_probs[0], gt)
+        # Only the selection maps are scored: one low-res pass, then the prompt's and the prior's
+        # probabilities without any look (an inference call returns the probabilities it selects by).
+        vision = model.vision_model
+        low_res = vision.encode_low_res(pixels, keep_kv=False)
+        topdown_probs = vision(pixels, prompt=prompt, num_look_close=0, low_res=low_res).selection_probs
+        bottomup_probs = vision(pixels, num_look_close=0, low_res=low_res).selection_probs
+        topdown, chance = selection_precision(topdown_probs[0], gt)
+        bottomup, _ = selection_precision(bottomup_probs[0], gt)
         valid = ~torch.isnan(chance)
         sums.add_(torch.stack([t[valid].double().sum().cpu() for t in (topdown, bottomup, chance)]))
         pairs += int(valid.sum())
