@@ -1,6 +1,7 @@
 """float32 vs bfloat16, ours vs upstream's code, on the same random weights: 4K encodes on a CPU.
 
-    PYTHONPATH=src python benchmarks/bf16.py --upstream /tmp/upstream/PS3 --upstream-python /tmp/upstream/venv/bin/python
+    PYTHONPATH=src python benchmarks/bf16.py --upstream /tmp/upstream/PS3 \
+        --upstream-python /tmp/upstream/venv/bin/python
     PYTHONPATH=src python benchmarks/bf16.py --preset so400m --cases one --rounds 1 ...   # the so400m trunk
 
 One random-weight model per preset (``ps3.bench.build_model``, the published 4K geometry) is saved
@@ -104,7 +105,8 @@ def child(args) -> None:
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
     print(json.dumps(dict(impl=args.child, dtype=args.dtype, case=args.case, seconds=statistics.median(times),
-                          all_seconds=times, cpu_seconds=statistics.median(cpu), peak_extra_mb=first.extra_bytes / 2**20, tokens=tokens,
+                          all_seconds=times, cpu_seconds=statistics.median(cpu),
+                          peak_extra_mb=first.extra_bytes / 2**20, tokens=tokens,
                           torch=torch.__version__)))
 
 
@@ -149,7 +151,8 @@ def parent(args) -> int:
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[(impl, dt, case)].append(res)
                 log(f"round {r + 1}: {impl:8} {dt:8} {case:3}: {res['seconds']:.2f} s (calls "
-                    f"{', '.join(f'{t:.2f}' for t in res['all_seconds'])}; process CPU time {res['cpu_seconds']:.2f} s), "
+                    f"{', '.join(f'{t:.2f}' for t in res['all_seconds'])}; "
+                    f"process CPU time {res['cpu_seconds']:.2f} s), "
                     f"peak +{res['peak_extra_mb']:.0f} MiB, "
                     f"{res['tokens']} tokens")
     end = _matmul("end", log)
@@ -159,7 +162,8 @@ def parent(args) -> int:
     for case in args.cases:
         ours32, ours16 = best[("ours", "float32", case)], best[("ours", "bfloat16", case)]
         line = (f"{case}: ours fp32 {ours32['seconds']:.2f} s / {ours32['peak_extra_mb']:.0f} MiB, ours bf16 "
-                f"{ours16['seconds']:.2f} s / {ours16['peak_extra_mb']:.0f} MiB -> bf16 {ours32['seconds'] / ours16['seconds']:.2f}x "
+                f"{ours16['seconds']:.2f} s / {ours16['peak_extra_mb']:.0f} MiB -> bf16 "
+                f"{ours32['seconds'] / ours16['seconds']:.2f}x "
                 f"faster, memory {ours16['peak_extra_mb'] / ours32['peak_extra_mb']:.2f}x")
         if ("upstream", "float32", case) in best:
             up32, up16 = best[("upstream", "float32", case)], best[("upstream", "bfloat16", case)]

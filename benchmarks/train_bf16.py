@@ -77,7 +77,8 @@ def main() -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     start_rates = matmul_rates(torch.device("cpu"))
     log(cpu_capability().describe() + f"; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    log("matmul rates (start): " + ", ".join(f"{str(k)[6:]} {v / 1e9:.0f}" for k, v in start_rates.items()) + " GFLOP/s")
+    log("matmul rates (start): " + ", ".join(f"{str(k)[6:]} {v / 1e9:.0f}" for k, v in start_rates.items())
+        + " GFLOP/s")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

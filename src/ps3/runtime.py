@@ -26,7 +26,8 @@ from .hub import parse_dtype as _dtype_from_name, resolve_model_dir
 from .precision import CpuCapability, cpu_capability, native_dtype
 
 __all__ = ["UserError", "user_input", "run_command", "DTYPE_NAMES", "parse_device", "parse_dtype",
-           "synchronize", "timeit", "matmul_rate", "matmul_rates", "Measurement", "measure", "LoadedModel", "load_model",
+           "synchronize", "timeit", "matmul_rate", "matmul_rates", "Measurement", "measure", "LoadedModel",
+           "load_model",
            "CpuCapability", "cpu_capability", "native_dtype"]
 
 # The dtype names the command lines offer (hub.parse_dtype also takes aliases such as "bf16").

@@ -282,7 +282,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the same seed writes the same shards (default 0)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                        help=f"image side in pixels, >= {MIN_SIZE} (default {DEFAULT_SIZE}, what tiny-synthetic trains at)")
+                        help=f"image side in pixels, >= {MIN_SIZE} (default {DEFAULT_SIZE}, tiny-synthetic's size)")
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -298,7 +298,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         with user_input("--out"):
             prepare_paired_output(args.out, overwrite=False)  # raises the error that explains what to do
     # No bar when stderr is not a terminal (a log file would get every redraw), as ps3 train.
-    with tqdm(total=args.images, unit="image", desc="synthetic", disable=args.quiet or not sys.stderr.isatty()) as bar, \
+    quiet = args.quiet or not sys.stderr.isatty()
+    with tqdm(total=args.images, unit="image", desc="synthetic", disable=quiet) as bar, \
             user_input("--out", errors=(OSError,)):
         written = write_synthetic_dataset(args.out, args.images, args.seed, size=args.size,
                                           shard_size=args.shard_size, overwrite=args.overwrite, progress=bar.update)
