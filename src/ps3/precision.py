@@ -172,32 +172,36 @@ def _math_attention(q, k, v, attn_mask):
 
 def _chunked_attention(q, k, v, attn_mask):
     B, H, N, d = q.shape
+    P = k.shape[-2]
     c = ATTENTION_CHUNK
     chunks = -(-N // c)
-    # Queries and outputs in (B, chunks, H, c, d) blocks, each product's operand and result one
-    # contiguous block (oneDNN copies a strided one first, once per product). The queries are
-    # scaled into that layout in one copy (exact for power-of-two head widths, one rounding of
-    # the input otherwise); the last block's rows past N are zeros, computed and dropped.
-    blocks = q.new_zeros(B, chunks * c, H, d)
-    blocks[:, :N] = q.transpose(1, 2)
-    queries = blocks.mul_(d ** -0.5).view(B, chunks, c, H, d).transpose(2, 3).contiguous()
+    # Queries and outputs in (chunks, B·H, c, d) blocks: each product covers every image and head
+    # of one chunk, its operand and result one contiguous block (oneDNN copies a strided one first,
+    # once per product). The queries are scaled into that layout in one copy (exact for
+    # power-of-two head widths, one rounding of the input otherwise); the last block's rows past N
+    # are zeros, computed and dropped.
+    blocks = q.new_zeros(B, H, chunks * c, d)
+    blocks[:, :, :N] = q
+    queries = blocks.mul_(d ** -0.5).view(B * H, chunks, c, d).transpose(0, 1).contiguous()
     out = torch.empty_like(queries)
+    keys_t = k.contiguous().view(B * H, P, d).transpose(1, 2)  # no copies for a cache
+    values = v.contiguous().view(B * H, P, d)
     if attn_mask is not None:
-        attn_mask = F.pad(attn_mask.expand(B, H, N, k.shape[-2]), (0, 0, 0, chunks * c - N), value=True)
-    # The score and probability blocks (H, c, P) are reused by every chunk: fresh ~10 MB tensors
+        attn_mask = F.pad(attn_mask.expand(B, H, N, P), (0, 0, 0, chunks * c - N), value=True).reshape(B * H, -1, P)
+    # The score and probability blocks (B·H, c, P) are reused by every chunk: fresh ~10 MB tensors
     # per chunk were measured to cost 4x the softmax itself (new pages each time).
-    scores = q.new_empty(H, c, k.shape[-2])
+    scores = q.new_empty(B * H, c, P)
     probs = torch.empty_like(scores)
-    for b in range(B):
-        keys_t, values = k[b].contiguous().transpose(1, 2), v[b].contiguous()  # no-ops for a cache
-        for j in range(chunks):
-            torch.bmm(queries[b, j], keys_t, out=scores)  # all heads in one product
-            if attn_mask is not None:
-                scores.masked_fill_(~attn_mask[b, :, j * c:(j + 1) * c], float("-inf"))
-            torch._softmax(scores, -1, False, out=probs)
-            torch.bmm(probs, values, out=out[b, j])
-    # (B, N, H, d) in memory, which the caller's transpose-and-reshape to (B, N, H·d) reads as a view.
-    return out.transpose(2, 3).contiguous().view(B, chunks * c, H, d)[:, :N].transpose(1, 2)
+    for j in range(chunks):
+        torch.bmm(queries[j], keys_t, out=scores)
+        if attn_mask is not None:
+            scores.masked_fill_(~attn_mask[:, j * c:(j + 1) * c], float("-inf"))
+        torch._softmax(scores, -1, False, out=probs)
+        torch.bmm(probs, values, out=out[j])
+    # (chunks, B, H, c, d) → (B, N, H, d) in memory, which the caller's transpose-and-reshape to
+    # (B, N, H·d) reads as a view.
+    out = out.view(chunks, B, H, c, d).permute(1, 0, 3, 2, 4).contiguous().view(B, chunks * c, H, d)
+    return out[:, :N].transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------ float32 fallback
