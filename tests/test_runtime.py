@@ -10,6 +10,7 @@ import torch
 
 import ps3
 from golden import MODEL_DIR
+from ps3 import runtime
 from ps3.runtime import (UserError, load_model, matmul_rate, measure, parse_device,
                          parse_dtype, run_command, timeit, user_input)
 
@@ -117,6 +118,16 @@ def test_timeit_counts_calls_and_measures():
         timeit(work, cpu, repeats=0)
     rate = matmul_rate(cpu, n=256)
     assert 1e8 < rate < 1e14  # FLOP/s of a real matmul on any CPU
+
+
+def test_matmul_reference_size_follows_its_time_budget(monkeypatch):
+    """The reference product shrinks for a dtype the machine multiplies slowly (bf16 without bf16
+    units: ~1/60 of float32) and is the full size otherwise; the budget decides, not the CPU."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "_MATMUL_CALL_BUDGET_S", 0.0)
+    assert runtime._matmul_size(cpu, torch.float32, 2048) == 256
+    monkeypatch.setattr(runtime, "_MATMUL_CALL_BUDGET_S", float("inf"))
+    assert runtime._matmul_size(cpu, torch.float32, 1024) == 1024
 
 
 def test_measure_sees_time_and_peak_memory():

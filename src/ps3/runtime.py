@@ -137,14 +137,33 @@ def timeit(fn: Callable[[], Any], device: torch.device, repeats: int = 3, best: 
     return min(times) if best else statistics.median(times)
 
 
+# A reference product should take under this long: a dtype the machine multiplies slowly (bf16
+# without bf16 units runs at ~1/60 of float32 on a CPU) is measured on a smaller product.
+_MATMUL_CALL_BUDGET_S = 0.25
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None) -> float:
-    """FLOP/s of an n×n @ n×n matmul (n: 2048 on a CPU, 8192 on an accelerator): the best of 10,
-    as a reference must be the machine's ceiling (a shared machine's slow moments would otherwise
-    flatter every figure compared with it)."""
-    n = n or (2048 if device.type == "cpu" else 8192)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / timeit(lambda: a @ b, device, 10, best=True)
+    """FLOP/s of an n×n @ n×n matmul: the best of 10, as a reference must be the machine's ceiling
+    (a shared machine's slow moments would otherwise flatter every figure compared with it).
+
+    Without ``n``: the largest power of two up to 2048 on a CPU (8192 on an accelerator) whose
+    product takes under a quarter of a second, grown from 256, so that a slow dtype costs seconds
+    rather than minutes; a dtype at the machine's usual rates gets the full size."""
+    size = n or _matmul_size(device, dtype, 2048 if device.type == "cpu" else 8192)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size ** 3 / timeit(lambda: a @ b, device, 10, best=True)
+
+
+def _matmul_size(device: torch.device, dtype: torch.dtype, largest: int) -> int:
+    n = 256
+    while n < largest:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        seconds = timeit(lambda: a @ a, device, 1)
+        if 8 * seconds > _MATMUL_CALL_BUDGET_S:  # doubling n multiplies the work by 8
+            break
+        n *= 2
+    return n
 
 
 def matmul_rates(device: torch.device, dtypes=(torch.float32, torch.bfloat16)) -> dict[torch.dtype, float]:
