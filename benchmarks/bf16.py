@@ -11,7 +11,8 @@ upstream is never a dependency), cast to float32 or bfloat16, encoding a 3780 px
 = one look (``num_look_close=1``), ``all`` = every look. Each (implementation, dtype, case) runs
 in a fresh process (its peak memory is its own: resident set beyond the loaded model and input)
 and reports the median of ``--repeats`` calls after a warm-up (wall time, and the process's CPU
-time, which a busy shared machine inflates less). Rounds alternate the order of the
+time, which a busy shared machine inflates less); ``--no-warmup`` times the first call instead, for
+calls that take minutes (4K ``all`` on the so400m trunk). Rounds alternate the order of the
 ways, so a shared machine's slow minutes fall on all of them; the table gives each way's best
 round. The float32 and bf16 matmul rates are measured at the start and the end, in this process.
 Without ``--upstream`` only ours is measured.
@@ -94,12 +95,16 @@ def child(args) -> None:
     dev = torch.device("cpu")
     times = []
     with torch.no_grad():
+        start, start_cpu = time.perf_counter(), time.process_time()
         with measure(dev) as first:  # the warm-up call: its peak is the call's memory
             out = call(x, looks)
         tokens = out.last_hidden_state.shape[1]
         del out
         cpu = []
-        for _ in range(args.repeats):
+        if args.no_warmup:  # the first call is the timed one
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        for _ in range(0 if args.no_warmup else args.repeats):
             start, start_cpu = time.perf_counter(), time.process_time()
             call(x, looks)
             times.append(time.perf_counter() - start)
@@ -143,6 +148,8 @@ def parent(args) -> int:
                     cmd += ["--upstream", str(args.upstream)]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
+                if args.no_warmup:
+                    cmd += ["--no-warmup"]
                 env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
@@ -194,6 +201,9 @@ def main() -> int:
     parser.add_argument("--upstream-cases", nargs="+", default=["one", "all"], choices=["one", "all"],
                         help="the cases upstream is measured on (default both)")
     parser.add_argument("--threads", type=int, help="torch threads in each measured process (default: torch's)")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="time each process's first call, one per process (for calls of minutes: 4K 'all' on "
+                             "the so400m trunk), instead of calls after a warm-up")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--child", choices=["ours", "upstream"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
