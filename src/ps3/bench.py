@@ -274,17 +274,17 @@ class _Bench:
         return lines
 
 
-def _describe_precision(results: dict[str, Any], dev: torch.device, dt: torch.dtype,
+def _describe_precision(results: dict[str, Any], dev: torch.device, computes_in: torch.dtype,
                         rates: dict[torch.dtype, float]) -> list[str]:
     """Record (and say) what this machine does in the bench's dtype: the CPU's low-precision
-    units, and the float32 and dtype matmul rates measured together."""
+    units, the dtype it computes in, and the float32 and dtype matmul rates measured together."""
     results.update({f"matmul_gflops_{str(k).replace('torch.', '')}": v / 1e9 for k, v in rates.items()})
     rate_text = ", ".join(f"{str(k).replace('torch.', '')} {v / 1e9:.1f}" for k, v in rates.items())
     lines = [f"matmul rates measured together: {rate_text} GFLOP/s"]
     if dev.type == "cpu":
         cap = cpu_capability()
         results["cpu"] = cap.as_dict()
-        results["computes_in"] = str(dt if native_dtype(dt, dev) else torch.float32).replace("torch.", "")
+        results["computes_in"] = str(computes_in).replace("torch.", "")
         lines.insert(0, cap.describe())
         if results["computes_in"] != results["dtype"]:
             lines.append(f"this CPU has no {results['dtype']} units: the encoder computes in float32 and returns "
@@ -306,7 +306,7 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
     computes_in = dt if native_dtype(dt, dev) else torch.float32
     first_rate = rates[computes_in]
     bench = _Bench(preset, dev, dt, repeats, width, depth, full, skip_full_vit)
-    for line in _describe_precision(bench.results, dev, dt, rates):
+    for line in _describe_precision(bench.results, dev, computes_in, rates):
         log(line)
     steps = bench.steps()
     rate_guess = first_rate * _ASSUMED_MATMUL_SHARE
