@@ -28,6 +28,8 @@ _COMMANDS = [
     ("check", "ps3.train.data_check", "read every sample as the trainer does; print counts and skip reasons",
      "Reads every image/text-box pair through the trainer's sample path and prints image sizes, boxes per "
      "image, caption lengths and every skip reason with examples. Exit code 1 when nothing is usable."),
+    ("hrqa", "ps3.data.hrqa", "write a synthetic high-resolution QA set (LLaVA format, target boxes)",
+     "Large cluttered canvases with small tags whose shape only the top scale resolves; one question per image."),
     ("show", "ps3.data.show", "draw one sample's boxes and captions on its image (PNG)",
      "Writes the image of one sample with its boxes and captions drawn, and its global caption underneath."),
 ]
