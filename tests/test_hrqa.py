@@ -109,3 +109,15 @@ def test_command_writes_the_set_and_refuses_bad_arguments(tmp_path):
     bad = subprocess.run([*env_cmd, str(tmp_path / "e"), "--images", "2", "--split", "val"],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "--split" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_hrqa_config_top_scale_is_8x_and_a_tag_is_under_one_low_res_patch():
+    from ps3 import PS3VisionConfig
+    from ps3.data.hrqa import DEFAULT_SIZE, LOW_RES_GRID
+    from ps3.registry import training_config
+
+    joint, pre = training_config("hrqa-synthetic")
+    vision = PS3VisionConfig(**joint["vision_config"])
+    scales, patch = vision.ps3_scales, joint["vision_config"]["vit"]["patch_size"]
+    assert scales[-1] >= 8 * scales[0] and pre["image_size"] == scales[-1] == DEFAULT_SIZE
+    assert scales[0] // patch == LOW_RES_GRID  # the generator's cell is this config's low-res patch

@@ -210,11 +210,21 @@ def _tiny_synthetic_128() -> tuple[dict[str, Any], dict[str, Any]]:
     return joint, preprocessor_dict(128)
 
 
+def _hrqa_synthetic() -> tuple[dict[str, Any], dict[str, Any]]:
+    """``tiny-synthetic``'s trunk at 64 → 128 → 256 → 512 px: a top scale 8× the low-res one, as
+    4K is 10× (378 → 3780), for the high-resolution QA set of ``ps3 data hrqa``."""
+    joint, _ = _tiny_synthetic()
+    joint["vision_config"].update(model_name="vit_hrqa_synthetic_patch8", ps3_scales=[64, 128, 256, 512],
+                                  max_select_num=320)  # budgets 15, 61, 244 cells per look
+    return joint, preprocessor_dict(512)
+
+
 #: Config name → builder of (joint config dict, preprocessor dict). ``tiny-synthetic`` has no
 #: tokenizer (``vocab_size`` None: the trainer builds one from the captions).
 TRAINING_CONFIGS: dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]] = {
     "tiny-synthetic": _tiny_synthetic,
     "tiny-synthetic-128": _tiny_synthetic_128,
+    "hrqa-synthetic": _hrqa_synthetic,
     **{name: (lambda name=name: published_configs(name)) for name in PUBLISHED},
 }
 
