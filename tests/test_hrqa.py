@@ -121,3 +121,13 @@ def test_hrqa_config_top_scale_is_8x_and_a_tag_is_under_one_low_res_patch():
     scales, patch = vision.ps3_scales, joint["vision_config"]["vit"]["patch_size"]
     assert scales[-1] >= 8 * scales[0] and pre["image_size"] == scales[-1] == DEFAULT_SIZE
     assert scales[0] // patch == LOW_RES_GRID  # the generator's cell is this config's low-res patch
+
+
+def test_every_drawn_tag_has_its_shape_s_side():
+    from ps3.data.hrqa import tag_side
+
+    for index in range(6):
+        scene = render_hrqa(7, index, 512)
+        for it in scene.items:
+            if it.kind == "tag":
+                assert it.box[2] - it.box[0] == tag_side(it.shape, scene.cell)

@@ -213,14 +213,15 @@ def _own_tag(rng: np.random.Generator, landmark: list[int], side: int, cell: flo
 
 
 def _scatter(rng: np.random.Generator, count: int, sides: list[int], size: int, avoid: list[list[int]],
-             distance: float) -> list[list[int]]:
-    out: list[list[int]] = []
-    for side in sides[:count]:
+             distance: float) -> list[tuple[int, list[int]]]:
+    """(index into ``sides``, box) of the first ``count`` sides that found a free place."""
+    out: list[tuple[int, list[int]]] = []
+    for i, side in enumerate(sides[:count]):
         for _ in range(50):
             x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
             box = _box(x, y, side)
-            if all(_gap(box, a) >= distance for a in avoid) and all(_gap(box, o) >= 1 for o in out):
-                out.append(box)
+            if all(_gap(box, a) >= distance for a in avoid) and all(_gap(box, o) >= 1 for _, o in out):
+                out.append((i, box))
                 break
     return out
 
@@ -251,10 +252,10 @@ def render_hrqa(seed: int, index: int, size: int = DEFAULT_SIZE, split: str = "t
     shapes = [SHAPES[int(v)] for v in rng.integers(len(SHAPES), size=16)]
     placed = _scatter(rng, int(rng.integers(8, 17)), [tag_side(s, cell) for s in shapes], size,
                       [it.box for it in items], cell)
-    items += [Item("tag", list(INKS)[int(rng.integers(2))], s, b) for s, b in zip(shapes, placed)]
+    items += [Item("tag", list(INKS)[int(rng.integers(2))], shapes[i], b) for i, b in placed]
     dots = [max(round(rng.uniform(0.15, 0.3) * cell), 1) for _ in range(20)]
     placed = _scatter(rng, int(rng.integers(10, 21)), dots, size, [it.box for it in items], 0.5 * cell)
-    items += [Item("confetti", list(COLOURS)[int(rng.integers(len(COLOURS)))], "circle", b) for b in placed]
+    items += [Item("confetti", list(COLOURS)[int(rng.integers(len(COLOURS)))], "circle", b) for _, b in placed]
     for it in items:
         _draw(canvas, it.shape, it.box, COLOURS.get(it.colour) or INKS[it.colour])
     landmark = int(rng.integers(len(landmarks)))
