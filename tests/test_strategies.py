@@ -12,7 +12,7 @@ import torch
 import ps3.strategies as S
 from ps3.registry import SCALES_1P5K, SCALES_4K, bench_vision_config
 from ps3.mllm import count_llm_tokens
-from ps3.mllm.strategy import params_for
+from ps3.strategies.ps3 import params_for
 
 PATCH = 14
 

@@ -152,11 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_encode(sub)
     from .bench import register as register_bench
-    from .train.cli import register as register_training
+    from .train.commands import register as register_training
 
     register_training(sub)  # train, export, data synthetic (webdataset is imported only when they run)
     register_bench(sub)
-    from .extract.cli import register as register_extract  # ps3 extract (issue 16)
+    from .extract.command import register as register_extract  # ps3 extract (issue 16)
     register_extract(sub)
     from .compare import register as register_compare  # ps3 compare (issue 23)
     register_compare(sub)

@@ -18,7 +18,7 @@ Strategies (each original's parameter names and defaults):
 ``"anyres"``              LLaVA-NeXT: pinpoint canvas in 336 px tiles, base image, unpadding, newlines
 ``"qwen2_vl"``            Qwen2-VL ``smart_resize``: native resolution up to ``max_pixels``
 ``"ixc_hd"``              InternLM-XComposer2-4KHD: ``hd_num`` 25 tiles of 336 px, global view, separators
-``"ps3"``                 this library's encoder (:mod:`ps3.mllm.strategy`, registered on first use)
+``"ps3"``                 this library's encoder (:mod:`ps3.strategies.ps3`, registered on first use)
 ========================  =========================================================================
 
 Images for ``encode`` are (3, H, W) floats in [0, 1] at their original size (padding uses the
@@ -47,7 +47,7 @@ _STRATEGIES: dict[str, Strategy] = {s.name: s for s in (S2(), DynamicS2(), Inter
                                                         IXCHD())}
 # Strategies that live in a higher layer register themselves when their module is imported;
 # importing it here only on first use keeps this package below them (no import cycle).
-_REGISTERED_ELSEWHERE = {"ps3": "ps3.mllm.strategy"}
+_REGISTERED_ELSEWHERE = {"ps3": "ps3.strategies.ps3"}
 ORDER = ("s2", "dynamic_s2", "internvl_tiling", "anyres", "qwen2_vl", "ixc_hd", "ps3")
 
 

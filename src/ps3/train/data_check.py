@@ -1,7 +1,7 @@
 """``ps3 data check DIR``: read every pair of a dataset as the trainer does and report on it.
 
 Each image/text-box pair goes through the pre-training dataset's own sample path
-(:class:`ps3.train.data.PretrainDataset` reading the shards in lockstep, decoding the image and
+(:class:`ps3.train.loader.PretrainDataset` reading the shards in lockstep, decoding the image and
 validating the record), so every skip the trainer would count is counted here, with up to three
 examples each. The usable samples are summarised: image sizes, usable boxes per image, box areas
 and caption lengths. The exit code is 1 when no sample is usable.
@@ -23,7 +23,7 @@ from ..data.convert_common import DropLog
 from ..data.shards import IMAGE_EXTENSIONS, SKIP_REASONS, iter_paired_shard, list_shard_pairs
 from ..data.writer import IMAGE_DIR, TEXT_BOX_DIR
 from .captions import usable_captions
-from .data import DataOptions, PretrainDataset
+from .loader import DataOptions, PretrainDataset
 
 __all__ = ["DatasetReport", "check_dataset", "report_lines", "add_arguments", "run_from_args"]
 

@@ -49,7 +49,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, TOKENIZER_DIR, Progress, find_resume
 from .distributed import (DistInfo, RankLog, full_state_dicts, init_distributed, load_full_state_dicts, on_main,
                           wrap)
 from .loss import PS3PretrainLoss, ps3_pretrain_loss
-from .model import PS3PretrainModule, initialise, logit_scale_max
+from .model_setup import PS3PretrainModule, initialise, logit_scale_max
 from .optim import build_optimizer, build_scheduler, clip_grad_norm, is_sharded
 from .params import RESUME_SENSITIVE, TrainParams, add_arguments
 
@@ -162,7 +162,7 @@ def _restore(params: TrainParams, info: DistInfo, module: nn.Module, model: PS3M
 def _build_loader(args: TrainParams, info: DistInfo, preprocessor: dict, tokenizer: PS3Tokenizer,
                   progress: Progress):
     """This rank's deterministic batch stream, positioned after the batches already consumed."""
-    from .data import DataOptions, build_dataloader
+    from .loader import DataOptions, build_dataloader
 
     options = DataOptions(
         image_size=preprocessor["image_size"], mean=preprocessor.get("mean", [0.5] * 3),

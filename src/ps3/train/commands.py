@@ -67,7 +67,7 @@ def register(subparsers) -> None:
 
     add_synthetic_arguments(synthetic)
     synthetic.set_defaults(func=_run_synthetic)
-    from .data_commands import register_data_commands
+    from ..data.commands import register_data_commands
 
     register_data_commands(data_sub)  # from-coco, from-vg, from-flickr30k-entities, from-jsonl, check, show
 

@@ -28,12 +28,12 @@ import torch
 from ..processor import fit_size
 from ..registry import SCALES_4K
 from ..encoder.selection import default_budgets
-from ..strategies import register
-from ..strategies.base import (Layout, Plan, Segment, Strategy, as_image, check_int, features, full_box, resize_image,
+from . import register
+from .base import (Layout, Plan, Segment, Strategy, as_image, check_int, features, full_box, resize_image,
                                squash)
-from .looks import encode_for_llm, encoder_of
-from .projector import kept_block_tokens, merge_grid
-from .tokens import _check_k, block_grids, plan_block_looks
+from ..mllm.looks import encode_for_llm, encoder_of
+from ..mllm.projector import kept_block_tokens, merge_grid
+from ..mllm.tokens import _check_k, block_grids, plan_block_looks
 
 
 def params_for(vision_model: Any) -> dict[str, Any]:
@@ -100,7 +100,7 @@ class PS3Strategy(Strategy):
         if tuple(encoder.ps3_scales) != p["scales"] or encoder.patch_size != p["patch_size"]:
             raise ValueError(f"the plan is for scales {list(p['scales'])} and patch {p['patch_size']} but the model "
                              f"has {list(encoder.ps3_scales)} and {encoder.patch_size}; plan with "
-                             "**ps3.mllm.strategy.params_for(model)")
+                             "**ps3.strategies.ps3.params_for(model)")
         image = as_image(image)
         dtype = next(encoder.parameters()).dtype
         pixels = (resize_image(image, plan.views[0].resize).float() * 2 - 1).to(dtype)  # mean = std = 0.5
