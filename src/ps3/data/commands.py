@@ -2,7 +2,7 @@
 ``from-coco``, ``from-vg``, ``from-flickr30k-entities``, ``from-jsonl``, ``check`` and ``show``.
 
 The converters and ``show`` live in the core (:mod:`ps3.data`); ``check`` reads through the
-trainer's own sample path (:mod:`ps3.train.data_check`), which is why the commands are wired
+trainer's own sample path (:mod:`ps3.data.check`), which is why the commands are wired
 here. Every module is imported when its command runs.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ _COMMANDS = [
      "files (several boxes: the enclosing box); the five captions become the global caption."),
     ("from-jsonl", "ps3.data.convert_jsonl", "convert a JSON Lines file of grounded captions into training shards",
      'One object per line: {"image": path, "global_text": ..., "regions": [{"text": ..., "box": [x0, y0, x1, y1]}]}.'),
-    ("check", "ps3.train.data_check", "read every sample as the trainer does; print counts and skip reasons",
+    ("check", "ps3.data.check", "read every sample as the trainer does; print counts and skip reasons",
      "Reads every image/text-box pair through the trainer's sample path and prints image sizes, boxes per "
      "image, caption lengths and every skip reason with examples. Exit code 1 when nothing is usable."),
     ("show", "ps3.data.show", "draw one sample's boxes and captions on its image (PNG)",

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.convert_common import DropLog
-from ..data.shards import IMAGE_EXTENSIONS, SKIP_REASONS, iter_paired_shard, list_shard_pairs
-from ..data.writer import IMAGE_DIR, TEXT_BOX_DIR
-from .captions import usable_captions
-from .loader import DataOptions, PretrainDataset
+from .convert_common import DropLog
+from .shards import IMAGE_EXTENSIONS, SKIP_REASONS, iter_paired_shard, list_shard_pairs
+from .writer import IMAGE_DIR, TEXT_BOX_DIR
+from ..train.captions import usable_captions
+from ..train.loader import DataOptions, PretrainDataset
 
 __all__ = ["DatasetReport", "check_dataset", "report_lines", "add_arguments", "run_from_args"]
 
