@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import register as register_bench
     from .train.commands import register as register_training
 
-    register_training(sub)  # train, export, data synthetic (webdataset is imported only when they run)
+    register_training(sub)  # train, export (webdataset is imported only when they run)
+    from .data.commands import register as register_data  # ps3 data: synthetic, converters, check, show
+    register_data(sub)
     register_bench(sub)
     from .extract.command import register as register_extract  # ps3 extract (issue 16)
     register_extract(sub)

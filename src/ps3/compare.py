@@ -217,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         device = parse_device(args.device)
     with user_input(str(args.image)):
         photo = load_image(args.image)
-    image = strategies.load_image(photo)
+    image = strategies.load_image_tensor(photo)
     vision = _load_vision(args.backbone, device)
     rows = []
     for name in names:
