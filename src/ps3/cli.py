@@ -8,6 +8,7 @@ traceback of user mistakes too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def _run_encode(args) -> int:
         if args.out:
             print(f"features written to {args.out}")
         if args.viz:
-            print(f"heatmaps written to {args.viz}/")
+            print(f"heatmaps written to {os.path.join(os.path.normpath(args.viz), '')}")
     return 0
 
 
