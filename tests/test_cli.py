@@ -29,9 +29,10 @@ def test_help_and_version(run_cli):
 
 def test_encode_writes_features_and_heatmaps(tmp_path, photo, run_cli):
     out = tmp_path / "feat.safetensors"
-    proc = run_cli("encode", photo, "--model", MODEL_DIR, "--looks", "2", "--out", out, "--viz", tmp_path / "viz",
+    proc = run_cli("encode", photo, "--model", MODEL_DIR, "--looks", "2", "--out", out, "--viz", f"{tmp_path}/viz/",
                    "--feature-maps", "--image-size", "224", check=True)
     assert "tokens per high-res scale" in proc.stdout and "[32, 128]" in proc.stdout
+    assert f"heatmaps written to {tmp_path}/viz/\n" in proc.stdout  # one slash, however --viz was spelled
     tensors = load_file(str(out))
     assert tensors["0.last_hidden_state"].shape == (16 + 160, 64)
     assert tensors["0.selection_maps.1"].sum() == 128

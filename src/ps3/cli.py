@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_extract(sub)
     from .compare import register as register_compare  # ps3 compare (issue 23)
     register_compare(sub)
+    from .random_models import register as register_init  # ps3 init random-4k OUT
+    register_init(sub)
     return parser
 
 
