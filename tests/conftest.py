@@ -3,7 +3,7 @@
 ``run_cli`` runs the ``ps3`` command line as a user would: ``run_cli("encode", photo, "--model", m)``
 starts a real subprocess (this checkout's ``src`` first on ``PYTHONPATH``) and returns its
 ``subprocess.CompletedProcess`` (text ``stdout`` / ``stderr``); ``check=True`` asserts exit code 0
-and shows stderr otherwise. ``run_cli.in_process(...)`` calls :func:`ps3.cli.main` in this
+and shows stderr otherwise; ``run_cli.popen(...)`` starts one in the background. ``run_cli.in_process(...)`` calls :func:`ps3.cli.main` in this
 process (fast; output captured with ``capsys``) and returns (exit code, stdout + stderr).
 """
 from __future__ import annotations
@@ -44,6 +44,12 @@ class CliRunner:
         if check:
             assert proc.returncode == 0, proc.stderr
         return proc
+
+    def popen(self, *args, module: str = "ps3.cli", env: dict[str, str] | None = None,
+              **kwargs) -> subprocess.Popen:
+        """``ps3 ARGS`` started in the background (stdout and stderr piped, text)."""
+        return subprocess.Popen(self.command(*args, module=module), env=cli_environment(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kwargs)
 
     def in_process(self, *args) -> tuple[int, str]:
         from ps3.cli import main
