@@ -7,6 +7,7 @@ import pytest
 
 # oneDNN capped at AVX2 is a CPU without bf16 units on any x86 machine: its bf16 products run at
 # ~1/60 of float32 and the encoder falls back to float32, whatever this machine has.
+@pytest.mark.slow
 @pytest.mark.parametrize("onednn_isa", [None, "AVX2"], ids=["this-cpu", "no-bf16-units"])
 def test_bench_json_reports_every_figure(onednn_isa, run_cli):
     # In bf16 (the float32 path is the same code): also the CPU's units and both matmul rates.
@@ -38,6 +39,7 @@ def test_bench_json_reports_every_figure(onednn_isa, run_cli):
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--device", "nonsense"], "--device: device must be cpu, cuda"),
 ])
+@pytest.mark.slow
 def test_bench_user_mistakes_give_one_line(args, message, run_cli):
     proc = run_cli("bench", *args)
     assert proc.returncode == 2 and message in proc.stderr

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from golden import MODEL_DIR
 
 
+pytestmark = pytest.mark.slow  # every test here starts subprocesses
+
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
     rng = np.random.default_rng(0)

@@ -24,6 +24,7 @@ def _table(stdout):
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
 
 
+@pytest.mark.slow
 def test_compare_every_strategy_at_a_budget(tmp_path, photo, run_cli):
     proc = run_cli("compare", photo, "--backbone", "tiny", "--budget", "900", "--out", tmp_path, "--no-warmup")
     assert proc.returncode == 0, proc.stderr

@@ -204,6 +204,7 @@ def test_flickr30k_entities(tmp_path, capsys, run_cli):
 # All four: ps3 data check accepts them, ps3 train trains on them
 
 
+@pytest.mark.slow
 def test_check_and_train_on_every_converter(tmp_path, capsys, run_cli):
     outputs = []
     coco, vg, flickr = _coco(tmp_path / "c"), _visual_genome(tmp_path / "v"), _flickr(tmp_path / "f")

@@ -171,6 +171,7 @@ def test_prompts_file_steers_its_images_and_the_rest_stay_bottom_up(tmp_path, mo
         torch.testing.assert_close(sample.last_hidden_state, ref.last_hidden_state[0], atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_command_line_all_patches_with_feature_maps(tmp_path, run_cli):
     make_images(tmp_path / "imgs", 3)
     proc = run_cli("extract", tmp_path / "imgs", "--model", MODEL_DIR, "--out", tmp_path / "out", "--all",

@@ -36,6 +36,7 @@ def kill_after_first_shard(run_cli, images, out, model) -> list[str]:
     return sorted(p.name for p in out.glob("part-*.tar"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_finishes_with_every_key_once(tmp_path, model, run_cli):
     make_images(tmp_path / "imgs", IMAGES)
     out = tmp_path / "out"

@@ -284,6 +284,7 @@ def _kill_when(proc, path_glob, directory, timeout=120):
     raise AssertionError("no checkpoint appeared in time")
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_bit_identical(setup, tmp_path):
     # Batches of 8 with 48 selected cells each are large enough for the CPU kernels to
     # parallelise the gathers' backward: exactness then needs deterministic kernels.
@@ -315,6 +316,7 @@ def test_sigkilled_run_resumes_bit_identical(setup, tmp_path):
     assert not list((run / "checkpoints").glob(".*tmp*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, mode):
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -398,6 +400,7 @@ def test_read_only_output_dir_is_a_clear_error(setup, read_only_dir, capsys):
     assert list(read_only_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_keeps_previous(setup, tmp_path):
     run = tmp_path / "run"
     assert train_in_process(argv(setup, run, 2)) == 0
