@@ -29,7 +29,7 @@ from .batching import (ImageGroup, check_call, check_images, encoded_counts, gro
 from ..config import PS3VisionConfig
 from .cuda_graphs import GraphedBlocks
 from ..hub import PretrainedMixin
-from .looks import GroupLooks, pool_looks, run_looks
+from .looks import GroupLooks, LookParts, pool_looks, run_looks
 from .outputs import LowResPass, PS3VisionOutput, feature_maps
 from .precision import float32_fallback
 from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, select_cells)
@@ -161,6 +161,13 @@ class PS3VisionEncoder(nn.Module):
                 self._graphed_blocks = GraphedBlocks(self.trunk)
             return self._graphed_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
         return self.trunk.forward_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
+
+    def look_parts(self) -> LookParts:
+        """The parts encoding looks uses (``ps3.encoder.looks``): patch embedding, position tables,
+        the trunk's blocks (graphed or eager) and its pooling."""
+        return LookParts(self.trunk.patch_embed, self.trunk.pos_embed_at, self.pos_emb_residual,
+                         tuple(self.ps3_scales), self.patch_size, self._blocks, self.trunk.forward_blocks,
+                         self.trunk.pool)
 
     def forward_low_res(self, pixel_values, keep_kv: bool = True):
         """Low-res pass over every image resized to the square s_0 (a tensor or a list of images
@@ -389,7 +396,7 @@ class PS3VisionEncoder(nn.Module):
         # lengths run unpadded, one image's look per pass, `python benchmarks/ragged.py`).
         budget = max_tokens or self.max_tokens_per_pass or (16384 if low_res.pooled_output.is_cuda else 1)
         mixed = len(looks) > 1
-        return run_looks(self, looks, low_res, low_res.batch_size, keep, budget, 1 if mixed and budget == 1 else None)
+        return run_looks(self.look_parts(), looks, low_res, low_res.batch_size, keep, budget, 1 if mixed and budget == 1 else None)
 
     @float32_fallback
     def encode_pooled(self, pixel_values, *, prompt: torch.Tensor | None = None, gt_selection_maps=None,
@@ -410,7 +417,7 @@ class PS3VisionEncoder(nn.Module):
                         if gl.group.gt_selection_maps is not None else torch.ones_like(gl.order[0], dtype=torch.bool)
                         for gl in looks]
         B = low_res.batch_size
-        pooled = pool_looks(self, looks, low_res, B, gt_cells)
+        pooled = pool_looks(self.look_parts(), looks, low_res, B, gt_cells)
         if is_global_text is not None:
             pooled = torch.where(is_global_text.view(B, 1).bool(), low_res.pooled_output, pooled)
         out.pooled_output = pooled
