@@ -8,7 +8,7 @@ import torch
 import ps3
 from ps3 import registry
 from ps3.config import PS3Config
-from ps3.selection import default_budgets
+from ps3.encoder.selection import default_budgets
 
 
 def test_so400m_backbone_shape():
@@ -74,6 +74,7 @@ def test_bench_presets_build_configs():
         registry.bench_vision_config("gpu")
 
 
+@pytest.mark.slow
 def test_registry_does_not_import_the_trainer():
     import subprocess
     import sys
