@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ps3 import PS3VisionConfig, PS3VisionModel
+from ps3 import LowResPass, PS3VisionConfig, PS3VisionModel
 from ps3.data.hrqa import SHAPES, write_hrqa
 from ps3.mllm import IGNORE_INDEX, encode_for_llm, selection_target_loss, splice_image_tokens
 from ps3.mllm.frontends import FRONTENDS, RowFrontend, knob_for_tokens, plan_for, top_down
-from ps3.outputs import LowResPass
+
 from ps3.registry import training_config
 from ps3.runtime import matmul_rate, measure
 

@@ -49,7 +49,7 @@ def geometry(name: str, vision: Any) -> dict[str, Any]:
     scales, patch = tuple(encoder.ps3_scales), encoder.patch_size
     s0, top = scales[0], scales[-1]
     if name in ("low_res", "ps3_bottom_up", "ps3_top_down", "ps3"):
-        from .strategy import params_for
+        from ..strategies.ps3 import params_for
 
         return {**params_for(encoder), "num_looks": 0 if name == "low_res" else 1}
     if name == "s2":
@@ -127,7 +127,7 @@ def ps3_budgets(vision: Any, knob_value: int | None) -> list[int]:
     """High-res cells per scale of one look at ``num_token_look_close = knob_value``, split as the
     ``ps3`` plan splits it (so a :class:`ps3.mllm.TwoPassPS3` with these budgets gives the LLM
     the plan's token count)."""
-    from .strategy import _budgets
+    from ..strategies.ps3 import _budgets
 
     return _budgets({**geometry("ps3_top_down", vision), "num_token_look_close": knob_value})
 
