@@ -98,6 +98,7 @@ def test_every_tag_shape_has_the_same_ink_area():
         assert max(tag_side(s, cell) for s in SHAPES) < cell
 
 
+@pytest.mark.slow
 def test_command_writes_the_set_and_refuses_bad_arguments(tmp_path):
     env_cmd = [sys.executable, "-m", "ps3.cli", "data", "hrqa"]
     done = subprocess.run([*env_cmd, str(tmp_path / "d"), "--images", "2", "--size", "128", "--split", "test",

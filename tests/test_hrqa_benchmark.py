@@ -19,6 +19,7 @@ def _benchmark():
     return module
 
 
+@pytest.mark.slow  # ps3 train runs as a subprocess
 def test_tiny_pipeline_writes_a_table_with_the_planned_tokens(tmp_path):
     bench = _benchmark()
     out = tmp_path / "run"
