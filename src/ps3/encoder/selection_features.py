@@ -85,7 +85,7 @@ class HighresSelectionFeatures(nn.Module):
 
 def bicubic_resize(x: torch.Tensor, size: Size) -> torch.Tensor:
     """Plain (not antialiased) bicubic resize in the input's dtype, as the encoder resizes its
-    inputs to each scale (the strategies' ``resize_image`` is antialiased, in float32). A
+    inputs to each scale (the strategies' ``resize_antialiased_fp32`` is antialiased, in float32). A
     no-op at the same size: bicubic weights at zero offset are exactly (0, 1, 0, 0). For
     bf16/fp16 the kernel accumulates in float32 and rounds once, so it matches resizing a float32
     copy to one rounding without making that copy (171 MB for a 3780 px image)."""
