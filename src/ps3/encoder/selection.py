@@ -138,7 +138,7 @@ def _look_count(num_look_close, num_token_look_close, total: int, step: int) -> 
     check_look_option("num_token_look_close", num_token_look_close)
     if num_look_close == 0 or num_token_look_close == 0:
         return _LookCount(0)
-    first_tokens = last_tokens = None
+    first_tokens = None
     if num_look_close is not None and isinstance(num_token_look_close, int) and num_token_look_close <= step:
         first_tokens = num_token_look_close  # both given: upstream shrinks the first look only
     if num_look_close == "all" or num_token_look_close == "all":
