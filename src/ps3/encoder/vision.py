@@ -314,14 +314,14 @@ class PS3VisionEncoder(nn.Module):
         selection, low_res = select_looks(self, request, TopKCells(tuple(self.max_select_num_each_scale), True))
         looks = selection.looks
         gt_cells = None
-        if pool_gt_token_only:
+        if request.pool_gt_token_only:
             gt_cells = [gt_area_at_cells(gl.group.gt_selection_maps, gl.sizes[1:]).gather(1, gl.order[0]) > 0
                         if gl.group.gt_selection_maps is not None else torch.ones_like(gl.order[0], dtype=torch.bool)
                         for gl in looks]
         B = low_res.batch_size
         pooled = pool_looks(self.look_parts(), looks, low_res, B, gt_cells)
-        if is_global_text is not None:
-            pooled = torch.where(is_global_text.view(B, 1).bool(), low_res.pooled_output, pooled)
+        if request.is_global_text is not None:
+            pooled = torch.where(request.is_global_text.view(B, 1).bool(), low_res.pooled_output, pooled)
         return selection.output(request, pooled=pooled)
 
     def forward(self, pixel_values, num_look_close=None, num_token_look_close=None,
