@@ -141,12 +141,13 @@ def record(model, name: str, case: dict, pixels: torch.Tensor, out_dir: Path, te
     print(f"  {name}: {sorted(k for k in t if not k.startswith('expected.hidden'))[:6]} ...")
 
 
-def layout(modeling_module, config_cls) -> dict:
-    """Key -> shape of upstream's joint model at the published pool width (1152), unpatched."""
+def layout(config_cls) -> dict:
+    """The joint config and key -> shape of upstream's model at the published pool width (1152),
+    unpatched."""
     from ps3 import PS3Model
     config = config_cls(vision_config=vision_config(1152), text_config=text_config(1152))
     model = PS3Model(config)
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {"config": config.to_dict(), "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}
 
 
 def main() -> None:
@@ -157,6 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, args.upstream)
     import ps3.modeling_ps3 as modeling
+
     from ps3 import PS3Config, PS3Model
 
     torch.manual_seed(args.seed)
@@ -164,7 +166,7 @@ def main() -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     (out / "cases").mkdir(parents=True)
-    (out / "layout_1152.json").write_text(json.dumps(layout(modeling, PS3Config), indent=0, sort_keys=True) + "\n")
+    (out / "layout_1152.json").write_text(json.dumps(layout(PS3Config), indent=0, sort_keys=True) + "\n")
 
     patch_pool_width(modeling, ADAPTER_OUT)
     model = PS3Model(PS3Config(vision_config=vision_config(), text_config=text_config())).eval()
@@ -174,7 +176,7 @@ def main() -> None:
     print("saved", out / "model", sum(p.numel() for p in model.parameters()), "parameters")
 
     g = torch.Generator().manual_seed(args.seed + 1)
-    pix = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    pix = lambda *s: torch.randn(*s, generator=g)
     ids = torch.randint(1, 256, (2, 16), generator=g)
     ids[:, 12:] = 0
     # Inputs are small (the model resizes them to every scale): the fixture stays small.

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import ViTArch
+from ..registry import ViTArch
 
 #: The MAP pool after the adapter: upstream fixes its heads and MLP ratio to the SigLIP so400m pool's.
 RADIO_POOL_HEADS: int = 16
@@ -89,7 +89,7 @@ class RadioSpec:
     final_norm: bool
 
     @classmethod
-    def from_config(cls, config: Any, trunk_width: int) -> "RadioSpec | None":
+    def from_config(cls, config: Any, trunk_width: int) -> RadioSpec | None:
         """None unless ``config.radio``; a ValueError naming the key for a bad or missing value."""
         if not getattr(config, "radio", False):
             return None
