@@ -1,5 +1,5 @@
-"""The published callers' code paths, replayed on tiny models (SigLIP-style and C-RADIO-style): what NVlabs/VILA (b760c34) and
-haotian-liu/LLaVA (c121f04) do with the ``ps3`` and ``s2wrapper`` packages, written from a reading
+"""The published callers' code paths, replayed on tiny models (SigLIP-style and C-RADIO-style):
+what NVlabs/VILA (b760c34) and haotian-liu/LLaVA (c121f04) do with the ``ps3`` and ``s2wrapper`` packages, written from a reading
 of their code (not copied), with transformers as the only extra.
 
 - VILA ``VisionTower.forward``'s PS3 branch (llava/model/multimodal_encoder/vision_encoder.py):
