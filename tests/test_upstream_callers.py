@@ -1,6 +1,6 @@
 """The published callers' code paths, replayed on tiny models (SigLIP-style and C-RADIO-style):
-what NVlabs/VILA (b760c34) and haotian-liu/LLaVA (c121f04) do with the ``ps3`` and ``s2wrapper`` packages, written from a reading
-of their code (not copied), with transformers as the only extra.
+what NVlabs/VILA (b760c34) and haotian-liu/LLaVA (c121f04) do with the ``ps3`` and ``s2wrapper``
+packages, written from a reading of their code (not copied), with transformers as the only extra.
 
 - VILA ``VisionTower.forward``'s PS3 branch (llava/model/multimodal_encoder/vision_encoder.py):
   the tower is called with the images in its dtype, the top-down prompt and the look options;
