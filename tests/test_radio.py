@@ -157,3 +157,23 @@ def test_bf16_agrees_with_float32(vision):
     assert [torch.equal(a.bool(), b.bool()) for a, b in zip(got.selection_maps, want.selection_maps)] == [True, True]
     for a, b, what in ((got.last_hidden_state, want.last_hidden_state, "tokens"), (got_pooled, want_pooled, "pooled")):
         torch.testing.assert_close(a.float(), b, rtol=0, atol=2 ** -5 * b.abs().max().item(), msg=what)
+
+
+def test_c_radio_bench_preset():
+    """``ps3 bench --preset c-radio`` / ``benchmarks/bf16.py --preset c-radio``: the published 4K
+    C-RADIOv2 vision tower's layout at full size, a working tower when narrowed."""
+    from ps3.cli import build_parser
+
+    assert registry.preset_scales("c-radio") == (registry.SCALES_1P5K_RADIO, registry.SCALES_4K_RADIO)
+    with torch.device("meta"):
+        bench = ps3.PS3VisionModel(registry.bench_vision_config("c-radio"))
+        published = ps3.PS3VisionModel(PS3VisionConfig.from_dict(registry.published_configs("PS3-4K-C-RADIOv2")[0]))
+    assert shapes(bench) == shapes(published)
+    small = registry.bench_vision_config("c-radio", [32, 64], width=64, depth=2)
+    torch.manual_seed(0)
+    model = ps3.PS3VisionModel(small).eval()
+    assert model.vision_model.patch_size == 16 and model.vision_model.trunk.pooled_dim == 1152
+    with torch.no_grad():
+        out, pooled = model.encode_looks_with_pooled(torch.randn(1, 3, 64, 64), num_look_close=1)
+    assert out.last_hidden_state.shape[-1] == 64 and pooled.shape == (1, 1152)
+    assert build_parser().parse_args(["bench", "--preset", "c-radio"]).preset == "c-radio"
