@@ -109,8 +109,9 @@ def save_case(path: Path, case: dict, tensors: dict) -> None:
 def record(model, name: str, case: dict, pixels: torch.Tensor, out_dir: Path, text_ids=None, gt=None,
            is_global_text=None) -> None:
     vision = model.vision_model  # upstream's PS3VisionEncoder (what PS3VisionModel.forward calls)
+    pixels = pixels.to(getattr(torch, case.get("dtype", "float32")))
     t = {"input.pixel_values": pixels}
-    kw = {k: v for k, v in case.items() if k not in ("text", "pretrain")}
+    kw = {k: v for k, v in case.items() if k not in ("text", "pretrain", "dtype")}
     with torch.no_grad():
         if text_ids is not None:
             tout = model.text_model(text_ids)
@@ -119,7 +120,7 @@ def record(model, name: str, case: dict, pixels: torch.Tensor, out_dir: Path, te
             kw["prompt"] = tout.prompt
         if gt is not None:
             t["input.gt_selection_maps"] = gt
-            kw["gt_selection_maps"] = gt
+            kw["gt_selection_maps"] = gt.to(pixels.dtype)
         if is_global_text is not None:
             t["input.is_global_text"] = is_global_text
             kw["is_global_text"] = is_global_text
@@ -199,6 +200,21 @@ def main() -> None:
     record(model, "pretrain_bottomup", {"pretrain": True}, square, cases)
     record(model, "pretrain_gt_pool", {"pretrain": True, "text": True, "pool_gt_token_only": True}, square,
            cases, text_ids=ids, gt=gt, is_global_text=torch.tensor([[False], [True]]))
+
+    # bfloat16 (upstream runs it on a CPU too): the model and the input cast, every output bf16.
+    # The gt maps force exactly one look's cells (3 x 3 of the 6 x 6 grid and 6 x 6 of the 12 x 12
+    # one: the budgets 9 and 36), so that bf16's coarse probabilities leave no tie at the
+    # boundary; these cases go to cases_bf16/ and are compared with bf16 tolerances.
+    model.to(torch.bfloat16)
+    forced = torch.zeros(2, 32, 32)
+    forced[0, :16, :16] = 1
+    forced[1, 16:, 16:] = 1
+    bf16 = out / "cases_bf16"
+    bf16.mkdir()
+    record(model, "bf16_gt_look1", {"num_look_close": 1, "dtype": "bfloat16"}, square, bf16, gt=forced)
+    record(model, "bf16_lowres_only", {"num_look_close": 0, "dtype": "bfloat16"}, square, bf16)
+    record(model, "bf16_pretrain_gt", {"pretrain": True, "text": True, "dtype": "bfloat16"}, square, bf16,
+           text_ids=ids, gt=forced)
 
 
 if __name__ == "__main__":

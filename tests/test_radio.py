@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from golden import RADIO_CASES, RADIO_FIXTURES, RADIO_MODEL_DIR, run_case
+from golden import RADIO_CASES, RADIO_FIXTURES, RADIO_MODEL_DIR, indexed, load_case, run_case
 from safetensors.torch import load_file
-from tolerances import assert_close_paths, assert_same_selection
+from tolerances import assert_close_bf16, assert_close_paths, assert_same_selection
 
 import ps3
 from ps3 import registry
@@ -143,22 +143,6 @@ def test_mixed_batch_equals_single_calls(vision):
             assert_close_paths(pooled[b:b + 1], ref.pooled_output, f"pooled {b}")
 
 
-def test_bf16_agrees_with_float32(vision):
-    """A bf16 tower returns bf16 everywhere and stays within bf16 rounding of float32 on cells
-    both select (gt maps force one look's cells: no tie at the boundary)."""
-    low = ps3.PS3VisionModel.from_pretrained(RADIO_MODEL_DIR, dtype="bfloat16").eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    gt = torch.zeros(2, 96, 96)
-    gt[:, :48, :48] = 1  # 3 x 3 of the 6 x 6 grid and 6 x 6 of the 12 x 12 one: the budgets 9 and 36
-    with torch.no_grad():
-        want, want_pooled = vision.encode_looks_with_pooled(x, num_look_close=1, gt_selection_maps=gt)
-        got, got_pooled = low.encode_looks_with_pooled(x.bfloat16(), num_look_close=1, gt_selection_maps=gt)
-    assert got.last_hidden_state.dtype == got_pooled.dtype == got.selection_maps[0].dtype == torch.bfloat16
-    assert [torch.equal(a.bool(), b.bool()) for a, b in zip(got.selection_maps, want.selection_maps)] == [True, True]
-    for a, b, what in ((got.last_hidden_state, want.last_hidden_state, "tokens"), (got_pooled, want_pooled, "pooled")):
-        torch.testing.assert_close(a.float(), b, rtol=0, atol=2 ** -5 * b.abs().max().item(), msg=what)
-
-
 def test_c_radio_bench_preset():
     """``ps3 bench --preset c-radio`` / ``benchmarks/bf16.py --preset c-radio``: the published 4K
     C-RADIOv2 vision tower's layout at full size, a working tower when narrowed."""
@@ -177,3 +161,43 @@ def test_c_radio_bench_preset():
         out, pooled = model.encode_looks_with_pooled(torch.randn(1, 3, 64, 64), num_look_close=1)
     assert out.last_hidden_state.shape[-1] == 64 and pooled.shape == (1, 1152)
     assert build_parser().parse_args(["bench", "--preset", "c-radio"]).preset == "c-radio"
+
+
+BF16_CASES = sorted((RADIO_FIXTURES / "cases_bf16").glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def towers_bf16():
+    return (ps3.PS3VisionModel.from_pretrained(RADIO_MODEL_DIR, dtype="bfloat16").eval(),
+            ps3.PS3TextModel.from_pretrained(RADIO_MODEL_DIR, dtype="bfloat16").eval())
+
+
+@pytest.mark.parametrize("path", BF16_CASES, ids=[p.stem for p in BF16_CASES])
+def test_bf16_case_matches_upstream(towers_bf16, path):
+    """Upstream's bf16 run on a CPU (model and input cast): every output bf16, the forced cells
+    selected, values within bf16 rounding of upstream's."""
+    vision, text = towers_bf16
+    meta, t = load_case(path)
+    kw = {"num_look_close": meta["num_look_close"]} if "num_look_close" in meta else {}
+    with torch.no_grad():
+        if "input.text_ids" in t:
+            tout = text(t["input.text_ids"])
+            assert_close_bf16(tout.prompt, t["expected.text.prompt"], "text.prompt")
+            assert_close_bf16(tout.pooled_output, t["expected.text.pooled_output"], "text.pooled_output")
+            kw["prompt"] = tout.prompt
+        if "input.gt_selection_maps" in t:
+            kw["gt_selection_maps"] = t["input.gt_selection_maps"]
+        out = vision(t["input.pixel_values"], output_hidden_states=not meta.get("pretrain"), **kw)
+    for field in ("selection_probs", "bottomup_selection_probs", "topdown_selection_probs"):
+        for i, want in enumerate(indexed(t, f"expected.{field}")):
+            assert_close_bf16(getattr(out, field)[i], want, f"{field}[{i}]", prob=True)
+    for i, want in enumerate(indexed(t, "expected.selection_maps")):
+        assert out.selection_maps[i].dtype == want.dtype and torch.equal(out.selection_maps[i], want), i
+    if "expected.last_hidden_state" in t:
+        assert_close_bf16(out.last_hidden_state, t["expected.last_hidden_state"], "last_hidden_state")
+        layers = indexed(t, "expected.hidden_states")
+        assert len(out.hidden_states) == len(layers)
+        for i, want in enumerate(layers):
+            assert_close_bf16(out.hidden_states[i], want, f"hidden_states[{i}]")
+    if "expected.pooled_output" in t:
+        assert_close_bf16(out.pooled_output, t["expected.pooled_output"], "pooled_output")
