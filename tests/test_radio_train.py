@@ -9,8 +9,11 @@ from safetensors.torch import load_file
 from tolerances import assert_close_paths
 
 from ps3 import PS3Model, PS3VisionModel
-from ps3.train.export import export, load_run_model
-from ps3.train.synthetic import write_synthetic_dataset
+
+pytest.importorskip("webdataset")  # the trainer's data loader (ps3[train])
+
+from ps3.train.export import export, load_run_model  # noqa: E402
+from ps3.train.synthetic import write_synthetic_dataset  # noqa: E402
 
 RADIO_MICRO = {
     "vision_config": {
@@ -34,7 +37,7 @@ RADIO_MICRO = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from ps3.train.cli import main_train
+    from ps3.train.commands import main_train
 
     root = tmp_path_factory.mktemp("radio_train")
     write_synthetic_dataset(root / "data", 8, seed=0, size=64, shard_size=8)
@@ -56,7 +59,7 @@ def test_one_step_reaches_the_adapter_and_the_pool():
     them finite, non-zero gradients (the prompt, in the trunk's width, only steers the selection)."""
     from ps3 import PS3Config
     from ps3.train.loss import siglip_loss
-    from ps3.train.model import PS3PretrainModule, initialise
+    from ps3.train.model_setup import PS3PretrainModule, initialise
 
     config = PS3Config(**json.loads(json.dumps(RADIO_MICRO)))
     config.text_config.vocab_size = 20
