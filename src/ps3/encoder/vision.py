@@ -36,8 +36,7 @@ from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
                                  gt_area_at_cells, highres_features, prior_and_prompt_probs, bicubic_resize_all,
                                  upsample_probs)
-from .radio import RadioSpec
-from .vit import Mlp, VisionTransformer, arch_from_config
+from .vit import Mlp, arch_from_config, trunk_from_config
 
 __all__ = ["PS3VisionEncoder", "PS3VisionModel", "PS3VisionOutput", "LowResPass", "HIGHRES_SELECTION_SIZE"]
 
@@ -56,18 +55,6 @@ def _check_vision_config(config: PS3VisionConfig, patch: int) -> None:
         raise ValueError(f"select_based_on_layer {config.select_based_on_layer} must index the {depth} blocks")
 
 
-def _trunk(config: PS3VisionConfig) -> VisionTransformer:
-    """The trunk a config describes; ``img_size`` (upstream passes it to timm) sizes the position
-    table. A C-RADIO trunk crops that table, so it must cover the largest scale's grid."""
-    arch = arch_from_config(config.model_name, config.vit, getattr(config, "img_size", None))
-    radio = RadioSpec.from_config(config, arch.embed_dim)
-    if radio is not None and max(config.ps3_scales) // arch.patch_size > arch.pos_grid:
-        raise ValueError(f"a C-RADIO trunk crops its {arch.pos_grid}x{arch.pos_grid} position table, which is smaller "
-                         f"than the {max(config.ps3_scales)} px scale's grid: set img_size to at least "
-                         f"{max(config.ps3_scales)}")
-    return VisionTransformer(arch, radio=radio)
-
-
 class PS3VisionEncoder(nn.Module):
     def __init__(self, config: PS3VisionConfig):
         super().__init__()
@@ -76,7 +63,7 @@ class PS3VisionEncoder(nn.Module):
         _check_vision_config(config, arch.patch_size)
         if arch.embed_dim != config.hidden_size:
             raise ValueError(f"hidden_size {config.hidden_size} does not match the backbone width {arch.embed_dim}")
-        self.trunk = _trunk(config)
+        self.trunk = trunk_from_config(config)
         self.width = arch.embed_dim
         self.layers = arch.depth
         self.patch_size = arch.patch_size

@@ -12,6 +12,7 @@ Parameter names follow timm's ``VisionTransformer`` so published checkpoints loa
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from torch.utils.checkpoint import checkpoint
 from ..registry import VIT_REGISTRY, ViTArch, arch_from_config  # noqa: F401  (re-exported)
 from .precision import attention
 from .radio import RadioSpec
+
+if TYPE_CHECKING:
+    from ..config import PS3VisionConfig
 
 
 class Mlp(nn.Module):
@@ -393,3 +397,15 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass (activation checkpointing) when ``enable``."""
         self.grad_checkpointing = bool(enable)
+
+
+def trunk_from_config(config: PS3VisionConfig) -> VisionTransformer:
+    """The trunk a config describes; ``img_size`` (upstream passes it to timm) sizes the position
+    table. A C-RADIO trunk crops that table, so it must cover the largest scale's grid."""
+    arch = arch_from_config(config.model_name, config.vit, getattr(config, "img_size", None))
+    radio = RadioSpec.from_config(config, arch.embed_dim)
+    if radio is not None and max(config.ps3_scales) // arch.patch_size > arch.pos_grid:
+        raise ValueError(f"a C-RADIO trunk crops its {arch.pos_grid}x{arch.pos_grid} position table, which is smaller "
+                         f"than the {max(config.ps3_scales)} px scale's grid: set img_size to at least "
+                         f"{max(config.ps3_scales)}")
+    return VisionTransformer(arch, radio=radio)
