@@ -151,11 +151,42 @@ def layout(config_cls) -> dict:
     return {"config": config.to_dict(), "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}
 
 
+def record_variants(modeling, out: Path, seed: int) -> None:
+    """Checks too large to keep (run check_ps3_cases.py on each ``out/<variant>`` by hand):
+    ``pool1152`` is upstream's code unpatched (the adapter ends at 1152, the pool is its hard-coded
+    1152-wide one, 61 MB); ``v1_finalnorm`` the v1 adapter with the final norm kept."""
+    from ps3 import PS3Config, PS3Model
+
+    original = modeling.AttentionPoolLatent
+    variants = {"pool1152": (vision_config(1152), text_config(1152), False),
+                "v1_finalnorm": ({**vision_config(), "radio_adapter_mlp_version": "v1", "final_norm": True},
+                                 text_config(), True)}
+    for name, (vision, text, patch) in variants.items():
+        modeling.AttentionPoolLatent = original
+        if patch:
+            patch_pool_width(modeling, ADAPTER_OUT)
+        model = PS3Model(PS3Config(vision_config=vision, text_config=text)).eval()
+        perturb(model, seed + 3)
+        model.vision_model.num_hidden_layers_to_return = TRUNK["depth"]
+        shutil.rmtree(out / name, ignore_errors=True)
+        (out / name / "cases").mkdir(parents=True)
+        model.save_pretrained(out / name / "model")
+        g = torch.Generator().manual_seed(seed + 4)
+        x = torch.randn(2, 3, 40, 56, generator=g)  # non-square
+        ids = torch.randint(1, 256, (2, 16), generator=g)
+        cases = out / name / "cases"
+        record(model, "topdown_look1", {"num_look_close": 1, "text": True}, x, cases, text_ids=ids)
+        record(model, "all", {"num_look_close": "all"}, x, cases)
+        record(model, "pretrain", {"pretrain": True}, x, cases)
+    modeling.AttentionPoolLatent = original
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--upstream", required=True, help="a checkout of NVlabs/PS3")
     ap.add_argument("--out", required=True, help="fixture directory to (re)write")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", help="also write the unstored variant checks (see record_variants) here")
     args = ap.parse_args()
     sys.path.insert(0, args.upstream)
     import ps3.modeling_ps3 as modeling
@@ -164,8 +195,11 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     register_tiny_vit()
+    if args.variants:
+        record_variants(modeling, Path(args.variants), args.seed)
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    for part in ("model", "cases", "cases_bf16"):  # the README beside them stays
+        shutil.rmtree(out / part, ignore_errors=True)
     (out / "cases").mkdir(parents=True)
     (out / "layout_1152.json").write_text(json.dumps(layout(PS3Config), indent=0, sort_keys=True) + "\n")
 
