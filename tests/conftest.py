@@ -3,8 +3,9 @@
 ``run_cli`` runs the ``ps3`` command line as a user would: ``run_cli("encode", photo, "--model", m)``
 starts a real subprocess (this checkout's ``src`` first on ``PYTHONPATH``) and returns its
 ``subprocess.CompletedProcess`` (text ``stdout`` / ``stderr``); ``check=True`` asserts exit code 0
-and shows stderr otherwise; ``run_cli.popen(...)`` starts one in the background. ``run_cli.in_process(...)`` calls :func:`ps3.cli.main` in this
-process (fast; output captured with ``capsys``) and returns (exit code, stdout + stderr).
+and shows stderr otherwise; ``run_cli.popen(...)`` starts one in the background.
+``run_cli.in_process(...)`` calls :func:`ps3.cli.main` in this process (fast; output captured with
+``capsys``) and returns (exit code, stdout + stderr).
 """
 from __future__ import annotations
 
