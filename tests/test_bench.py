@@ -1,4 +1,4 @@
-"""``ps3 bench`` end to end on a narrow trunk: every figure the issue asks for is measured and consistent."""
+"""``ps3 bench`` end to end on a narrow trunk: every figure it reports is measured and consistent."""
 import json
 import math
 
