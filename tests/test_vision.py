@@ -360,7 +360,7 @@ def test_cuda_graphs_flag_is_a_no_op_off_the_gpu(model):
 
 
 def test_low_precision_resize_is_the_float32_resize_to_one_rounding():
-    from ps3.encoder.selection_features import resize_image as _resize
+    from ps3.encoder.selection_features import bicubic_resize as _resize
 
     x = images(2, 300, 260).bfloat16()
     expected = torch.nn.functional.interpolate(x.float(), size=(378, 378), mode="bicubic", align_corners=False)
