@@ -90,7 +90,8 @@ def _arch(model_name: str, vit: dict[str, Any] | None) -> ViTArch:
             raise ValueError(f"vision config 'vit' dict lacks {missing}; it needs {list(required)} "
                              "plus optional mlp_ratio, img_size, global_pool, act")
         if vit.get("class_token"):
-            raise ValueError("vision config 'vit': class_token=True is not supported (PS3 trunks have no prefix tokens)")
+            raise ValueError("vision config 'vit': class_token=True is not supported "
+                             "(PS3 trunks have no prefix tokens)")
         patch = int(vit["patch_size"])
         img = int(vit.get("img_size") or 224)
         act = str(vit.get("act", vit.get("act_layer", "gelu")))
