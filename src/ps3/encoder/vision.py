@@ -37,7 +37,7 @@ from .selection import LookPlan, TokenCount, default_budgets, plan_looks, scale_
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, bicubic_resize_all,
                                  gt_area_at_cells, highres_features)
 from .selection_pipeline import CellRule, TopKCells, select_looks
-from .vit import Mlp, VisionTransformer, arch_from_config
+from .vit import Mlp, arch_from_config, trunk_from_config
 
 __all__ = ["PS3VisionEncoder", "PS3VisionModel", "PS3VisionOutput", "LowResPass", "HIGHRES_SELECTION_SIZE"]
 
@@ -54,8 +54,6 @@ def _check_vision_config(config: PS3VisionConfig, patch: int) -> None:
     depth = arch_from_config(config.model_name, config.vit).depth
     if any(not 0 <= i < depth for i in config.select_based_on_layer):
         raise ValueError(f"select_based_on_layer {config.select_based_on_layer} must index the {depth} blocks")
-    if config.radio:
-        raise ValueError("radio=True (C-RADIO backbones) is not supported by this release")
 
 
 class PS3VisionEncoder(nn.Module):
@@ -66,7 +64,7 @@ class PS3VisionEncoder(nn.Module):
         _check_vision_config(config, arch.patch_size)
         if arch.embed_dim != config.hidden_size:
             raise ValueError(f"hidden_size {config.hidden_size} does not match the backbone width {arch.embed_dim}")
-        self.trunk = VisionTransformer(arch, crop_pos_embed=bool(config.radio))
+        self.trunk = trunk_from_config(config)
         self.width = arch.embed_dim
         self.layers = arch.depth
         self.patch_size = arch.patch_size
