@@ -19,8 +19,10 @@
 names are re-exported from ``ps3``.
 """
 from .outputs import LowResPass, PS3VisionOutput
+from .request import EncodeRequest
 from .selection import TokenCount, first_n_scales_for_sizes
+from .selection_pipeline import CellRule, TopKCells
 from .vision import PS3VisionEncoder, PS3VisionModel
 
-__all__ = ["LowResPass", "PS3VisionOutput", "TokenCount", "first_n_scales_for_sizes", "PS3VisionEncoder",
-           "PS3VisionModel"]
+__all__ = ["CellRule", "EncodeRequest", "LowResPass", "PS3VisionOutput", "TokenCount", "TopKCells",
+           "first_n_scales_for_sizes", "PS3VisionEncoder", "PS3VisionModel"]
