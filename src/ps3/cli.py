@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_extract(sub)
     from .compare import register as register_compare  # ps3 compare (issue 23)
     register_compare(sub)
+    from .serve.command import register as register_serve  # ps3 serve (fastapi is imported only when it runs)
+    register_serve(sub)
     return parser
 
 
