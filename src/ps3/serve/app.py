@@ -131,8 +131,9 @@ class Service:
         else:
             pixels, size = await run_in_threadpool(engine.decode, data)
         input_size = tuple(pixels.shape[-2:])
+        budget = engine.canonical(budget, input_size)
         engine.check_budget(budget, input_size)
-        return Job(key, engine.canonical(budget, input_size), prompt, pixels=pixels, image_size=size,
+        return Job(key, budget, prompt, pixels=pixels, image_size=size,
                    cached=cached, old_maps=old_maps)
 
     async def run_job(self, request: Request, job: Job) -> JobResult | None:

@@ -16,7 +16,7 @@ EXTRA_HINT = "ps3 serve needs the serve extra: pip install 'ps3[serve]'"
 def _require_serve_deps() -> None:
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart, for form uploads)
+        import python_multipart  # noqa: F401  (form uploads)
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
@@ -169,7 +169,8 @@ def _run_serve(args) -> int:
     print(f"ps3 serve: {args.model} ({service.engine.dtype_name}, {device}) on http://{args.host}:{args.port}",
           flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
+                    timeout_graceful_shutdown=10)
     finally:
         service.batcher.stop()
     return 0
