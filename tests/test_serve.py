@@ -158,8 +158,16 @@ def test_look_closer_encodes_new_cells_and_its_union_equals_one_call(server, cli
     first = client.encode(data, num_look_close=1, prompt=prompt, session=True)
     assert first.session
     passes = metric(client, "ps3_serve_low_res_images_total")
-    turn = client.look_closer(first, num_look_close=1)
-    assert metric(client, "ps3_serve_low_res_images_total") == passes  # the session's pass was reused
+    seed = 22 if prompt is None else 32
+    others = [png(120, 160, seed), png(200, 100, seed + 1)]  # new to the server
+    batches = metric(client, "ps3_serve_batch_size_count")
+    # The turn runs in one batch with fresh encodes (their low-res passes are the only ones run).
+    turn, *encoded = concurrently([lambda: client.look_closer(first, num_look_close=1)] +
+                                  [lambda d=d: client.encode(d, num_token_look_close=50) for d in others])
+    assert metric(client, "ps3_serve_batch_size_count") - batches < 3
+    assert metric(client, "ps3_serve_low_res_images_total") == passes + len(others)  # the session's pass reused
+    for other, out in zip(others, encoded):
+        assert_served_equals_local(out, local(server, other, num_token_look_close=50))
     for old, new in zip(first.selection_maps, turn.new_selection_maps):
         assert not (old.bool() & new.bool()).any(), "a cell was encoded twice"
     # Upstream's looks take the top cells not yet taken, so two one-look turns with one prompt

@@ -161,8 +161,7 @@ class Engine:
             parts: dict[tuple, list[Job]] = {}
             for j in jobs:
                 b = j.budget
-                sig = (b.num_look_close is None, b.num_token_look_close is None, b.only_select_first_n_scale is None,
-                       j.old_maps is None)
+                sig = (b.num_look_close is None, b.num_token_look_close is None, b.only_select_first_n_scale is None)
                 parts.setdefault(sig, []).append(j)
             results = {}
             for part in parts.values():
@@ -211,8 +210,9 @@ class Engine:
             return None if values[0] is None else values
 
         kwargs = {name: per_job(name) for name in ("num_look_close", "num_token_look_close", "only_select_first_n_scale")}
-        if jobs[0].old_maps is not None:
-            kwargs["old_selection_maps"] = old_maps_argument([j.old_maps for j in jobs], self.loaded.device)
+        if any(j.old_maps is not None for j in jobs):  # look-closer turns: the others have encoded nothing yet
+            maps = [j.old_maps or self.empty_maps(tuple(j.cached.pixels.shape[-2:])) for j in jobs]
+            kwargs["old_selection_maps"] = old_maps_argument(maps, self.loaded.device)
         with torch.no_grad():
             out = self.vision.encode_looks([self.normalise(j.cached.pixels) for j in jobs], prompt=self._prompts(jobs),
                                            low_res=stack_low_res([j.cached.low_res for j in jobs]),
