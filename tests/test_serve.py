@@ -14,11 +14,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from golden import MODEL_DIR
 from PIL import Image
+from tolerances import assert_close_paths, assert_same_selection
 
 import ps3
-from golden import MODEL_DIR
-from tolerances import assert_close_paths, assert_same_selection
 from ps3.serve import Client, ServeError, SessionLost
 from ps3.serve.command import ServeOptions, start_in_thread
 
@@ -280,6 +280,27 @@ def test_overload_gives_503s_and_no_500s(server, client):
     assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
     assert client.health()
     assert client.encode(data[0]).last_hidden_state.shape[0] == 1
+
+
+def _odd_images():
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(tiny, format="PNG")
+    palette = io.BytesIO()
+    Image.new("P", (50, 30), 3).save(palette, format="PNG", transparency=3)
+    grey16 = io.BytesIO()
+    Image.fromarray(np.full((40, 70), 40000, dtype=np.uint16)).save(grey16, format="TIFF")
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 48), (10, 200, 30, 0)).save(cmyk, format="JPEG")
+    return [tiny.getvalue(), palette.getvalue(), grey16.getvalue(), cmyk.getvalue()]
+
+
+def test_odd_but_valid_inputs_are_encoded(server, client):
+    images = _odd_images()
+    for data, fields in zip(images, [{"prompt": ""}, {"num_look_close": "all", "prompt": "zebra unknown words"},
+                                     {"num_token_look_close": "0"}, {"num_look_close": "1000000"}]):
+        response = post(server, "/v1/encode", data=fields, files={"image": ("odd", data)})
+        assert response.status_code == 200, (fields, response.text)
+    assert client.health()
 
 
 def test_client_errors(server):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -90,6 +91,9 @@ class Service:
 
     def __init__(self, engine: Engine, batcher: Batcher, sessions: SessionStore, limits: Limits, metrics: Metrics):
         self.engine, self.batcher, self.sessions, self.limits, self.metrics = engine, batcher, sessions, limits, metrics
+        # Images are decoded in worker threads, a few at a time: more would not finish sooner on
+        # the cores there are, and every extra thread keeps its own malloc arena of freed buffers.
+        self._decoders = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
 
     async def form(self, request: Request, allowed: set[str]):
         length = request.headers.get("content-length")
@@ -129,7 +133,7 @@ class Service:
         if cached is not None:
             pixels, size = cached.pixels, cached.image_size
         else:
-            pixels, size = await run_in_threadpool(engine.decode, data)
+            pixels, size = await anyio.to_thread.run_sync(engine.decode, data, limiter=self._decoders)
         input_size = tuple(pixels.shape[-2:])
         budget = engine.canonical(budget, input_size)
         engine.check_budget(budget, input_size)
@@ -166,11 +170,14 @@ class Service:
 
     async def encode(self, request: Request) -> Response | None:
         form = await self.form(request, ENCODE_FIELDS)
-        budget, prompt = _budget(form), _text_field(form, "prompt")
-        keep = (_text_field(form, "session") or "0").strip().lower()
-        if keep not in ("0", "1", "true", "false"):
-            raise RequestError(400, f"session must be 1 (keep the image for look_closer) or 0, got {keep[:20]!r}")
-        data = await self.read_image(form)
+        try:
+            budget, prompt = _budget(form), _text_field(form, "prompt")
+            keep = (_text_field(form, "session") or "0").strip().lower()
+            if keep not in ("0", "1", "true", "false"):
+                raise RequestError(400, f"session must be 1 (keep the image for look_closer) or 0, got {keep[:20]!r}")
+            data = await self.read_image(form)
+        finally:
+            await form.close()  # removes the spooled upload
         job = await self.image_job(self.engine.key(content_digest(data)), data, budget, prompt)
         result = await self.run_job(request, job)
         if result is None:

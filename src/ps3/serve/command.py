@@ -16,8 +16,8 @@ EXTRA_HINT = "ps3 serve needs the serve extra: pip install 'ps3[serve]'"
 def _require_serve_deps() -> None:
     try:
         import fastapi  # noqa: F401
-        import python_multipart  # noqa: F401  (form uploads)
         import prometheus_client  # noqa: F401
+        import python_multipart  # noqa: F401  (form uploads)
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise UserError(f"{EXTRA_HINT} ({exc})") from exc
