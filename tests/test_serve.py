@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    options = ServeOptions(max_batch=8, max_wait_ms=80, max_queue=8, cache_mb=64, max_upload_mb=0.25,
+    options = ServeOptions(max_batch=8, max_wait_ms=150, max_queue=8, cache_mb=64, max_upload_mb=0.25,
                            max_pixels=2**22)
     with start_in_thread(model_dir, options) as running:
         yield running
