@@ -43,7 +43,7 @@ CAPTIONS = ["a red boat on the water", "a green rope", "the white sign on the wa
 
 
 def make_model(directory: Path, args) -> None:
-    from ps3.train.model import build_caption_tokenizer
+    from ps3.train.model_setup import build_caption_tokenizer
 
     torch.manual_seed(0)
     scales = [int(s) for s in args.scales.split(",")]
@@ -223,7 +223,8 @@ def overload(server: ServerProcess, images: list[bytes], args) -> dict:
                     health.append(False)
                 done.wait(args.overload_s / 60)
 
-    hits0, misses0 = metric(server.url, "ps3_serve_cache_hits_total"), metric(server.url, "ps3_serve_cache_misses_total")
+    hits0 = metric(server.url, "ps3_serve_cache_hits_total")
+    misses0 = metric(server.url, "ps3_serve_cache_misses_total")
     requests = [(images[i % len(images)], {"prompt": CAPTIONS[i % len(CAPTIONS)], "num_token_look_close": args.tokens})
                 for i in range(4 * args.max_queue * 4)]
     watcher = threading.Thread(target=watch)
@@ -306,7 +307,8 @@ def main(argv=None) -> int:
 def summarise(r: dict) -> None:
     s, lat = r["served"], r["latency"]
     print(f"local batched: {r['local_images_per_s']:.2f} images/s")
-    print(f"served, {r['args']['clients']} clients: {s['images_per_s']:.2f} images/s = {s['throughput_ratio']:.2f}x local "
+    print(f"served, {r['args']['clients']} clients: {s['images_per_s']:.2f} images/s = "
+          f"{s['throughput_ratio']:.2f}x local "
           f"(target >= 0.9); p50 {s['p50_s']:.2f} s, p99 {s['p99_s']:.2f} s = {s['p99_over_p50']:.2f}x p50 "
           f"(target <= 3); errors {s['errors']}")
     print(f"repeat image, new prompt: {lat['repeat_new_prompt_s']:.3f} s vs fresh {lat['fresh_s']:.3f} s = "

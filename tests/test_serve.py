@@ -40,7 +40,7 @@ def png(h, w, seed, mode="RGB") -> bytes:
 def model_dir(tmp_path_factory):
     """The tiny fixture model with a tokenizer (prompts) and a keep-aspect processor (images of
     different shapes reach the encoder at different sizes, so batches are truly mixed)."""
-    from ps3.train.model import build_caption_tokenizer
+    from ps3.train.model_setup import build_caption_tokenizer
 
     path = tmp_path_factory.mktemp("serve") / "model"
     shutil.copytree(MODEL_DIR, path)
@@ -334,7 +334,8 @@ def test_ps3_serve_command(model_dir):
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "no start"
+            alive = proc.poll() is None
+            assert alive and time.monotonic() < deadline, "no start" if alive else proc.stdout.read()
             time.sleep(0.1)
         with Client(url) as c:
             out = c.encode(png(100, 100, 9), num_look_close=1)

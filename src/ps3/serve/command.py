@@ -148,8 +148,10 @@ def _run_serve(args) -> int:
 
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be 0..65535, got {args.port}")
-    for flag, value, low, strict in (("--max-batch", args.max_batch, 1, False), ("--max-queue", args.max_queue, 1, False),
-                                     ("--max-wait-ms", args.max_wait_ms, 0, False), ("--cache-mb", args.cache_mb, 0, False),
+    for flag, value, low, strict in (("--max-batch", args.max_batch, 1, False),
+                                     ("--max-queue", args.max_queue, 1, False),
+                                     ("--max-wait-ms", args.max_wait_ms, 0, False),
+                                     ("--cache-mb", args.cache_mb, 0, False),
                                      ("--max-upload-mb", args.max_upload_mb, 0, True),
                                      ("--max-pixels", args.max_pixels, 0, True),
                                      ("--request-timeout-s", args.request_timeout_s, 0, True),

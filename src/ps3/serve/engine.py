@@ -209,7 +209,8 @@ class Engine:
             values = [getattr(j.budget, name) for j in jobs]
             return None if values[0] is None else values
 
-        kwargs = {name: per_job(name) for name in ("num_look_close", "num_token_look_close", "only_select_first_n_scale")}
+        names = ("num_look_close", "num_token_look_close", "only_select_first_n_scale")
+        kwargs = {name: per_job(name) for name in names}
         if any(j.old_maps is not None for j in jobs):  # look-closer turns: the others have encoded nothing yet
             maps = [j.old_maps or self.empty_maps(tuple(j.cached.pixels.shape[-2:])) for j in jobs]
             kwargs["old_selection_maps"] = old_maps_argument(maps, self.loaded.device)
