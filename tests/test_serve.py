@@ -355,3 +355,18 @@ def test_ps3_serve_command_errors(model_dir, tmp_path, capsys, args, flag):
     paths = {"NOTHING": str(tmp_path / "nothing"), "MODEL": str(model_dir)}
     assert main(["serve", *[paths.get(a, a) for a in args]]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_session_store_bounds():
+    import torch as _torch
+
+    from ps3.serve.sessions import Session, SessionStore
+
+    store = SessionStore(max_sessions=3, ttl_s=60, max_bytes=250)
+    ids = [store.add(Session(("k", i), b"x" * 100, None, [_torch.zeros(1, 2, 2, dtype=_torch.bool)]))
+           for i in range(3)]
+    assert store.get(ids[0]) is None and store.get(ids[1]) is not None  # 300 bytes > 250: the oldest went
+    assert store.bytes == 200 and len(store) == 2
+    store.get(ids[1])  # now the most recently used
+    more = [store.add(Session(("k", 9 + i), b"y", None, [])) for i in range(2)]
+    assert store.get(ids[2]) is None and store.get(ids[1]) is not None and all(store.get(m) for m in more)

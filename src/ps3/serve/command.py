@@ -36,6 +36,7 @@ class ServeOptions:
     request_timeout_s: float = 60.0
     max_sessions: int = 1024
     session_ttl_s: float = 900.0
+    session_mb: float = 1024.0
 
 
 def build_app(model, options: ServeOptions | None = None, model_name: str | None = None):
@@ -71,7 +72,7 @@ def build_app(model, options: ServeOptions | None = None, model_name: str | None
     metrics = Metrics()
     engine = Engine(loaded, name, LowResCache(int(o.cache_mb * 2**20)), o.max_pixels)
     batcher = Batcher(engine, o.max_batch, o.max_wait_ms / 1000, o.max_queue, on_batch=metrics.batch_size.observe)
-    sessions = SessionStore(o.max_sessions, o.session_ttl_s)
+    sessions = SessionStore(o.max_sessions, o.session_ttl_s, int(o.session_mb * 2**20))
     metrics.attach(engine, batcher, sessions)
     service = Service(engine, batcher, sessions, Limits(int(o.max_upload_mb * 2**20), o.request_timeout_s), metrics)
     return create_app(service), service
@@ -137,6 +138,8 @@ def register(sub) -> None:
     p.add_argument("--request-timeout-s", type=float, default=60.0, help="a request waiting longer gets 504")
     p.add_argument("--max-sessions", type=int, default=1024, help="look-closer sessions kept (oldest dropped)")
     p.add_argument("--session-ttl-s", type=float, default=900.0, help="idle seconds before a session expires")
+    p.add_argument("--session-mb", type=float, default=1024.0,
+                   help="memory for the sessions' copies of their uploads (least recently used dropped)")
     p.set_defaults(func=_run_serve)
 
 
@@ -156,7 +159,8 @@ def _run_serve(args) -> int:
                                      ("--max-pixels", args.max_pixels, 0, True),
                                      ("--request-timeout-s", args.request_timeout_s, 0, True),
                                      ("--max-sessions", args.max_sessions, 0, False),
-                                     ("--session-ttl-s", args.session_ttl_s, 0, True)):
+                                     ("--session-ttl-s", args.session_ttl_s, 0, True),
+                                     ("--session-mb", args.session_mb, 0, False)):
         if value < low or (strict and value == low):
             raise UserError(f"{flag} must be {'>' if strict else '>='} {low}, got {value}")
     with user_input("--device"):
@@ -165,7 +169,8 @@ def _run_serve(args) -> int:
     options = ServeOptions(device=args.device, dtype=dtype, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, cache_mb=args.cache_mb, max_upload_mb=args.max_upload_mb,
                            max_pixels=args.max_pixels, request_timeout_s=args.request_timeout_s,
-                           max_sessions=args.max_sessions, session_ttl_s=args.session_ttl_s)
+                           max_sessions=args.max_sessions, session_ttl_s=args.session_ttl_s,
+                           session_mb=args.session_mb)
     with user_input("--model"):
         app, service = build_app(args.model, options)
     print(f"ps3 serve: {args.model} ({service.engine.dtype_name}, {device}) on http://{args.host}:{args.port}",

@@ -2,8 +2,9 @@
 
 A session holds the uploaded file (so the image can be decoded again if its low-res pass has
 left the cache), the prompt text of the last turn and the union of the cells encoded so far.
-Sessions are disposable by design: they expire after ``ttl_s`` idle seconds, the oldest go when
-more than ``max_sessions`` exist, and a restart loses them all; a lost session answers 404 and
+Sessions are disposable by design: they expire after ``ttl_s`` idle seconds, the least recently
+used go when more than ``max_sessions`` exist or their uploads hold more than ``max_bytes``, and a
+restart loses them all; a lost session answers 404 and
 the client encodes the image again.
 """
 from __future__ import annotations
@@ -29,11 +30,14 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, max_sessions: int = 1024, ttl_s: float = 900.0):
-        if max_sessions < 0 or ttl_s <= 0:
-            raise ValueError(f"max_sessions must be >= 0 and ttl_s > 0, got {max_sessions} and {ttl_s}")
+    def __init__(self, max_sessions: int = 1024, ttl_s: float = 900.0, max_bytes: int = 1 << 30):
+        if max_sessions < 0 or ttl_s <= 0 or max_bytes < 0:
+            raise ValueError(f"max_sessions and max_bytes must be >= 0 and ttl_s > 0, got {max_sessions}, "
+                             f"{max_bytes} and {ttl_s}")
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -43,14 +47,17 @@ class SessionStore:
     def _expire(self, now: float) -> None:
         while self._sessions:
             sid, oldest = next(iter(self._sessions.items()))
-            if now - oldest.used <= self.ttl_s and len(self._sessions) <= self.max_sessions:
+            if (now - oldest.used <= self.ttl_s and len(self._sessions) <= self.max_sessions
+                    and self.bytes <= self.max_bytes):
                 break
             del self._sessions[sid]
+            self.bytes -= len(oldest.data)
 
     def add(self, session: Session) -> str:
         sid = secrets.token_urlsafe(16)
         with self._lock:
             self._sessions[sid] = session
+            self.bytes += len(session.data)
             self._expire(time.monotonic())
         return sid
 
