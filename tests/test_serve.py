@@ -274,9 +274,9 @@ def test_overload_timeout_and_disconnect(slow_server):
 
 
 def test_overload_gives_503s_and_no_500s(server, client):
-    data = [png(100 + 7 * i, 120, 40 + i) for i in range(24)]
+    data = [png(100 + 7 * i, 120, 40 + i) for i in range(20)]  # 20 at once for 8 slots
     statuses = concurrently([lambda d=d: post(server, "/v1/encode", files={"image": ("a.png", d)},
-                                              data={"num_look_close": "2"}).status_code for d in data])
+                                              data={"num_look_close": "1"}).status_code for d in data])
     assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
     assert client.health()
     assert client.encode(data[0]).last_hidden_state.shape[0] == 1
@@ -370,3 +370,20 @@ def test_session_store_bounds():
     store.get(ids[1])  # now the most recently used
     more = [store.add(Session(("k", 9 + i), b"y", None, [])) for i in range(2)]
     assert store.get(ids[2]) is None and store.get(ids[1]) is not None and all(store.get(m) for m in more)
+
+
+def test_look_closer_after_the_cache_dropped_the_image(model_dir):
+    """With no cache, a turn decodes the session's copy of the upload and runs the low-res pass
+    again: the same cells and tokens as with the cached pass."""
+    with start_in_thread(model_dir, ServeOptions(cache_mb=0, max_wait_ms=1)) as bare, Client(bare.url) as c:
+        data = png(150, 190, 51)
+        first = c.encode(data, num_look_close=1, session=True)
+        turn = c.look_closer(first.session, num_look_close=1, prompt="a red circle")
+        assert metric(c, "ps3_serve_low_res_images_total") == 2 and metric(c, "ps3_serve_cache_entries") == 0
+        loaded = bare.service.engine.loaded
+        pixels = loaded.pixel_values(data)
+        with torch.no_grad():
+            want = loaded.vision(pixels, num_look_close=1, prompt=loaded.prompts(["a red circle"]),
+                                 old_selection_maps=first.selection_maps)
+        assert_served_equals_local(ps3.PS3VisionOutput(last_hidden_state=turn.last_hidden_state,
+                                                       selection_maps=turn.new_selection_maps), want)
