@@ -3,8 +3,10 @@
 ``run_cli`` runs the ``ps3`` command line as a user would: ``run_cli("encode", photo, "--model", m)``
 starts a real subprocess (this checkout's ``src`` first on ``PYTHONPATH``) and returns its
 ``subprocess.CompletedProcess`` (text ``stdout`` / ``stderr``); ``check=True`` asserts exit code 0
-and shows stderr otherwise; ``run_cli.popen(...)`` starts one in the background. ``run_cli.in_process(...)`` calls :func:`ps3.cli.main` in this
-process (fast; output captured with ``capsys``) and returns (exit code, stdout + stderr).
+and shows stderr otherwise; ``run_cli.popen(...)`` starts one in the background and
+``run_cli.python(...)`` runs ``python ARGS`` the same way.
+``run_cli.in_process(...)`` calls :func:`ps3.cli.main` in this process (fast; output captured with
+``capsys``) and returns (exit code, stdout + stderr).
 """
 from __future__ import annotations
 
@@ -45,6 +47,14 @@ class CliRunner:
             assert proc.returncode == 0, proc.stderr
         return proc
 
+    def python(self, *args, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+        """``python ARGS`` (e.g. ``-c CODE``) in a subprocess with the environment of a ``ps3`` one."""
+        proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env=cli_environment())
+        if check:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
     def popen(self, *args, module: str = "ps3.cli", env: dict[str, str] | None = None,
               **kwargs) -> subprocess.Popen:
         """``ps3 ARGS`` started in the background (stdout and stderr piped, text)."""
@@ -55,7 +65,10 @@ class CliRunner:
         from ps3.cli import main
 
         self._capsys.readouterr()  # only this call's output
-        code = main([*map(str, args)])
+        try:
+            code = main([*map(str, args)])
+        except SystemExit as exc:  # argparse: --help, --version, a bad flag
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         captured = self._capsys.readouterr()
         return code, captured.out + captured.err
 

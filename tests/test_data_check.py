@@ -46,7 +46,8 @@ def test_check_fails_when_nothing_is_usable(tmp_path, capsys, run_cli):
 
 def test_show_draws_the_boxes_of_the_record(tmp_path, capsys, run_cli):
     write_synthetic_dataset(tmp_path / "data", 3, seed=0, size=96, shard_size=2)
-    code, output = run_cli.in_process("data", "show", tmp_path / "data", "--key", "00000002", "--out", tmp_path / "s.png")
+    code, output = run_cli.in_process("data", "show", tmp_path / "data", "--key", "00000002",
+                                      "--out", tmp_path / "s.png")
     assert code == 0 and "key 00000002" in output
     drawing = np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).astype(int)
     assert drawing.shape[1] == 96 and drawing.shape[0] > 96  # a band for the global caption under the image

@@ -92,8 +92,8 @@ def test_exif_rotated_images_get_rotated_boxes(tmp_path, max_side):
     drops = DropLog()
     options = SampleOptions(max_side=max_side)
     for orientation in range(1, 9):
-        path = make_image(tmp_path / f"o{orientation}.jpg", (80, 48), [("red", [8, 4, 30, 20]), ("blue", [50, 24, 72, 44])],
-                          orientation=orientation)
+        rectangles = [("red", [8, 4, 30, 20]), ("blue", [50, 24, 72, 44])]
+        path = make_image(tmp_path / f"o{orientation}.jpg", (80, 48), rectangles, orientation=orientation)
         source = SourceImage(key=f"o{orientation}", path=str(path), name=path.name, declared_size=(80, 48),
                              regions=[("red", [8, 4, 30, 20]), ("blue", [50, 24, 72, 44])])
         sample = build_sample(source, options, drops)

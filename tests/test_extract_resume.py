@@ -22,8 +22,9 @@ def model(tmp_path_factory):
 
 def kill_after_first_shard(run_cli, images, out, model) -> list[str]:
     """Start a real `ps3 extract` process, SIGKILL it once its first shard is complete."""
-    proc = subprocess.Popen(run_cli.command("extract", images, "--model", model, "--out", out, "--shard-size",
-                                            SHARD_SIZE, "--batch-size", 2, "--workers", 1, "--quiet"), env=environment(),
+    command = run_cli.command("extract", images, "--model", model, "--out", out, "--shard-size", SHARD_SIZE,
+                              "--batch-size", 2, "--workers", 1, "--quiet")
+    proc = subprocess.Popen(command, env=environment(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:

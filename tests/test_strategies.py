@@ -1,7 +1,7 @@
 """ps3.strategies: hand-computed plans per strategy, encode's rows against the plan, bad parameters.
 
 Sizes are (height, width). Expectations are worked out by hand from each original's rules (see
-the strategy modules' docstrings for the code read); the worked example is the issue's 4000 × 3000
+the strategy modules' docstrings for the code read); the worked example is a 4000 × 3000
 (width × height) photo.
 """
 import math

@@ -59,8 +59,8 @@ def test_signal_saves_the_finished_step_and_the_run_continues(setup, tmp_path, r
     assert step >= 2 and [s for s, _ in list_checkpoints(run)] == [step]
     if signum != signal.SIGINT:
         return
-    exported = run_cli("export", run, tmp_path / "model", check=True)
-    assert f"(step {step})" in exported.stdout and (tmp_path / "model" / "model.safetensors").is_file()
-    resumed = run_cli(*_train_args(setup, run, step + 1), check=True)
-    assert "resumed from" in resumed.stdout and f"at step {step} (epoch" in resumed.stdout
+    code, exported = run_cli.in_process("export", run, tmp_path / "model")
+    assert code == 0 and f"(step {step})" in exported and (tmp_path / "model" / "model.safetensors").is_file()
+    code, resumed = run_cli.in_process(*_train_args(setup, run, step + 1))
+    assert code == 0 and "resumed from" in resumed and f"at step {step} (epoch" in resumed
     assert [s for s, _ in list_checkpoints(run)][-1] == step + 1

@@ -150,7 +150,8 @@ def test_siglip_init_maps_timm_and_open_clip_names(tmp_path):
         assert key in report.loaded
     assert model.logit_scale.item() == 2.5 and model.logit_bias.item() == -3.0
     for key in ["vision_model.prior_prompt", "vision_model.selection_feature_proj.fc1.weight",
-                "vision_model.pos_emb_residual.0", "text_model.prompt_proj.fc1.weight", "text_model.positional_embedding"]:
+                "vision_model.pos_emb_residual.0", "text_model.prompt_proj.fc1.weight",
+                "text_model.positional_embedding"]:
         assert torch.equal(state[key], fresh[key]), key
         assert key in report.random
     assert report.ignored == ["visual.trunk.head.weight"]
@@ -439,7 +440,8 @@ def test_trains_with_a_height_width_image_size(setup, tmp_path):
         json.dumps({**worker.PREPROCESSOR, "image_size": [size, size * 3 // 4]}))
     args = argv({**setup, "config": model_dir / "config.json"}, tmp_path / "run", 2)
     assert train_in_process(args) == 0
-    assert json.loads((tmp_path / "run" / "preprocessor_config.json").read_text())["image_size"] == [size, size * 3 // 4]
+    preprocessor = json.loads((tmp_path / "run" / "preprocessor_config.json").read_text())
+    assert preprocessor["image_size"] == [size, size * 3 // 4]
     assert final_state(tmp_path / "run")["progress"]["step"] == 2
 
 def test_user_mistake_is_one_line_and_internal_error_keeps_traceback(setup, tmp_path, capsys):

@@ -159,12 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.commands import register as register_data  # ps3 data: synthetic, converters, check, show
     register_data(sub)
     register_bench(sub)
-    from .extract.command import register as register_extract  # ps3 extract (issue 16)
+    from .extract.command import register as register_extract  # ps3 extract
     register_extract(sub)
-    from .compare import register as register_compare  # ps3 compare (issue 23)
+    from .compare import register as register_compare  # ps3 compare
     register_compare(sub)
     from .random_models import register as register_init  # ps3 init random-4k OUT
     register_init(sub)
+    from .serve.command import register as register_serve  # ps3 serve (fastapi is imported only when it runs)
+    register_serve(sub)
     return parser
 
 

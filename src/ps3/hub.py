@@ -26,7 +26,8 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, revision: str | None = 
                       token: str | bool | None = None) -> Path:
     """A local directory as is; otherwise a hub repo id downloaded to the cache."""
     if not isinstance(path_or_hub_id, (str, os.PathLike)):
-        raise TypeError(f"path_or_hub_id must be a directory path or a hub id string, got {type(path_or_hub_id).__name__}")
+        raise TypeError("path_or_hub_id must be a directory path or a hub id string, got "
+                        f"{type(path_or_hub_id).__name__}")
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
@@ -65,7 +66,8 @@ def load_state_dict(directory: str | os.PathLike, prefixes: Iterable[str] | None
         pickled = [n for n in _PICKLE_NAMES if (directory / n).exists()]
         if pickled:
             raise ValueError(
-                f"{directory} holds only pickled weights ({pickled[0]}); ps3 reads safetensors only. Convert once with: "
+                f"{directory} holds only pickled weights ({pickled[0]}); ps3 reads safetensors only. "
+                "Convert once with: "
                 "python -c \"import torch; from safetensors.torch import save_file; "
                 f"sd = torch.load('{directory / pickled[0]}', weights_only=True); "
                 f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{single}')\"")

@@ -52,7 +52,8 @@ def overlay_selection(image: Any, output: Any, scale: int = 1, sample: int = 0, 
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     photo = load_image(image)
     ratio = min(1.0, max_side / max(photo.size))
-    photo = photo.resize((max(1, round(photo.width * ratio)), max(1, round(photo.height * ratio))), Image.Resampling.BICUBIC)
+    size = (max(1, round(photo.width * ratio)), max(1, round(photo.height * ratio)))
+    photo = photo.resize(size, Image.Resampling.BICUBIC)
     W, H = photo.size
     prob = _as_numpy(probs[scale - 1][sample])
     gh, gw = prob.shape

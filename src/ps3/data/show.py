@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="the sample to draw (default: the first one)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--max-side", type=int, default=1024,
-                        help="downscale the drawing so its longer side is at most this (default 1024; 0 keeps the size)")
+                        help="downscale the drawing so its longer side is at most this "
+                             "(default 1024; 0 keeps the size)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -41,8 +41,8 @@ from .ps3 import PS3Strategy
 from .s2style import S2, DynamicS2
 from .tiling import IXCHD, AnyRes, InternVLTiling
 
-__all__ = ["Layout", "Plan", "Segment", "Strategy", "View", "encode", "get", "knob_for_budget", "load_image_tensor", "names",
-           "plan", "register"]
+__all__ = ["Layout", "Plan", "Segment", "Strategy", "View", "encode", "get", "knob_for_budget", "load_image_tensor",
+           "names", "plan", "register"]
 
 _STRATEGIES: dict[str, Strategy] = {s.name: s for s in (S2(), DynamicS2(), InternVLTiling(), AnyRes(), Qwen2VL(),
                                                         IXCHD(), PS3Strategy())}

@@ -1,4 +1,5 @@
-"""Command-line wiring of pre-training: ``ps3 train`` and ``ps3 export`` (also ``python -m ps3.train``, which takes the ``ps3 train`` flags).
+"""Command-line wiring of pre-training: ``ps3 train`` and ``ps3 export`` (also
+``python -m ps3.train``, which takes the ``ps3 train`` flags).
 
 Modules that need the training extras (``webdataset``) are imported inside the run functions,
 so :func:`register` never fails on an install without them.

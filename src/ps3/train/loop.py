@@ -312,8 +312,9 @@ class _Reporter:
         rate = self.window_steps * self.samples_per_step / max(now - self.window_start, 1e-9)
         self.window_start, self.window_steps = now, 0
         eta = (now - self.start) / max(progress.step - self.first_step, 1) * (self.steps - progress.step)
-        self.log.info(f"step {progress.step}/{self.steps}  loss {parts['total']:.4f} (siglip {parts['contrastive']:.4f}, "
-                      f"bottom-up {parts['bottomup']:.4f}, top-down {parts['topdown']:.4f})  lr {lr:.3g}  "
+        self.log.info(f"step {progress.step}/{self.steps}  loss {parts['total']:.4f} "
+                      f"(siglip {parts['contrastive']:.4f}, bottom-up {parts['bottomup']:.4f}, "
+                      f"top-down {parts['topdown']:.4f})  lr {lr:.3g}  "
                       f"{rate:.1f} samples/s  eta {_duration(eta)}  epoch {progress.epoch}  "
                       f"data skipped: {skipped or 'none'}")
         if self.metrics is not None:
