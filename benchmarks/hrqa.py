@@ -201,7 +201,8 @@ def top_down_step(helper, data: dict, pick: torch.Tensor, low: LowResPass | None
     ends = data["answer_pos"][pick] - 3  # the question's "?": the answer never steers the selection
     prompt, low = helper.top_down_prompt(pixels, ids, mask, prompt_end=ends, low_res=low)
     vision = encode_for_llm(helper.vision_model, pixels, prompt=prompt, low_res=low, k=helper.k,
-                            budgets=helper.budgets, num_looks=helper.num_looks)
+                            max_select_num_each_scale=helper.max_select_num_each_scale,
+                            num_look_close=helper.num_look_close)
     image = helper.projector(vision, feature_layer=helper.feature_layer)
     loss, logits = llm_logits(helper.llm, image.embeds, image.lengths, data, pick)
     target = box_maps(data["boxes"][pick], tuple(pixels.shape[-2:]))

@@ -138,8 +138,8 @@ def top_down(vision: nn.Module, llm: nn.Module, image_token_id: int, knob_value:
     LLM token count is the ``ps3`` plan's."""
     from .topdown import TwoPassPS3
 
-    return TwoPassPS3(vision, llm, image_token_id=image_token_id, budgets=ps3_budgets(vision, knob_value),
-                      num_looks=1, k=2, **kwargs)
+    return TwoPassPS3(vision, llm, image_token_id=image_token_id,
+                      max_select_num_each_scale=ps3_budgets(vision, knob_value), num_look_close=1, k=2, **kwargs)
 
 
 def trunk_backbone(vision: Any) -> Callable[[torch.Tensor], torch.Tensor]:
