@@ -18,7 +18,7 @@ $(VENV)/.ready: pyproject.toml
 env: $(VENV)/.ready
 
 test: $(VENV)/.ready
-	$(PY) -m pytest -q tests
+	PS3_KERNEL_CACHE=off $(PY) -m pytest -q tests
 
 demo: $(VENV)/.ready
 	$(PY) -m ps3.demo

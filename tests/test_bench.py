@@ -13,7 +13,7 @@ import pytest
 @pytest.mark.parametrize("onednn_isa", [None, "AVX2"], ids=["this-cpu", "no-bf16-units"])
 def test_bench_json_reports_every_figure(onednn_isa):
     # In bf16 (the float32 path is the same code): also the CPU's units and both matmul rates.
-    env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}))
+    env = dict(os.environ, PS3_KERNEL_CACHE="off", **({"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}))
     proc = subprocess.run([sys.executable, "-m", "ps3.cli", "bench", "--width", "64", "--depth", "1", "--repeats", "1",
                            "--skip-full-vit", "--json", "--dtype", "bfloat16"], capture_output=True, text=True,
                           timeout=300, env=env)
@@ -36,6 +36,12 @@ def test_bench_json_reports_every_figure(onednn_isa):
     assert res["all_1p5k_trunk_floor_s"] < 3 * res["all_1p5k_sequential_trunk_s"]
     # The bounded default leaves the full-image ViT to --full.
     assert res["full"] is False and "full_vit_1512_s" not in res
+    # The kernels chosen, with their candidates' times, within the process's timing budget.
+    assert "kernels chosen" in proc.stderr and 0 <= res["kernel_timing_s"] <= 1.0
+    ops = {c["op"] for c in res["kernels"]}
+    assert "conv_stem" in ops and ("attention" in ops) == (res["computes_in"] == "bfloat16")
+    for c in res["kernels"]:
+        assert c["winner"] in c["seconds"] or not c["source"].startswith("measured"), c
 
 
 @pytest.mark.parametrize("args,message", [
