@@ -7,12 +7,13 @@
 One random-weight model per preset (``ps3.bench.build_model``, the published 4K geometry) is saved
 once; every way loads it: ours and upstream's ``PS3VisionModel.from_pretrained`` (an NVlabs/PS3
 checkout, run by a Python with its pins: ``../shared/tools/setup_upstream_env.sh`` builds one;
-upstream is never a dependency), cast to float32 or bfloat16: ``one`` = one look (``num_look_close=1``) of the 4K model on a
-3780 px image, ``one1.5k`` = one look of the 1.5K model (scales 378/756/1512, same trunk) on a
-1512 px image, ``all`` = every look at 4K. Both sides return the last ``--layers`` layers
-(default 2: VILA-HD's ``num_hidden_layers_to_return``; upstream's own default, every layer
-concatenated, is ``--layers 0``), and every printed line says which mode it measured. Our
-processes also report the kernels they chose (``ps3.kernels``) and what choosing cost. Each (implementation, dtype, case) runs
+upstream is never a dependency), cast to float32 or bfloat16: ``one`` = one look
+(``num_look_close=1``) of the 4K model on a 3780 px image, ``one1.5k`` = one look of the 1.5K
+model (scales 378/756/1512, same trunk) on a 1512 px image, ``all`` = every look at 4K. Both
+sides return the last ``--layers`` layers (default 2: VILA-HD's ``num_hidden_layers_to_return``;
+upstream's own default, every layer concatenated, is ``--layers 0``), and every summary says
+which mode it measured. Our processes also report the kernels they chose
+(``ps3.encoder.kernels``) and what choosing cost. Each (implementation, dtype, case) runs
 in a fresh process (its peak memory is its own: resident set beyond the loaded model and input)
 and reports the median of ``--repeats`` calls after a warm-up (wall time, and the process's CPU
 time, which a busy shared machine inflates less); ``--no-warmup`` times the first call instead, for
@@ -120,7 +121,7 @@ def child(args) -> None:
             cpu.append(time.process_time() - start_cpu)
     kernels = {}
     if args.child == "ours":
-        from ps3.kernels import chooser
+        from ps3.encoder.kernels import chooser
 
         kernels = dict(kernels=chooser().report(), kernel_timing_s=chooser().spent_s)
     print(json.dumps(dict(impl=args.child, dtype=args.dtype, case=args.case, seconds=statistics.median(times),

@@ -88,7 +88,7 @@ def _topk_map(probs: torch.Tensor, k: int) -> torch.Tensor:
 def compare(ours: dict, theirs: dict, n_images: int) -> tuple[list[dict], bool]:
     """One row per (image, scale); the flag: every difference is a tie or a near-tie."""
     sys.path.insert(0, str(ROOT / "src"))
-    from ps3.selection import top_cells
+    from ps3.encoder.selection import top_cells
 
     rows, ok = [], True
     for i in range(n_images):

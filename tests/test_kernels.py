@@ -1,4 +1,4 @@
-"""Kernel choice by measurement (ps3.kernels): the candidates agree, the timing budget holds, a
+"""Kernel choice by measurement (ps3.encoder.kernels): the candidates agree, the timing budget holds, a
 forced or persisted choice times nothing, and the cache and the environment are read safely.
 
 Tolerances: two formulations of one op in bf16 round at different places. Attention: the test
@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-import ps3.kernels as kernels
-import ps3.precision as precision
-from ps3.kernels import OPS, KernelChooser, Op, shape_class
-from ps3.selection_features import HighresSelectionFeatures
+import ps3.encoder.kernels as kernels
+import ps3.encoder.precision as precision
+from ps3.encoder.kernels import OPS, KernelChooser, Op, shape_class
+from ps3.encoder.selection_features import HighresSelectionFeatures
 from tolerances import assert_close_paths
 
 

@@ -52,7 +52,7 @@ def test_select_cells_skips_taken_and_breaks_ties_lowest_index_first():
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(0, 40))
 def test_top_cells_is_a_stable_descending_sort_prefix(values, k):
     """Same cells as the first k of a stable sort by descending value (the documented rule)."""
-    from ps3.selection import top_cells
+    from ps3.encoder.selection import top_cells
 
     flat = torch.tensor([values], dtype=torch.float32) / 4
     k = min(k, flat.shape[1])

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from .kernels import chooser
+from .encoder.kernels import chooser
 from .registry import BENCH_PRESETS, PUBLISHED, SCALES_1P5K, SCALES_4K, ViTArch, bench_vision_config
 from .runtime import (DTYPE_NAMES, UserError, cpu_capability, matmul_rate, matmul_rates, measure, native_dtype,
                       parse_device, parse_dtype, timeit, user_input)
@@ -294,7 +294,7 @@ def _describe_precision(results: dict[str, Any], dev: torch.device, computes_in:
 
 
 def kernel_choices(results: dict[str, Any]) -> list[str]:
-    """Record (and say) the kernels this process chose (``ps3.kernels``): per op and shape class,
+    """Record (and say) the kernels this process chose (``ps3.encoder.kernels``): per op and shape class,
     the winner, why, and each candidate's measured time and rate; and what choosing cost."""
     chosen = chooser()
     results["kernels"] = chosen.report()

@@ -134,9 +134,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     """``F.scaled_dot_product_attention(q, k, v, attn_mask)`` for q (B, H, N, d), k/v (B, H, P, d)
     and an optional bool mask broadcastable to (B, H, N, P) (True: attend).
 
-    bf16/fp16 inference on a CPU with units for them picks, by measurement on this machine (``ps3.kernels``, op ``attention``,
-    ``PS3_ATTENTION=sdpa|chunked`` forces one), between SDPA and chunked matmuls with a softmax
-    between them (see the module docstring); the chunked formulation rounds the scores to the
+    bf16/fp16 inference on a CPU with units for them picks, by measurement on this machine
+    (``ps3.encoder.kernels``, op ``attention``; ``PS3_ATTENTION=sdpa|chunked`` forces one),
+    between SDPA and chunked matmuls with a softmax between them (see the module docstring); the chunked formulation rounds the scores to the
     input dtype before the softmax, as any non-fused attention in that dtype, so the two agree to
     the dtype's rounding. bf16/fp16 training on a CPU with units for them runs as autograd through
     matmuls (SDPA's fused CPU backward is slow there)."""

@@ -59,7 +59,7 @@ class HighresSelectionFeatures(nn.Module):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         """The patchify conv and its LayerNorm: (n, 3, H, W) → (n, hidden, H/k, W/k), as the conv
         or as one matmul over the gathered patches (the stride equals the kernel), whichever
-        measures faster here (``ps3.kernels`` op ``conv_stem``, timed on a band of patch rows;
+        measures faster here (``ps3.encoder.kernels`` op ``conv_stem``, timed on a band of patch rows;
         ``PS3_CONV_STEM`` forces one). Untimed default: the conv in float32 and the matmul in
         bf16/fp16 (oneDNN's bf16 conv measured ~5x slower than the matmul on a Zen 4)."""
         default = "conv" if x.dtype in (torch.float32, torch.float64) else "matmul"
