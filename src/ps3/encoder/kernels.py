@@ -159,6 +159,8 @@ class KernelChooser:
         winner, and every probe run is charged to the budget."""
         assert default in candidates and set(candidates) <= set(op.candidates), (default, list(candidates))
         forced = op.forced()
+        if torch.compiler.is_compiling():  # a graph being traced: no timing, no side effects
+            return candidates[forced if forced in candidates else default]()
         if forced is not None and forced in candidates:
             self._record(Choice(op.name, key, forced, "forced"))
             return candidates[forced]()

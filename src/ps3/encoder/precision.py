@@ -1,15 +1,19 @@
-"""Low precision on the CPU: whether this CPU multiplies bf16/fp16 in hardware, attention that runs
-at the bf16 matmul rate where it does, and a float32 fallback where it does not.
+"""Low precision on the CPU: whether this CPU multiplies bf16/fp16 in hardware, attention in bf16
+at the fastest formulation measured here, and a float32 fallback where there are no units.
 
-Measured on a 2-core AMD Zen 4 (avx512_bf16), torch 2.13 (docs/low_precision.md):
-* a bf16 matmul runs ~2.3-4.5x the float32 rate, but ``F.scaled_dot_product_attention`` in bf16
-  runs no faster than in float32 (its CPU kernel does its small block products at about the
-  float32 rate). Batched matmuls over all heads for chunks of 128 queries with ``torch.softmax``
-  between them measured faster; ``torch.compile`` of SDPA (the same kernel), of a matmul+softmax
-  graph and ``flex_attention`` measured no better (``benchmarks/attention_bf16.py --compile``);
-* without bf16 units (no avx512_bf16/amx_bf16) a bf16 matmul is emulated: 0.6x the float32 rate
-  with AVX-512, ~1/60 of it with AVX2 only; fp16 is ~1/60 wherever there are no avx512_fp16/amx_fp16
-  units. So a low-precision call on such a CPU computes in float32 and returns the caller's dtype.
+* Attention: on a 2-core AMD Zen 4 (avx512_bf16) SDPA in bf16 ran no faster than in float32, and
+  batched matmuls over all heads for chunks of 128 queries with a softmax between them ran 1.4x
+  faster; on an Intel Xeon with AMX SDPA in bf16 ran 2.3x faster than those chunks. So bf16/fp16
+  inference attention is chosen by timing both on the machine and shapes it runs on
+  (``ps3.encoder.kernels``; docs/low_precision.md). ``torch.compile`` of SDPA, of a matmul+softmax
+  graph and ``flex_attention`` measured no better on the Zen 4 (``benchmarks/attention_bf16.py
+  --compile``). float32 has one formulation: SDPA (the chunks ran 2.3x slower on both machines).
+* The float32 fallback is decided by the CPU's flags and oneDNN's ISA, not timed: without bf16
+  units (no avx512_bf16/amx_bf16) a bf16 matmul is emulated at 0.6x the float32 rate with
+  AVX-512 and ~1/60 of it with AVX2 only (fp16 ~1/60 without avx512_fp16/amx_fp16), so timing the
+  emulated candidate on a real shape would cost more than the whole timing budget; with units
+  the bf16 product measured 2.2-6.5x float32 on every CPU measured. A low-precision call on a
+  CPU without units computes in float32 and returns the caller's dtype.
 
 ``PS3_CPU_LOW_PRECISION`` overrides the detection: ``native`` (compute in bf16/fp16 as asked),
 ``float32`` (always fall back), ``auto`` (default).
