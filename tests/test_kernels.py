@@ -90,7 +90,8 @@ def _matmuls(n: int, times: int):
        st.sampled_from([0.0, 0.002, 0.01, 0.05]))
 def test_timing_never_exceeds_the_budget(calls, budget):
     """Random calls over a few shape classes: what timing costs beyond the calls stays within
-    the budget (candidates within the op's max_ratio of each other: one matmul or two)."""
+    the budget, except by what a run took beyond its allowance (max_ratio x the fastest so far:
+    the candidates here, one matmul or two, keep within it unless the shared machine stalls)."""
     chooser = KernelChooser(budget_s=1.0)
     op = _op(budget)
     with env(PS3_KERNEL_CACHE="off"):
@@ -98,7 +99,8 @@ def test_timing_never_exceeds_the_budget(calls, budget):
             out = chooser.run(op, f"class {cls}", torch.device("cpu"), {"one": _matmuls(n, 1), "two": _matmuls(n, 2)},
                               "two")
             assert out.shape == (n, n)
-    assert chooser.spent_s <= budget
+    assert chooser.spent_s <= budget + chooser.overrun_s + 1e-9
+    assert chooser.overrun_s <= chooser.spent_s
     for choice in chooser.choices.values():
         assert choice.source in ("measured", "measured in part (budget)", "default (budget spent)")
         if choice.source != "measured":

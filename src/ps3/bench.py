@@ -299,6 +299,7 @@ def kernel_choices(results: dict[str, Any]) -> list[str]:
     chosen = chooser()
     results["kernels"] = chosen.report()
     results["kernel_timing_s"] = chosen.spent_s
+    results["kernel_timing_overrun_s"] = chosen.overrun_s
     return ["kernels chosen (candidates timed at first use, rates on the timed part):"] + [
         "  " + line for line in chosen.describe()]
 

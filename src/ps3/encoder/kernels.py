@@ -136,6 +136,9 @@ class KernelChooser:
     def __init__(self, budget_s: float = BUDGET_S):
         self.budget_s = budget_s
         self.spent: dict[str, float] = {}
+        # Seconds timed runs took beyond what the budget check allowed them (a candidate more than
+        # max_ratio slower than the fastest, or a machine stalling mid-run): spent_s <= budget_s + this.
+        self.overrun_s = 0.0
         self.choices: dict[tuple[str, str], Choice] = {}
         self._persisted: dict[str, dict] | None = None
         self._lock = threading.RLock()
@@ -193,18 +196,22 @@ class KernelChooser:
             self._record(Choice(op.name, key, default, "default (budget spent)", flops=flops))
             return thunks[default]() if first_is_call else None
         best: dict[str, float] = {}
-        result, result_of, cost = None, None, 0.0
+        result, result_of, cost, left = None, None, 0.0, self._left(op)
         for order in (names, names[::-1]):
             for name in order:
                 free = first_is_call and not best
-                if not free and cost + op.max_ratio * min(best.values(), default=0.0) > self._left(op):
+                # What this run may take: max_ratio x the fastest so far (the first probe: all that is left).
+                allowed = op.max_ratio * min(best.values()) if best else left
+                if not free and cost + (allowed if best else 0.0) > left:
                     continue
                 _sync(device)
                 start = time.perf_counter()
                 out = thunks[name]()
                 _sync(device)
                 seconds = time.perf_counter() - start
-                cost += 0.0 if free else seconds
+                if not free:
+                    cost += seconds
+                    self.overrun_s += max(0.0, seconds - allowed)
                 best[name] = min(best.get(name, math.inf), seconds)
                 if first_is_call and min(best, key=best.__getitem__) == name:
                     result, result_of = out, name
@@ -256,7 +263,8 @@ class KernelChooser:
 
     def describe(self) -> list[str]:
         lines = [c.describe() for c in self.choices.values()]
-        return lines + [f"kernel timing cost this process: {self.spent_s:.3f} s (budget {self.budget_s:.1f} s)"]
+        over = f", {self.overrun_s:.3f} s of it beyond the runs' allowance" if self.overrun_s else ""
+        return lines + [f"kernel timing cost this process: {self.spent_s:.3f} s (budget {self.budget_s:.1f} s{over})"]
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
