@@ -148,8 +148,28 @@ def _kernels_text(res: dict) -> str:
     """Our process's kernel choices, in one bracket: op=winner (source) per class timed or read."""
     if not res.get("kernels"):
         return ""
-    parts = [f"{k['op']}[{k['key'].split(' B*H')[0]}]={k['winner']} ({k['source']})" for k in res["kernels"]]
+    parts = [f"{k['op']}[{k['key']}]={k['winner']} ({k['source']})" for k in res["kernels"]]
     return f"; kernels: {', '.join(parts)}; choosing cost {res['kernel_timing_s']:.2f} s"
+
+
+def _summary(case: str, best: dict) -> str:
+    """One line per case: each dtype's time and memory, ours vs upstream, and bf16 vs float32."""
+    parts = []
+    for dt, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+        ours, up = best.get(("ours", dt, case)), best.get(("upstream", dt, case))
+        if ours is None:
+            continue
+        text = f"ours {short} {ours['seconds']:.2f} s / {ours['peak_extra_mb']:.0f} MiB"
+        if up is not None:
+            text += (f", upstream {short} {up['seconds']:.2f} s / {up['peak_extra_mb']:.0f} MiB -> ours "
+                     f"{up['seconds'] / ours['seconds']:.2f}x upstream (process CPU time "
+                     f"{up['cpu_seconds'] / ours['cpu_seconds']:.2f}x)")
+        parts.append(text)
+    ours32, ours16 = best.get(("ours", "float32", case)), best.get(("ours", "bfloat16", case))
+    if ours32 and ours16:
+        parts.append(f"ours bf16 {ours32['seconds'] / ours16['seconds']:.2f}x ours fp32, memory "
+                     f"{ours16['peak_extra_mb'] / ours32['peak_extra_mb']:.2f}x")
+    return f"{case}: " + "; ".join(parts)
 
 
 def parent(args) -> int:
@@ -163,7 +183,7 @@ def parent(args) -> int:
     log(f"layers returned: {_layers_text(args.layers)}")
     ways = [(impl, dt, case) for case in args.cases
             for impl in ["ours"] + (["upstream"] if args.upstream and case in args.upstream_cases else [])
-            for dt in ("float32", "bfloat16")]
+            for dt in args.dtypes]
     results: dict[tuple, list[dict]] = {w: [] for w in ways}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
@@ -200,18 +220,7 @@ def parent(args) -> int:
     log(f"\nbest round of each way ({args.preset}, width {args.width or 'preset'}, depth {args.depth or 'preset'}; "
         f"layers returned: {_layers_text(args.layers)}):")
     for case in args.cases:
-        ours32, ours16 = best[("ours", "float32", case)], best[("ours", "bfloat16", case)]
-        line = (f"{case}: ours fp32 {ours32['seconds']:.2f} s / {ours32['peak_extra_mb']:.0f} MiB, ours bf16 "
-                f"{ours16['seconds']:.2f} s / {ours16['peak_extra_mb']:.0f} MiB -> bf16 "
-                f"{ours32['seconds'] / ours16['seconds']:.2f}x "
-                f"faster, memory {ours16['peak_extra_mb'] / ours32['peak_extra_mb']:.2f}x")
-        if ("upstream", "float32", case) in best:
-            up32, up16 = best[("upstream", "float32", case)], best[("upstream", "bfloat16", case)]
-            line += (f"; upstream fp32 {up32['seconds']:.2f} s / {up32['peak_extra_mb']:.0f} MiB, bf16 "
-                     f"{up16['seconds']:.2f} s / {up16['peak_extra_mb']:.0f} MiB -> ours bf16 "
-                     f"{up16['seconds'] / ours16['seconds']:.2f}x upstream bf16, ours fp32 "
-                     f"{up32['seconds'] / ours32['seconds']:.2f}x upstream fp32")
-        log(line)
+        log(_summary(case, best))
     log(f"matmul rates (best of start and end): float32 {rate['float32']:.0f}, bfloat16 {rate['bfloat16']:.0f} GFLOP/s "
         f"(bf16/fp32 {rate['bfloat16'] / rate['float32']:.2f}x)")
     if args.json:
@@ -228,6 +237,7 @@ def main() -> int:
     parser.add_argument("--depth", type=int)
     parser.add_argument("--cases", nargs="+", default=["one"], choices=["one", "one1.5k", "all"],
                         help="one: one 4K look; one1.5k: one look of the 1.5K model at 1512 px; all: 4K 'all'")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--layers", type=int, default=2,
                         help="layers returned by both sides (default 2, as VILA-HD calls it; 0: every layer, "
                              "upstream's default)")

@@ -76,8 +76,8 @@ def test_forced_stem_choices_agree(monkeypatch, dtype):
         torch.testing.assert_close(outs["matmul"].float(), outs["conv"].float(), rtol=0, atol=2 ** -5)
 
 
-def _op(budget: float, ratio: float = 3.0) -> Op:
-    return Op("probe_test", ("one", "two"), "PS3_PROBE_TEST", "a test op", budget_s=budget, max_ratio=ratio)
+def _op(budget: float) -> Op:
+    return Op("probe_test", ("one", "two"), "PS3_PROBE_TEST", "a test op", budget_s=budget)
 
 
 def _matmuls(n: int, times: int):
@@ -90,8 +90,7 @@ def _matmuls(n: int, times: int):
        st.sampled_from([0.0, 0.002, 0.01, 0.05]))
 def test_timing_never_exceeds_the_budget(calls, budget):
     """Random calls over a few shape classes: what timing costs beyond the calls stays within
-    the budget, except by what a run took beyond its allowance (max_ratio x the fastest so far:
-    the candidates here, one matmul or two, keep within it unless the shared machine stalls)."""
+    the budget, except by what a run took beyond its allowance (counted in overrun_s)."""
     chooser = KernelChooser(budget_s=1.0)
     op = _op(budget)
     with env(PS3_KERNEL_CACHE="off"):
@@ -118,12 +117,12 @@ def test_a_measured_choice_is_kept_and_the_faster_wins():
         return run
 
     cands = {"one": counted("one", _matmuls(256, 1)), "two": counted("two", _matmuls(256, 8))}
-    chooser.run(_op(1.0, ratio=10.0), "k", torch.device("cpu"), cands, "two")
+    chooser.run(_op(1.0), "k", torch.device("cpu"), cands, "two")
     choice = chooser.choices[("probe_test", "k")]
     assert choice.source == "measured" and choice.winner == "one" and set(choice.seconds) == {"one", "two"}
     assert choice.cost_s <= 1.0 and chooser.spent_s == choice.cost_s
     before = dict(calls)
-    chooser.run(_op(1.0, ratio=10.0), "k", torch.device("cpu"), cands, "two")
+    chooser.run(_op(1.0), "k", torch.device("cpu"), cands, "two")
     assert calls == {"one": before["one"] + 1, "two": before["two"]}  # the winner only, untimed
     assert chooser.spent_s == choice.cost_s
 

@@ -5,10 +5,11 @@ An :class:`Op` names its candidates (all agree to the dtype's rounding), a defau
 environment variable that forces one. At the first call of a (op, device, dtype, shape class)
 :meth:`KernelChooser.run` times the candidates on the call's own inputs and returns the
 winner's result; every later call of that class runs the winner without timing. What the
-timing costs beyond the call itself is charged to a budget (``BUDGET_S`` per process, in all):
-a candidate is timed only while the budget holds ``max_ratio`` times the fastest time seen for
-that call (so an over-run needs a candidate more than ``max_ratio`` slower than the best);
-once the budget is spent, new classes take the default untimed.
+timing costs beyond the call itself is charged to a budget (``BUDGET_S`` per process in all,
+each op its share): each candidate is timed once while any budget is left, then once more where
+a repeat (``REPEAT_ALLOWANCE`` x its first time) still fits; once the budget is spent, new
+classes take the default untimed. Only a run that outlasts its allowance (a stalled machine)
+can take the total past the budget, and such excess is counted (``overrun_s``).
 
 Choices persist in a small JSON file keyed by CPU model, core count, thread count and torch
 version, so a second process on the same machine times nothing: ``$PS3_KERNEL_CACHE`` is its
@@ -32,21 +33,21 @@ import torch
 __all__ = ["Op", "Choice", "KernelChooser", "OPS", "chooser", "shape_class", "cache_path", "machine_key"]
 
 BUDGET_S = 1.0
+# A repeat of a timed run is allowed this many times its first time (noise on a shared machine).
+REPEAT_ALLOWANCE = 1.5
 CACHE_ENV = "PS3_KERNEL_CACHE"
 _CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Op:
-    """One operation with interchangeable formulations. ``max_ratio``: how much slower than the
-    fastest a candidate is assumed to run at most, when deciding whether timing it fits the
-    budget (the slowest candidate measured on any machine was well inside it)."""
+    """One operation with interchangeable formulations; ``budget_s``: its share of the process's
+    timing budget."""
     name: str
     candidates: tuple[str, ...]
     env: str
     doc: str
     budget_s: float
-    max_ratio: float = 4.0
 
     def forced(self) -> str | None:
         value = os.environ.get(self.env, "").strip().lower()
@@ -60,10 +61,10 @@ class Op:
 OPS = {op.name: op for op in (
     Op("attention", ("sdpa", "chunked"), "PS3_ATTENTION",
        "inference attention on a CPU: F.scaled_dot_product_attention, or batched matmuls over 128-query "
-       "chunks with a softmax between them (timed on the call's first queries)", budget_s=0.5, max_ratio=3.0),
+       "chunks with a softmax between them (timed on the call's first queries)", budget_s=0.5),
     Op("conv_stem", ("conv", "matmul"), "PS3_CONV_STEM",
        "the 1512 px ConvNet's patchify stem: nn.Conv2d, or one matmul over the gathered patches (timed on a "
-       "band of patch rows of the call's image)", budget_s=0.5, max_ratio=6.0),
+       "band of patch rows of the call's image)", budget_s=0.5),
 )}
 assert sum(op.budget_s for op in OPS.values()) <= BUDGET_S
 
@@ -136,8 +137,8 @@ class KernelChooser:
     def __init__(self, budget_s: float = BUDGET_S):
         self.budget_s = budget_s
         self.spent: dict[str, float] = {}
-        # Seconds timed runs took beyond what the budget check allowed them (a candidate more than
-        # max_ratio slower than the fastest, or a machine stalling mid-run): spent_s <= budget_s + this.
+        # Seconds timed runs took beyond what the budget check allowed them (a first run longer
+        # than the budget left, a repeat far slower than the first): spent_s <= budget_s + this.
         self.overrun_s = 0.0
         self.choices: dict[tuple[str, str], Choice] = {}
         self._persisted: dict[str, dict] | None = None
@@ -187,10 +188,10 @@ class KernelChooser:
 
     # ------------------------------------------------------------------ timing
     def _measure(self, op, key, device, thunks, names, flops, first_is_call):
-        """Time each thunk, the default (``names[0]``) first, the others while the budget holds
-        ``op.max_ratio`` × the fastest time so far; then a second round in reverse order on the
-        same condition, each keeping its best time. ``first_is_call``: the first run is the call
-        itself (not charged); returns the winner's result."""
+        """Time each thunk once, the default (``names[0]``) first, each while budget is left; then
+        a second round in reverse order where each repeat fits, each keeping its best time.
+        ``first_is_call``: the first run is the call itself (not charged); returns the winner's
+        result. A run longer than its allowance adds the excess to ``overrun_s``."""
         default = names[0]
         if self._left(op) <= 0:
             self._record(Choice(op.name, key, default, "default (budget spent)", flops=flops))
@@ -200,9 +201,10 @@ class KernelChooser:
         for order in (names, names[::-1]):
             for name in order:
                 free = first_is_call and not best
-                # What this run may take: max_ratio x the fastest so far (the first probe: all that is left).
-                allowed = op.max_ratio * min(best.values()) if best else left
-                if not free and cost + (allowed if best else 0.0) > left:
+                # What this run may take: a candidate's first run, all that is left; a repeat,
+                # REPEAT_ALLOWANCE x its first time (and only while that fits).
+                allowed = left - cost if name not in best else REPEAT_ALLOWANCE * best[name]
+                if not free and (allowed <= 0 or cost + allowed > left):
                     continue
                 _sync(device)
                 start = time.perf_counter()
