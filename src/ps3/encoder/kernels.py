@@ -7,7 +7,8 @@ environment variable that forces one. At the first call of a (op, device, dtype,
 winner's result; every later call of that class runs the winner without timing. What the
 timing costs beyond the call itself is charged to a budget (``BUDGET_S`` per process in all,
 each op its share): each candidate is timed once while any budget is left, then once more where
-a repeat (``REPEAT_ALLOWANCE`` x its first time) still fits; once the budget is spent, new
+a repeat (``REPEAT_ALLOWANCE`` x its first time) still fits, and another candidate replaces the
+default only when more than ``TIE_MARGIN`` faster; once the budget is spent, new
 classes take the default untimed. Only a run that outlasts its allowance (a stalled machine)
 can take the total past the budget, and such excess is counted (``overrun_s``).
 
@@ -35,6 +36,8 @@ __all__ = ["Op", "Choice", "KernelChooser", "OPS", "chooser", "shape_class", "ca
 BUDGET_S = 1.0
 # A repeat of a timed run is allowed this many times its first time (noise on a shared machine).
 REPEAT_ALLOWANCE = 1.5
+# Another candidate replaces the default only when it times more than this much faster.
+TIE_MARGIN = 0.05
 CACHE_ENV = "PS3_KERNEL_CACHE"
 _CACHE_VERSION = 1
 
@@ -64,7 +67,7 @@ OPS = {op.name: op for op in (
        "chunks with a softmax between them (timed on the call's first queries)", budget_s=0.5),
     Op("conv_stem", ("conv", "matmul"), "PS3_CONV_STEM",
        "the 1512 px ConvNet's patchify stem: nn.Conv2d, or one matmul over the gathered patches (timed on a "
-       "band of patch rows of the call's image)", budget_s=0.5),
+       "quarter of the call's patch rows)", budget_s=0.5),
 )}
 assert sum(op.budget_s for op in OPS.values()) <= BUDGET_S
 
@@ -222,7 +225,9 @@ class KernelChooser:
         if not best:
             self._record(Choice(op.name, key, default, "default (budget spent)", flops=flops))
             return None
-        winner = min(best, key=lambda n: (best[n], names.index(n)))
+        fastest = min(best, key=lambda n: (best[n], names.index(n)))
+        # Within TIE_MARGIN of the default is a tie (the noise of one timing): the default stays.
+        winner = default if default in best and best[default] <= best[fastest] * (1 + TIE_MARGIN) else fastest
         complete = len(best) == len(names)  # otherwise the budget ran out: not worth keeping on disk
         choice = self._record(Choice(op.name, key, winner, "measured" if complete else "measured in part (budget)",
                                      dict(best), flops, cost))

@@ -130,8 +130,9 @@ ATTENTION_CHUNK = 128
 # Below this many query-key pairs a call goes to SDPA untimed: the chunk loop's overhead
 # dominates there, and timing such a call would cost more than any choice could gain.
 _CHUNKED_MIN_PAIRS = 2**16
-# Queries the attention candidates are timed on (two chunks).
-_PROBE_QUERIES = 2 * ATTENTION_CHUNK
+# Queries the attention candidates are timed on (four chunks: fewer measured mostly per-call
+# overhead on a busy machine).
+_PROBE_QUERIES = 4 * ATTENTION_CHUNK
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,8 +21,9 @@ Size = tuple[int, int]
 
 # The high-res selection module always sees the image at this size, whatever the scales (design §3.4).
 HIGHRES_SELECTION_SIZE = 1512
-# Patch rows of the image the stem's formulations are timed on (of 54 at 1512 px, kernel 28).
-_STEM_PROBE_ROWS = 2
+# The stem's formulations are timed on this fraction of the image's patch rows (13 of 54 at
+# 1512 px, kernel 28): smaller bands measured mostly per-call overhead on a busy machine.
+_STEM_PROBE_FRACTION = 4
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -66,7 +67,7 @@ class HighresSelectionFeatures(nn.Module):
         if x.device.type != "cpu":
             return self.stem(x) if default == "conv" else self._stem_matmul(x)
         k = self.stem[0].kernel_size[0]
-        band = x[:, :, :_STEM_PROBE_ROWS * k]
+        band = x[:, :, :max(2, x.shape[-2] // k // _STEM_PROBE_FRACTION) * k]
         H, W = x.shape[-2:]
 
         def probe(fn):
