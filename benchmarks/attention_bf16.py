@@ -1,4 +1,4 @@
-"""Attention in bf16 on a CPU: the formulations ``ps3.precision`` chose between, at one 4K look's shape.
+"""Attention in bf16 on a CPU: the formulations ``ps3.encoder.precision`` chose between, at one 4K look's shape.
 
     PYTHONPATH=src python benchmarks/attention_bf16.py [--heads 12] [--compile] [--threads N]
 
@@ -7,7 +7,7 @@ Each way is timed ``--rounds`` times in turn (the best reading kept, wall and pr
 with the float32 and bf16 matmul rates measured in the same run, and each figure given as
 GFLOP/s (4·N·P·d·H per call):
 * SDPA in float32 and in bf16 (``F.scaled_dot_product_attention``);
-* ``ps3.precision.attention`` in bf16 (on a CPU with bf16 units: 128-query chunks of batched
+* ``ps3.encoder.precision.attention`` in bf16 (on a CPU with bf16 units: 128-query chunks of batched
   matmuls and a softmax; elsewhere it is SDPA);
 * with ``--compile``: ``torch.compile`` of SDPA, of the matmul + softmax graph and of
   ``flex_attention`` (compile time printed, not counted).
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ps3.precision import attention, cpu_capability  # noqa: E402
+from ps3.encoder.precision import attention, cpu_capability  # noqa: E402
 from ps3.runtime import matmul_rates  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main() -> int:
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     ways = {"sdpa float32": lambda: F.scaled_dot_product_attention(q, k, v),
             "sdpa bf16": lambda: F.scaled_dot_product_attention(qb, kb, vb),
-            "ps3.precision.attention bf16": lambda: attention(qb, kb, vb)}
+            "ps3.encoder.precision.attention bf16": lambda: attention(qb, kb, vb)}
     if args.compile:
         def graph(q, k, v):
             return torch.softmax(q @ k.transpose(-2, -1) * d ** -0.5, dim=-1) @ v

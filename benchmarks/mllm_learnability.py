@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ps3 import PS3ImageProcessor, PS3VisionModel
-from ps3.vision import LowResPass
+from ps3.encoder.vision import LowResPass
 from ps3.mllm import TwoPassPS3, encode_for_llm, selection_target_loss
 from ps3.train.model import get_model_spec
 from ps3.train.synthetic import COLOURS, SHAPES, TEXTURES, render_scene

@@ -24,7 +24,7 @@ import statistics
 import torch
 
 from ps3.bench import build_model, timeit
-from ps3.looks import plan_passes
+from ps3.encoder.looks import plan_passes
 from ps3.runtime import measure
 
 SCALES = [378, 756, 1512]

@@ -16,7 +16,7 @@ import json
 import torch
 
 from ps3.bench import PRESETS, build_model, trunk_flops
-from ps3.cuda_graphs import GraphedBlocks
+from ps3.encoder.cuda_graphs import GraphedBlocks
 from ps3.registry import SCALES_1P5K
 from ps3.runtime import matmul_rate, parse_device, parse_dtype, synchronize, timeit
 

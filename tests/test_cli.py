@@ -78,10 +78,10 @@ def test_bad_flag_exits_nonzero():
 def test_internal_bug_shows_traceback_user_mistake_one_line(photo):
     # The same ValueError class, two origins: raised deep inside the encoder (a bug, injected
     # here) it keeps its traceback; a user mistake caught at the flag is one line.
-    bug = ("import sys, ps3.cli, ps3.vision\n"
+    bug = ("import sys, ps3.cli, ps3.encoder.vision\n"
            "def broken(self, *a, **k):\n"
            "    raise ValueError('internal invariant broken')\n"
-           "ps3.vision.PS3VisionEncoder.forward = broken\n"
+           "ps3.encoder.vision.PS3VisionEncoder.forward = broken\n"
            "sys.exit(ps3.cli.main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", bug, "encode", str(photo), "--model", str(MODEL_DIR),
                            "--image-size", "112"], capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Low precision on the CPU (ps3.precision): capability detection, the chunked bf16 attention, the
+"""Low precision on the CPU (ps3.encoder.precision): capability detection, the chunked bf16 attention, the
 bf16 encoder's agreement with float32, and the float32 fallback on CPUs without bf16 units.
 
 Tolerances. bf16 keeps 8 significant bits, so one rounding moves a value by at most 2^-9 of it.
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import ps3
-import ps3.precision as precision
+import ps3.encoder.precision as precision
 from golden import MODEL_DIR
-from ps3.precision import attention, cpu_capability, native_dtype
+from ps3.encoder.precision import attention, cpu_capability, native_dtype
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -215,7 +215,7 @@ def test_cpu_without_bf16_units_is_detected_and_falls_back():
     returns bf16 computed in float32."""
     code = (
         "import torch, ps3\n"
-        "from ps3.precision import cpu_capability, native_dtype\n"
+        "from ps3.encoder.precision import cpu_capability, native_dtype\n"
         "from golden import MODEL_DIR\n"
         "assert not cpu_capability().native_bf16 and not native_dtype(torch.bfloat16)\n"
         "m = ps3.PS3VisionModel.from_pretrained(MODEL_DIR, dtype='bfloat16')\n"

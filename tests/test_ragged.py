@@ -9,7 +9,7 @@ import torch
 import ps3
 from golden import MODEL_DIR
 from tolerances import assert_close_paths, assert_same_selection
-from ps3.looks import MAX_PADDING, plan_passes
+from ps3.encoder.looks import MAX_PADDING, plan_passes
 
 SIZES = [(224, 224), (224, 56), (56, 224), (100, 180), (150, 224), (60, 240), (240, 60), (224, 160), (33, 47)]
 

@@ -8,7 +8,7 @@ import torch
 import ps3
 from ps3 import registry
 from ps3.config import PS3Config
-from ps3.selection import default_budgets
+from ps3.encoder.selection import default_budgets
 
 
 def test_so400m_backbone_shape():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ps3.selection import default_budgets, look_budgets, plan_looks, scale_image_size, select_cells
+from ps3.encoder.selection import default_budgets, look_budgets, plan_looks, scale_image_size, select_cells
 
 
 def test_published_budgets():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tolerances import assert_close_paths
-from ps3.selection_features import HighresSelectionFeatures, first_slot_probs, highres_features, prior_and_prompt_probs
+from ps3.encoder.selection_features import HighresSelectionFeatures, first_slot_probs, highres_features, prior_and_prompt_probs
 
 
 def cosine_formula(feats, highres, prompt, proj):

@@ -207,7 +207,7 @@ def test_encode_matches_a_direct_computation_for_qwen2_vl(backbone):
 
 
 def test_ps3_encode_agrees_with_plan():
-    from ps3.vision import PS3VisionModel
+    from ps3.encoder.vision import PS3VisionModel
     torch.manual_seed(0)
     model = PS3VisionModel(_tiny_ps3_config(SCALES_1P5K)).eval()  # 1.5K: the same code, a quarter of the pixels
     for hw in [(300, 400), (60, 480)]:

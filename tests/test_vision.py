@@ -359,7 +359,7 @@ def test_cuda_graphs_flag_is_a_no_op_off_the_gpu(model):
 
 
 def test_low_precision_resize_is_the_float32_resize_to_one_rounding():
-    from ps3.selection_features import resize_image as _resize
+    from ps3.encoder.selection_features import resize_image as _resize
 
     x = images(2, 300, 260).bfloat16()
     expected = torch.nn.functional.interpolate(x.float(), size=(378, 378), mode="bicubic", align_corners=False)
@@ -426,7 +426,7 @@ def test_explicit_modes_are_what_the_upstream_flag_selects(model):
     # One signature, stated once: the model and the joint model show the encoder's.
     import inspect
 
-    encoder = inspect.signature(ps3.vision.PS3VisionEncoder.forward)
+    encoder = inspect.signature(ps3.encoder.vision.PS3VisionEncoder.forward)
     assert inspect.signature(ps3.PS3VisionModel.forward) == encoder
     assert inspect.signature(ps3.PS3Model.encode_image) == encoder
     assert list(inspect.signature(model.forward).parameters)[:3] == ["pixel_values", "num_look_close",

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tolerances import assert_close_paths
-from ps3.vit import Attention, ViTArch, VisionTransformer, interpolation_taps, patch_taps, resize_patches
+from ps3.encoder.vit import Attention, ViTArch, VisionTransformer, interpolation_taps, patch_taps, resize_patches
 
 
 @pytest.mark.parametrize("g,h,w", [(4, 8, 8), (4, 16, 8), (4, 8, 4), (4, 3, 2), (4, 4, 4), (27, 54, 30), (27, 270, 270)])

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from ps3.viz import colormap, overlay_selection
-from ps3.vision import PS3VisionOutput
+from ps3.encoder.vision import PS3VisionOutput
 
 
 def fake_output():

@@ -31,7 +31,7 @@ import torch
 from .registry import BENCH_PRESETS, PUBLISHED, SCALES_1P5K, SCALES_4K, ViTArch, bench_vision_config
 from .runtime import (DTYPE_NAMES, UserError, cpu_capability, matmul_rate, matmul_rates, measure, native_dtype,
                       parse_device, parse_dtype, timeit, user_input)
-from .vision import PS3VisionModel
+from .encoder.vision import PS3VisionModel
 
 PRESETS = BENCH_PRESETS
 LOOK_TOKENS = PUBLISHED["PS3-4K-SigLIP2"].max_select_num  # one look's high-res tokens (the bench configs' budget)
@@ -212,7 +212,7 @@ class _Bench:
             if self.dev.type == "cuda":
                 # Eager on a GPU mostly measures how fast the host launches kernels; replayed from a
                 # CUDA graph it measures the kernels.
-                from .cuda_graphs import GraphedBlocks
+                from .encoder.cuda_graphs import GraphedBlocks
 
                 graphed = GraphedBlocks(self.vm.trunk)
                 tokens = torch.randn(1, LOOK_TOKENS, self.arch.embed_dim, device=self.dev, dtype=self.dt)

@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .runtime import (DTYPE_NAMES, LoadedModel, Measurement, UserError, load_model, measure,
                       parse_device, run_command, user_input)
-from .vision import PS3VisionOutput
+from .encoder.vision import PS3VisionOutput
 
 
 def _add_encode(sub) -> None:

@@ -47,7 +47,7 @@ class Row:
 
 def random_model(spec: str, device: torch.device):
     """A random-weight PS3 vision model: ``tiny`` or ``so400m-random`` (see the module docstring)."""
-    from .vision import PS3VisionModel
+    from .encoder.vision import PS3VisionModel
 
     if spec == "tiny":
         config = bench_vision_config("cpu", SCALES_4K, width=64, depth=2)

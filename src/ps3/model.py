@@ -12,8 +12,8 @@ from .config import PS3Config
 from .hub import PretrainedMixin
 from .registry import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
 from .text import PS3TextOutput, PS3TextTransformer
-from .batching import image_sizes
-from .vision import PS3VisionEncoder, PS3VisionOutput, delegate_to_encoder
+from .encoder.batching import image_sizes
+from .encoder.vision import PS3VisionEncoder, PS3VisionOutput, delegate_to_encoder
 
 
 class PS3Model(PretrainedMixin, nn.Module):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .hub import parse_dtype as _dtype_from_name, resolve_model_dir
-from .precision import CpuCapability, cpu_capability, native_dtype
+from .encoder.precision import CpuCapability, cpu_capability, native_dtype
 
 __all__ = ["UserError", "user_input", "run_command", "DTYPE_NAMES", "parse_device", "parse_dtype",
            "synchronize", "timeit", "matmul_rate", "matmul_rates", "Measurement", "measure", "LoadedModel",
@@ -276,7 +276,7 @@ def load_model(model: str | os.PathLike, *, device: str | torch.device | None = 
     scale, default normalisation). ``text=True`` also loads the text tower and tokenizer and fails
     with a ValueError naming the missing file when the model has none. ``dtype`` None: float32."""
     from .processor import PREPROCESSOR_NAME, PS3ImageProcessor
-    from .vision import PS3VisionModel
+    from .encoder.vision import PS3VisionModel
 
     dev = parse_device(device)
     dt = torch.float32 if dtype is None else parse_dtype(dtype)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import PS3TextConfig
 from .hub import PretrainedMixin
-from .precision import float32_fallback
+from .encoder.precision import float32_fallback
 
 POOL_TYPES = ("last", "first", "argmax")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from ..outputs import PS3VisionOutput
+from ..encoder.outputs import PS3VisionOutput
 
 __all__ = ["FeatureEncoder"]
 

@@ -11,7 +11,7 @@ standard interface, so the ``mllm`` extra only adds transformers for the caller'
 """
 from .looks import encode_for_llm, encode_low_res
 from .projector import PS3Projector, ProjectedImage, merge_grid
-from ..selection import first_n_scales_for_sizes  # VILA-HD's skip-the-largest-scale rule, per image
+from ..encoder.selection import first_n_scales_for_sizes  # VILA-HD's skip-the-largest-scale rule, per image
 from .tokens import LLMTokenCount, count_llm_tokens
 from .topdown import (IGNORE_INDEX, TopDownPromptHead, TwoPassOutput, TwoPassPS3, selection_target_loss,
                       splice_image_tokens)

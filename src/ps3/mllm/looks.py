@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..batching import group_images, merge_group_maps
-from ..outputs import LowResPass, PS3VisionOutput
-from ..selection import LookPlan, select_cells
-from ..selection_features import apply_gt_and_smoothing, prior_and_prompt_probs, upsample_probs
+from ..encoder.batching import group_images, merge_group_maps
+from ..encoder.outputs import LowResPass, PS3VisionOutput
+from ..encoder.selection import LookPlan, select_cells
+from ..encoder.selection_features import apply_gt_and_smoothing, prior_and_prompt_probs, upsample_probs
 from .tokens import _check_k, block_grids, plan_block_looks
 
 

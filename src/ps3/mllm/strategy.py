@@ -27,7 +27,7 @@ import torch
 
 from ..processor import fit_size
 from ..registry import SCALES_4K
-from ..selection import default_budgets
+from ..encoder.selection import default_budgets
 from ..strategies import register
 from ..strategies.base import (Layout, Plan, Segment, Strategy, as_image, check_int, features, full_box, resize_image,
                                squash)

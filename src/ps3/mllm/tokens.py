@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..config import PS3VisionConfig
-from ..selection import TokenCount, default_budgets, scale_feature_sizes
-from ..vit import arch_from_config
+from ..encoder.selection import TokenCount, default_budgets, scale_feature_sizes
+from ..encoder.vit import arch_from_config
 
 Size = tuple[int, int]
 

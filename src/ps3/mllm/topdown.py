@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..vision import LowResPass, PS3VisionOutput
+from ..encoder.vision import LowResPass, PS3VisionOutput
 from .looks import encode_for_llm, encode_low_res, encoder_of
 from .projector import PS3Projector
 from .tokens import count_llm_tokens

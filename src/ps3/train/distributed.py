@@ -122,7 +122,7 @@ def wrap(module: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         from ..text import ResidualAttentionBlock
-        from ..vit import Block
+        from ..encoder.vit import Block
 
         for sub in module.modules():
             if isinstance(sub, (Block, ResidualAttentionBlock)):

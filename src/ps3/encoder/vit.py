@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .precision import attention
-from .registry import VIT_REGISTRY, ViTArch, arch_from_config  # noqa: F401  (re-exported)
+from ..registry import VIT_REGISTRY, ViTArch, arch_from_config  # noqa: F401  (re-exported)
 
 
 class Mlp(nn.Module):

@@ -4,7 +4,7 @@
 Images are grouped by what their selection arithmetic depends on (image size, look counts, gt
 map size): a group is a batch in the old sense, selected with batched top-k. All groups share
 the one low-res pass (every image is resized to the square s_0 first), and their looks go
-through the trunk together (``ps3.looks``). A uniform batch is one group.
+through the trunk together (``ps3.encoder.looks``). A uniform batch is one group.
 """
 from __future__ import annotations
 

@@ -8,13 +8,13 @@ Two explicit modes share one selection step (:meth:`PS3VisionEncoder.select`):
 :meth:`~PS3VisionEncoder.encode_pooled` (pre-training: one look, pooled). ``forward`` keeps the
 upstream spelling (``output_hidden_states=False`` means pre-training) and dispatches to them.
 Any batch goes in one call: a tensor, or a list of images of different sizes with per-sample
-budgets (``ps3.batching``, ``ps3.looks``).
+budgets (``ps3.encoder.batching``, ``ps3.encoder.looks``).
 
 Module names mirror the published checkpoints (``vision_model.trunk``, ``selection_feature_proj``,
 ``prior_prompt``, ``pos_emb_residual``, ``highres_selection_feature_module``,
 ``prompt_proj_for_highres``) so they load unchanged. Where the pieces live: selection features
-and probability maps in ``ps3.selection_features``, budgets and top-k in ``ps3.selection``,
-look packing and tokenising in ``ps3.looks``, outputs in ``ps3.outputs``.
+and probability maps in ``ps3.encoder.selection_features``, budgets and top-k in ``ps3.encoder.selection``,
+look packing and tokenising in ``ps3.encoder.looks``, outputs in ``ps3.encoder.outputs``.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .batching import ImageGroup, check_call, check_images, group_images, image_sizes, merge_group_maps, per_sample
-from .config import PS3VisionConfig
+from ..config import PS3VisionConfig
 from .cuda_graphs import GraphedBlocks
-from .hub import PretrainedMixin
+from ..hub import PretrainedMixin
 from .looks import GroupLooks, pool_looks, run_looks
 from .outputs import LowResPass, PS3VisionOutput, feature_maps
 from .precision import float32_fallback
@@ -80,7 +80,7 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         # None: several looks per pass on a GPU (fuller kernels), one look per pass on a CPU
         # (measured slower batched there: larger working sets, no idle compute to fill).
         self.max_tokens_per_pass: int | None = None
-        # Replay the trunk from CUDA graphs in GPU inference (see ps3.cuda_graphs): far fewer
+        # Replay the trunk from CUDA graphs in GPU inference (see ps3.encoder.cuda_graphs): far fewer
         # kernel launches, at the cost of one capture per new input shape and its memory.
         self.use_cuda_graphs = False
         self._graphed_blocks: GraphedBlocks | None = None
@@ -151,7 +151,7 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
 
     def selection_features(self, pixel_values, low_res_hidden: Sequence[torch.Tensor], highres=None):
         """Prompt-independent selection features: (F (B, S-1, C, h_0, w_0), G or None) (design §3.3–3.4).
-        ``highres``: G if already computed (``ps3.selection_features.highres_features``)."""
+        ``highres``: G if already computed (``ps3.encoder.selection_features.highres_features``)."""
         B = low_res_hidden[0].shape[0]
         h0 = w0 = self.ps3_scales[0] // self.patch_size
         n_high = len(self.ps3_scales) - 1
@@ -319,7 +319,7 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         """Encode cells chosen by the caller (e.g. the block-aligned selection of ``ps3.mllm``),
         reusing ``low_res`` (its key/value cache) instead of running the low-res trunk again.
 
-        ``groups``: the images grouped by size (``ps3.batching.group_images``); per group its
+        ``groups``: the images grouped by size (``ps3.encoder.batching.group_images``); per group its
         ``LookPlan`` and, per look, the (n, T) canvas positions of the look's cells in canvas order.
         Returns (per kept layer (B, N, C): each image's low-res tokens then its chosen tokens,
         zero-padded; each image's token count N_i)."""
