@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .extract.cli import register as register_extract  # ps3 extract (issue 16)
     register_extract(sub)
     from .compare import register as register_compare  # ps3 compare (issue 23)
+    from .mllm.commands import register as register_mllm
     register_compare(sub)
+    register_mllm(sub)  # ps3 mllm train|chat|eval|toy-data (issue 33)
     return parser
 
 

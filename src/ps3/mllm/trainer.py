@@ -53,6 +53,7 @@ class MLLMTrainResult:
     samples: int
     interrupted: str | None  # "SIGINT" / "SIGTERM" when a signal ended the run
     last_loss: float | None
+    helper: nn.Module | None = None  # the trained TwoPassPS3 (its LLM a peft model with LoRA)
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,4 +317,4 @@ def _loop(run: _Run, interrupts: Interrupts, on_step) -> MLLMTrainResult:
     else:
         log.info(f"done: {progress.step} steps; chat with: ps3 mllm chat {p.out} IMAGE")
     return MLLMTrainResult(progress.step, progress.step - first, time.perf_counter() - start, samples, stopped,
-                           None if last is None else last[0])
+                           None if last is None else last[0], run.helper)
