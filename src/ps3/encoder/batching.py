@@ -140,6 +140,37 @@ def group_images(pixel_values, num_look_close, num_token_look_close, only_select
     return groups
 
 
+def old_maps_of_group(old_selection_maps: Sequence[torch.Tensor] | None, group: ImageGroup,
+                      sizes: Sequence[Size], batch: int) -> list[torch.Tensor] | None:
+    """The group's part of ``old_selection_maps`` (cells encoded before a look-closer call) as bool
+    (n, h_i, w_i) maps on its grids; maps larger than a grid (a mixed call's padded output) are read
+    at their top-left, where that image's grid sits."""
+    if old_selection_maps is None:
+        return None
+    if isinstance(old_selection_maps, torch.Tensor) or not isinstance(old_selection_maps, (list, tuple)):
+        raise TypeError("old_selection_maps must be a list with one (B, h_i, w_i) map per high-res scale "
+                        f"(an earlier call's selection_maps), got {type(old_selection_maps).__name__}")
+    if len(old_selection_maps) != len(sizes):
+        raise ValueError(f"old_selection_maps needs one map per high-res scale ({len(sizes)}), "
+                         f"got {len(old_selection_maps)}")
+    out = []
+    for i, (m, (h, w)) in enumerate(zip(old_selection_maps, sizes)):
+        if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[0] != batch or m.shape[1] < h or m.shape[2] < w:
+            shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"old_selection_maps[{i}] must be a (B={batch}, >={h}, >={w}) tensor of 0/1, got {shape}")
+        part = m if group.samples == list(range(batch)) else m.index_select(0, group.index.to(m.device))
+        out.append(part[:, :h, :w].to(group.pixels.device) > 0)
+    return out
+
+
+def encoded_counts(old_maps: Sequence[torch.Tensor] | None) -> list[list[int]] | None:
+    """Cells per sample and scale already encoded (read on the host once per call: how many cells
+    a look-closer call plans over depends on them)."""
+    if old_maps is None:
+        return None
+    return torch.stack([m.flatten(1).sum(1) for m in old_maps], 1).tolist()
+
+
 def merge_group_maps(groups: Sequence[ImageGroup], maps: Sequence[Sequence[torch.Tensor]] | None,
                      batch: int) -> list[torch.Tensor] | None:
     """Per-group lists of per-scale (n, h, w) maps → per-scale (B, h_max, w_max) maps, each image's

@@ -177,7 +177,7 @@ def _plan_samples(cells: Sequence[int], max_budgets: Sequence[int], count: _Look
 def plan_looks(highres_sizes: Sequence[Size], max_budgets: Sequence[int], batch_size: int,
                num_look_close: int | str | None = None, num_token_look_close: int | str | None = None,
                only_select_first_n_scale: int | Sequence[int] | None = None,
-               pretraining: bool = False) -> LookPlan:
+               pretraining: bool = False, encoded: Sequence[Sequence[int]] | None = None) -> LookPlan:
     """How many looks a call makes and how many cells each takes per scale and sample (design §3.9).
 
     ``"all"`` encodes every high-res cell (of the first m scales with ``only_select_first_n_scale``)
@@ -185,6 +185,9 @@ def plan_looks(highres_sizes: Sequence[Size], max_budgets: Sequence[int], batch_
     per-scale budgets do not divide the grids; here looks continue until nothing is left, and a
     budget lost past the last scale is given to the earliest scale that still has cells. On the
     published configs both give the same looks.
+
+    ``encoded[b][i]``: cells of scale i that sample b had encoded before this call (look closer,
+    ``old_selection_maps``); the looks then plan over the cells left, as later looks of one call do.
     """
     n_highres = len(max_budgets)
     cells = [h * w for h, w in highres_sizes]
@@ -195,15 +198,21 @@ def plan_looks(highres_sizes: Sequence[Size], max_budgets: Sequence[int], batch_
         tokens = num_token_look_close if isinstance(num_token_look_close, int) and num_token_look_close <= step else None
         b = look_budgets(max_budgets, cells, tokens)
         return LookPlan([[[b[i]] * batch_size for i in range(n_highres)]])
-    count = _look_count(num_look_close, num_token_look_close, sum(cells[:covered]), step)
-    if count.looks == 0:
-        return LookPlan([])
-    samples = first_n if first_n is not None else [None] * batch_size
-    per_group = {m: _plan_samples(cells, max_budgets, count, m, covered) for m in dict.fromkeys(samples)}
+    if encoded is not None and len(encoded) != batch_size:
+        raise ValueError(f"encoded needs one entry per sample ({batch_size}), got {len(encoded)}")
+    left = [tuple(cells) if encoded is None else tuple(c - int(e) for c, e in zip(cells, encoded[b]))
+            for b in range(batch_size)]
+    samples = list(zip(first_n if first_n is not None else [None] * batch_size, left))
+    per_group = {}
+    for m, rest in dict.fromkeys(samples):
+        count = _look_count(num_look_close, num_token_look_close, sum(rest[:covered]), step)
+        per_group[m, rest] = _plan_samples(rest, max_budgets, count, m, covered) if count.looks else []
     n_looks = max(len(p) for p in per_group.values())
+    if n_looks == 0:
+        return LookPlan([])
     budgets = [[[0] * batch_size for _ in range(n_highres)] for _ in range(n_looks)]
-    for r, m in enumerate(samples):
-        for j, b in enumerate(per_group[m]):
+    for r, key in enumerate(samples):
+        for j, b in enumerate(per_group[key]):
             for i in range(n_highres):
                 budgets[j][i][r] = b[i]
     return LookPlan(budgets)

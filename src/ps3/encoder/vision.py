@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .batching import ImageGroup, check_call, check_images, group_images, image_sizes, merge_group_maps, per_sample
+from .batching import (ImageGroup, check_call, check_images, encoded_counts, group_images, image_sizes,
+                       merge_group_maps, old_maps_of_group, per_sample)
 from ..config import PS3VisionConfig
 from .cuda_graphs import GraphedBlocks
 from ..hub import PretrainedMixin
@@ -112,9 +113,9 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         return scale_feature_sizes(height, width, self.ps3_scales, self.patch_size)
 
     def plan(self, height: int, width: int, batch_size: int = 1, num_look_close=None, num_token_look_close=None,
-             only_select_first_n_scale=None, pretraining: bool = False) -> LookPlan:
+             only_select_first_n_scale=None, pretraining: bool = False, encoded=None) -> LookPlan:
         return plan_looks(self.feature_sizes(height, width)[1:], self.max_select_num_each_scale, batch_size,
-                          num_look_close, num_token_look_close, only_select_first_n_scale, pretraining)
+                          num_look_close, num_token_look_close, only_select_first_n_scale, pretraining, encoded)
 
     def count_tokens(self, height, width: int | None = None, num_look_close=None, num_token_look_close=None,
                      only_select_first_n_scale=None):
@@ -207,33 +208,46 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         return probs, bottomup, topdown
 
     @staticmethod
-    def _select_cells(probs: list[torch.Tensor], plan: LookPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _select_cells(probs: list[torch.Tensor], plan: LookPlan,
+                      old: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Which cells each look takes (cheap, so all looks are planned before any is encoded):
-        (union maps per scale, per look the canvas positions of its cells in canvas order)."""
+        (union maps per scale, per look the canvas positions of its cells in canvas order).
+        ``old``: bool maps of cells encoded before this call; they are never taken again and are
+        left out of the returned maps."""
         with torch.no_grad():
-            taken = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in probs]
+            taken = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in probs] if old is None else old
             order = []
             for j, budgets in enumerate(plan.budgets):
-                new = select_cells(probs, taken if j else None, budgets)
+                new = select_cells(probs, taken if j or old is not None else None, budgets)
                 taken = [t | n for t, n in zip(taken, new)]
                 canvas = torch.cat([m.flatten(1) for m in new], 1)
                 width = max(plan.tokens_per_look()[j])
                 order.append(torch.argsort((~canvas).to(torch.int8), dim=1, stable=True)[:, :width])
+        if old is not None:
+            taken = [t & ~o for t, o in zip(taken, old)]
         # Upstream's maps are 0/1 in the probabilities' floating dtype (callers area-resize them).
         return [t.to(p.dtype) for t, p in zip(taken, probs)], order
 
     def select(self, pixel_values, prompt: torch.Tensor | None = None, gt_selection_maps=None,
                smooth_selection_prob: bool = False, num_look_close=None, num_token_look_close=None,
-               only_select_first_n_scale=None, low_res: LowResPass | None = None, pretraining: bool = False):
+               only_select_first_n_scale=None, low_res: LowResPass | None = None, pretraining: bool = False,
+               old_selection_maps: Sequence[torch.Tensor] | None = None):
         """The selection step both modes share: group the images, plan their looks, run (or reuse)
         the low-res pass, score every cell and pick each look's cells. Returns (per-group looks,
         the low-res pass, an output holding the low-res pooled feature and the selection maps and
         probabilities, per-scale maps padded to the largest grid when the call is mixed)."""
         groups = group_images(pixel_values, num_look_close, num_token_look_close, only_select_first_n_scale,
                               gt_selection_maps)
+        if pretraining and old_selection_maps is not None:
+            raise ValueError("old_selection_maps is for encoding looks (encode_looks / output_hidden_states=True), "
+                             "not for pre-training pooling")
+        batch = len(image_sizes(pixel_values))
+        olds = [old_maps_of_group(old_selection_maps, g, self.feature_sizes(*g.size)[1:], batch) for g in groups]
         plans = [self.plan(*g.size, len(g.samples), g.num_look_close, g.num_token_look_close,
-                           g.only_select_first_n_scale, pretraining) for g in groups]
+                           g.only_select_first_n_scale, pretraining, encoded_counts(old))
+                 for g, old in zip(groups, olds)]
         needs_kv = any(p.num_looks for p in plans)
+        needs_maps = needs_kv or old_selection_maps is not None
         if low_res is None:
             low_res = self.encode_low_res(pixel_values, keep_kv=needs_kv)
         else:
@@ -243,20 +257,20 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         # Scores on the low-res grid, shared by every image size: computed once for the batch.
         bottomup, topdown = prior_and_prompt_probs(feats, highres, self.prior_prompt, prompt, self.prompt_proj_for_highres)
         looks, results = [], []
-        for g, plan in zip(groups, plans):
+        for g, plan, old in zip(groups, plans, olds):
             def pick(t):
                 return t if t is None or len(groups) == 1 else t.index_select(0, g.index)
             sizes = self.feature_sizes(*g.size)
             probs, bu, td = self._group_probs(pick(bottomup), pick(topdown), sizes[1:], g.gt_selection_maps,
                                               smooth_selection_prob)
-            maps, order = self._select_cells(probs, plan) if plan.num_looks else (None, [])
+            maps, order = self._select_cells(probs, plan, old) if plan.num_looks else (None, [])
             looks.append(GroupLooks(g, sizes, plan, order))
             results.append((probs, bu, td, maps))
         out = PS3VisionOutput(pooled_output=low_res.pooled_output,
                               selection_probs=merge_group_maps(groups, [r[0] for r in results], B),
                               bottomup_selection_probs=merge_group_maps(groups, [r[1] for r in results], B),
                               topdown_selection_probs=merge_group_maps(groups, [r[2] for r in results], B))
-        if needs_kv:
+        if needs_maps:
             maps = [r[3] if r[3] is not None else [torch.zeros_like(p) for p in r[0]] for r in results]
             out.selection_maps = merge_group_maps(groups, maps, B)
         out.feature_sizes, out.num_looks = [None] * B, [0] * B
@@ -270,7 +284,8 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
                      prompt: torch.Tensor | None = None, gt_selection_maps=None, smooth_selection_prob: bool = False,
                      only_select_first_n_scale=None, num_hidden_layers_to_return: int | None = None,
                      max_tokens_per_pass: int | None = None, check_finite: bool = False,
-                     low_res: LowResPass | None = None) -> PS3VisionOutput:
+                     low_res: LowResPass | None = None,
+                     old_selection_maps: Sequence[torch.Tensor] | None = None) -> PS3VisionOutput:
         """Inference (design §3.12): the low-res tokens and every selected high-res token, per layer.
 
         ``pixel_values``: a (B, 3, H, W) tensor or a list of (3, H_i, W_i) images of any sizes.
@@ -279,12 +294,19 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         (H, W) maps (or None entries). A mixed call (a list, or samples returning different token
         counts) sets ``lengths`` and zero-pads; ``per_sample()`` splits it into single-image outputs.
         Like upstream's, the output has no pooled feature (see :meth:`encode_looks_with_pooled`).
+
+        Look closer: ``old_selection_maps`` (one (B, h_i, w_i) 0/1 map per high-res scale, e.g. an
+        earlier call's ``selection_maps``; larger maps are read at their top-left) marks cells
+        encoded before; this call plans and encodes only the other cells, and its
+        ``selection_maps`` and tokens cover only the new ones. Pass the earlier ``low_res`` too so
+        the low-res trunk does not run again.
         """
         return self.encode_looks_with_pooled(
             pixel_values, num_look_close=num_look_close, num_token_look_close=num_token_look_close, prompt=prompt,
             gt_selection_maps=gt_selection_maps, smooth_selection_prob=smooth_selection_prob,
             only_select_first_n_scale=only_select_first_n_scale, num_hidden_layers_to_return=num_hidden_layers_to_return,
-            max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res)[0]
+            max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res,
+            old_selection_maps=old_selection_maps)[0]
 
     @float32_fallback
     def encode_looks_with_pooled(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
@@ -292,13 +314,16 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
                                  smooth_selection_prob: bool = False, only_select_first_n_scale=None,
                                  num_hidden_layers_to_return: int | None = None,
                                  max_tokens_per_pass: int | None = None, check_finite: bool = False,
-                                 low_res: LowResPass | None = None) -> tuple[PS3VisionOutput, torch.Tensor]:
+                                 low_res: LowResPass | None = None,
+                                 old_selection_maps: Sequence[torch.Tensor] | None = None,
+                                 ) -> tuple[PS3VisionOutput, torch.Tensor]:
         """:meth:`encode_looks`, and the low-res pooled feature (B, C) (final norm + MAP pooling)
         that the upstream-shaped output leaves None, without a second low-res pass."""
         check_call(pixel_values, self.width, prompt, None, num_hidden_layers_to_return, max_tokens_per_pass, check_finite)
         own_pass = low_res is None
         looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
-                                          num_look_close, num_token_look_close, only_select_first_n_scale, low_res)
+                                          num_look_close, num_token_look_close, only_select_first_n_scale, low_res,
+                                          old_selection_maps=old_selection_maps)
         if own_pass:  # nobody else holds this pass: free what the looks do not read
             low_res = low_res.for_looks(self._kept_layers(num_hidden_layers_to_return))
         hidden, totals = self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
@@ -378,11 +403,15 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
                 only_select_first_n_scale=None, is_global_text: torch.Tensor | None = None,
                 pool_gt_token_only: bool = False, output_hidden_states: bool = True,
                 num_hidden_layers_to_return: int | None = None, max_tokens_per_pass: int | None = None,
-                check_finite: bool = False, low_res: LowResPass | None = None) -> PS3VisionOutput:
+                check_finite: bool = False, low_res: LowResPass | None = None,
+                old_selection_maps: Sequence[torch.Tensor] | None = None) -> PS3VisionOutput:
         """The upstream call (argument order of upstream's ``PS3VisionModel.forward``):
         ``output_hidden_states=True`` is :meth:`encode_looks`, ``False`` is the pre-training mode
         :meth:`encode_pooled`. Arguments a mode does not use are ignored, as upstream does."""
         if not output_hidden_states:
+            if old_selection_maps is not None:
+                raise ValueError("old_selection_maps is for encoding looks (output_hidden_states=True), "
+                                 "not for pre-training pooling")
             return self.encode_pooled(pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps,
                                       is_global_text=is_global_text, pool_gt_token_only=pool_gt_token_only,
                                       num_token_look_close=num_token_look_close,
@@ -393,7 +422,8 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
                                  smooth_selection_prob=smooth_selection_prob,
                                  only_select_first_n_scale=only_select_first_n_scale,
                                  num_hidden_layers_to_return=num_hidden_layers_to_return,
-                                 max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res)
+                                 max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res,
+                                 old_selection_maps=old_selection_maps)
 
     # ----------------------------------------------------------------- feature maps
     def format_features_into_feature_maps(self, features: torch.Tensor,

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..encoder.batching import group_images, merge_group_maps
+from ..encoder.batching import encoded_counts, group_images, image_sizes, merge_group_maps, old_maps_of_group
 from ..encoder.outputs import LowResPass, PS3VisionOutput
 from ..encoder.selection import LookPlan, select_cells
 from ..encoder.selection_features import apply_gt_and_smoothing, prior_and_prompt_probs, upsample_probs
@@ -53,25 +53,43 @@ def _cells_of(blocks: torch.Tensor, size: tuple[int, int], k: int) -> torch.Tens
     return F.pad(cells, (0, size[1] - cells.shape[2], 0, size[0] - cells.shape[1]))
 
 
-def _block_plan(group_firsts: Sequence[int | None], grids, budgets, k: int, num_looks) -> LookPlan:
-    """Cells each look takes per scale and image of a group (k² per block; 0 once an image is done)."""
-    plans = [plan_block_looks(grids, budgets, k, num_looks, m) for m in group_firsts]
+def _block_plan(group_firsts: Sequence[int | None], grids, budgets, k: int, num_looks,
+                encoded: Sequence[Sequence[int]] | None = None) -> LookPlan:
+    """Cells each look takes per scale and image of a group (k² per block; 0 once an image is done);
+    ``encoded``: per image, blocks per scale taken before this call."""
+    encoded = encoded or [None] * len(group_firsts)
+    plans = [plan_block_looks(grids, budgets, k, num_looks, m, e) for m, e in zip(group_firsts, encoded)]
     looks = max(map(len, plans))
     return LookPlan([[[k * k * plan[j][i] if j < len(plan) else 0 for plan in plans] for i in range(len(grids))]
                      for j in range(looks)])
 
 
-def _select_blocks(probs: Sequence[torch.Tensor], plan: LookPlan, k: int):
+def _old_blocks(old: Sequence[torch.Tensor] | None, k: int) -> list[torch.Tensor] | None:
+    """Bool block maps (n, h//k, w//k) of blocks with any cell encoded before (never taken again)."""
+    if old is None:
+        return None
+    out = []
+    for m in old:
+        h, w = m.shape[-2:]
+        full = m[:, :h // k * k, :w // k * k].float().unsqueeze(1)
+        out.append((F.max_pool2d(full, k) if k > 1 and full.numel() else full).squeeze(1) > 0)
+    return out
+
+
+def _select_blocks(probs: Sequence[torch.Tensor], plan: LookPlan, k: int, old: list[torch.Tensor] | None = None):
     """Each look's cells, chosen block by block: (union maps per scale, per look the canvas
-    positions of its cells in canvas order, padded past shorter images)."""
+    positions of its cells in canvas order, padded past shorter images). ``old``: bool block maps
+    taken before this call, left out of the looks and of the returned maps."""
     scored = _block_probs(probs, k)
-    taken = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scored]
+    taken = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scored] if old is None else old
     order = []
     for j, look in enumerate(plan.budgets):
         new = select_cells(scored, taken, [[n // (k * k) for n in scale] for scale in look])
         taken = [t | n for t, n in zip(taken, new)]
         cells = torch.cat([_cells_of(n, tuple(p.shape[-2:]), k).flatten(1) for n, p in zip(new, probs)], dim=1)
         order.append(torch.argsort((~cells).to(torch.int8), dim=1, stable=True)[:, :max(plan.tokens_per_look()[j])])
+    if old is not None:
+        taken = [t & ~o for t, o in zip(taken, old)]
     return [_cells_of(t, tuple(p.shape[-2:]), k).to(p.dtype) for t, p in zip(taken, probs)], order
 
 
@@ -79,7 +97,8 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
                    low_res: LowResPass | None = None, k: int = 2, budgets: Sequence[int] | None = None,
                    num_looks: int | str = 1, only_select_first_n_scale=None, gt_selection_maps=None,
                    smooth_selection_prob: bool = False, num_hidden_layers_to_return: int | None = None,
-                   max_tokens_per_pass: int | None = None) -> PS3VisionOutput:
+                   max_tokens_per_pass: int | None = None,
+                   old_selection_maps: Sequence[torch.Tensor] | None = None) -> PS3VisionOutput:
     """Encode a batch with block-aligned selection; the output has the layout of a PS3 call
     (low-res tokens, then the selected cells in canvas order; ``selection_maps`` the union), and
     like one it takes a (B, 3, H, W) tensor or a list of images of any sizes (``lengths`` is then
@@ -87,6 +106,8 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
 
     ``budgets``: cells per high-res scale and look (default: the model's per-scale budgets);
     ``only_select_first_n_scale``: an int or one per image (see :func:`ps3.mllm.first_n_scales_for_sizes`).
+    ``old_selection_maps``: look closer (as in ``PS3VisionModel.encode_looks``): blocks with a cell
+    encoded before are not taken again; the output covers only the new blocks.
     """
     encoder = encoder_of(vision_model)
     k = _check_k(k)
@@ -108,8 +129,11 @@ def encode_for_llm(vision_model: Any, pixel_values, *, prompt: torch.Tensor | No
         probs = apply_gt_and_smoothing(td if td is not None else bu, g.gt_selection_maps, sizes[1:],
                                        smooth_selection_prob)
         _, grids = block_grids(*g.size, encoder.ps3_scales, encoder.patch_size, k)
-        plan = _block_plan(g.only_select_first_n_scale or [None] * len(g.samples), grids, budgets, k, num_looks)
-        maps, order = _select_blocks(probs, plan, k) if plan.num_looks else ([torch.zeros_like(p) for p in probs], [])
+        old = _old_blocks(old_maps_of_group(old_selection_maps, g, sizes[1:], len(image_sizes(pixel_values))), k)
+        plan = _block_plan(g.only_select_first_n_scale or [None] * len(g.samples), grids, budgets, k, num_looks,
+                           encoded_counts(old))
+        maps, order = (_select_blocks(probs, plan, k, old) if plan.num_looks
+                       else ([torch.zeros_like(p) for p in probs], []))
         plans.append(plan)
         orders.append(order)
         results.append((probs, bu, td, maps))

@@ -69,15 +69,17 @@ def look_block_budgets(budgets: Sequence[int], k: int, first_n: int | None) -> l
 
 
 def plan_block_looks(grids: Sequence[Size], budgets: Sequence[int], k: int, num_looks: int | str = 1,
-                     first_n: int | None = None) -> list[list[int]]:
-    """Blocks taken per look and per high-res scale for one image: plan[look][scale]."""
+                     first_n: int | None = None, encoded: Sequence[int] | None = None) -> list[list[int]]:
+    """Blocks taken per look and per high-res scale for one image: plan[look][scale].
+    ``encoded[i]``: blocks of scale i taken before this call (look closer); they are not planned again."""
     n = len(grids)
     if first_n is not None and (isinstance(first_n, bool) or not isinstance(first_n, int) or not 1 <= first_n <= n):
         raise ValueError(f"only_select_first_n_scale must be an int in [1, {n}] or None, got {first_n!r}")
     if len(budgets) != n:
         raise ValueError(f"budgets must give one cell budget per high-res scale ({n}), got {list(budgets)}")
     kept = n if first_n is None else first_n
-    remaining = [h * w if i < kept else 0 for i, (h, w) in enumerate(grids)]
+    remaining = [h * w - (int(encoded[i]) if encoded is not None else 0) if i < kept else 0
+                 for i, (h, w) in enumerate(grids)]
     base = look_block_budgets(budgets, k, first_n)
     step = sum(base)
     if num_looks == "all":

@@ -92,7 +92,8 @@ def splice_image_tokens(text_embeds: torch.Tensor, attention_mask: torch.Tensor,
 class TwoPassOutput:
     """inputs_embeds / attention_mask (/ labels) for the LLM; the PS3 prompt the LLM produced;
     ``vision``: pass 2's PS3 output (``topdown_selection_probs`` carry the prompt head's gradient);
-    ``image_lengths``: LLM tokens of each image."""
+    ``image_lengths``: LLM tokens of each image; ``low_res``: pass 1's low-res pass (reuse it to
+    look closer at the same images)."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
@@ -100,6 +101,7 @@ class TwoPassOutput:
     prompt: torch.Tensor
     vision: PS3VisionOutput
     image_lengths: torch.Tensor
+    low_res: LowResPass | None = None
 
 
 class TwoPassPS3(nn.Module):
@@ -185,30 +187,37 @@ class TwoPassPS3(nn.Module):
 
     def forward(self, pixel_values, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *, labels: torch.Tensor | None = None, prompt_end=None, only_select_first_n_scale=None,
-                padding_side: str = "right", gt_selection_maps: torch.Tensor | None = None) -> TwoPassOutput:
+                padding_side: str = "right", gt_selection_maps: torch.Tensor | None = None,
+                low_res: LowResPass | None = None, old_selection_maps=None) -> TwoPassOutput:
         """Both passes: returns what the LLM's ``forward`` (with ``labels``) or ``generate``
         (``padding_side="left"``) takes. ``pixel_values``: a (B, 3, H, W) tensor or a list of
-        (3, H_i, W_i) images of any sizes; ``only_select_first_n_scale``: an int or one per image."""
+        (3, H_i, W_i) images of any sizes; ``only_select_first_n_scale``: an int or one per image.
+        Look closer (a later turn on the same image): pass the earlier ``out.vision``'s low-res pass
+        as ``low_res`` and the cells encoded so far as ``old_selection_maps``; only new blocks are
+        encoded and only their tokens reach the LLM."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prompt, low_res = self.top_down_prompt(pixel_values, input_ids, attention_mask, prompt_end)
+        prompt, low_res = self.top_down_prompt(pixel_values, input_ids, attention_mask, prompt_end, low_res)
         prompt_in_vision_dtype = prompt.to(low_res.selection_features.dtype)
         vision = encode_for_llm(self.vision_model, pixel_values, prompt=prompt_in_vision_dtype, low_res=low_res,
                                 k=self.k, budgets=self.budgets, num_looks=self.num_looks,
                                 only_select_first_n_scale=only_select_first_n_scale,
-                                gt_selection_maps=gt_selection_maps)
+                                gt_selection_maps=gt_selection_maps, old_selection_maps=old_selection_maps)
         image = self.projector(vision, feature_layer=self.feature_layer)
         text = self.llm.get_input_embeddings()(input_ids)
         seq = splice_image_tokens(text, attention_mask, self._image_positions(input_ids), image.embeds, image.lengths,
                                   labels, padding_side)
-        return TwoPassOutput(seq.inputs_embeds, seq.attention_mask, seq.labels, prompt, vision, image.lengths)
+        return TwoPassOutput(seq.inputs_embeds, seq.attention_mask, seq.labels, prompt, vision, image.lengths,
+                             low_res)
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 *, prompt_end=None, only_select_first_n_scale=None, **generate_kwargs: Any) -> torch.Tensor:
+                 *, prompt_end=None, only_select_first_n_scale=None, low_res: LowResPass | None = None,
+                 old_selection_maps=None, **generate_kwargs: Any) -> torch.Tensor:
         """Two-pass encode, then ``llm.generate`` on the embeddings (new token ids only)."""
         out = self(pixel_values, input_ids, attention_mask, prompt_end=prompt_end,
-                   only_select_first_n_scale=only_select_first_n_scale, padding_side="left")
+                   only_select_first_n_scale=only_select_first_n_scale, padding_side="left", low_res=low_res,
+                   old_selection_maps=old_selection_maps)
         return self.llm.generate(inputs_embeds=out.inputs_embeds, attention_mask=out.attention_mask, **generate_kwargs)
 
 
