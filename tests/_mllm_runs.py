@@ -33,3 +33,14 @@ def params(data: Path, out: Path, **kwargs) -> MLLMTrainParams:
 
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["lm"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def yes_dataset(root: Path) -> Path:
+    """3 scenes and 9 text-only records, every answer "yes": 16 steps of sft at lr 3e-3 teach the
+    tiny LLM to answer exactly that (greedy), cheaply (most rows skip the encoder)."""
+    path = toy_dataset(root, 3, answer="yes")
+    records = json.loads(path.read_text())
+    records += [{"id": f"text{i}", "conversations": [{"from": "human", "value": f"question number {i}?"},
+                                                     {"from": "gpt", "value": "yes"}]} for i in range(9)]
+    path.write_text(json.dumps(records))
+    return path

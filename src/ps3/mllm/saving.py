@@ -146,7 +146,6 @@ def load_run(run: str | Path, *, device: str | torch.device | None = None, train
     from safetensors.torch import load_file
 
     from ..runtime import load_model, parse_device
-    from .topdown import TwoPassPS3
 
     run = Path(run)
     settings = MLLMSettings.read(run)

@@ -20,7 +20,8 @@ def scene_record(seed: int, index: int, size: int, image_name: str) -> tuple[dic
     pick = index % len(scene.objects)
     colour, texture, shape = scene.objects[pick]
     if sum(o[:2] == (colour, texture) for o in scene.objects) > 1:
-        question = f"what shape is the {colour} {texture} object on the {'left' if scene.boxes[pick][0] < size // 2 else 'right'}?"
+        side = "left" if scene.boxes[pick][0] < size // 2 else "right"
+        question = f"what shape is the {colour} {texture} object on the {side}?"
     else:
         question = f"what shape is the {colour} {texture} object?"
     turns = [{"from": "human", "value": f"<image>\n{question}", "boxes": [scene.boxes[pick]]},
