@@ -15,6 +15,7 @@ FSDP is not offered here yet (the LLM must fit one device).
 """
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import sys
@@ -247,6 +248,7 @@ def train(params: MLLMTrainParams, *, on_step: Callable[[int], None] | None = No
     params.check()
     info = init_distributed(params.device)
     log = RankLog(info.is_main, params.quiet)
+    run = None
     try:
         run = _Run(params, info, log)
         rng = run.restore() if params.resume else None
@@ -256,6 +258,11 @@ def train(params: MLLMTrainParams, *, on_step: Callable[[int], None] | None = No
             return _loop(run, interrupts, on_step)
     finally:
         if info.distributed and dist.is_initialized():
+            # DDP's reducer holds the process group: freed after the group is destroyed, gloo's
+            # destructor waits for its own thread, which waits for the interpreter lock (a hang).
+            if run is not None:
+                run.module = None
+            gc.collect()
             dist.destroy_process_group()
 
 
