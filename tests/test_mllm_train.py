@@ -158,3 +158,23 @@ def test_interrupted_run_resumed_equals_uninterrupted(data, tmp_path):
     for name, value in second.helper.named_parameters():
         assert torch.equal(value, want[name]), name
     assert whole.last_loss == second.last_loss
+
+
+def test_cached_low_res_passes_run_once_per_image(data, tmp_path, monkeypatch):
+    from ps3.encoder.vision import PS3VisionEncoder
+    from tolerances import assert_close_paths
+
+    calls, original = [], PS3VisionEncoder.forward_low_res
+
+    def counted(self, pixel_values, *args, **kwargs):
+        calls.append(len(pixel_values))
+        return original(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(PS3VisionEncoder, "forward_low_res", counted)
+    train(params(data, tmp_path / "cached", stage="sft", steps=4, cache_low_res=True))
+    assert sum(calls) == 8 and calls[:2] == [4, 4]  # 8 records: each pass made once over two epochs
+    calls.clear()
+    train(params(data, tmp_path / "plain", stage="sft", steps=4))
+    assert calls == [4, 4, 4, 4]
+    cached, plain = losses(tmp_path / "cached"), losses(tmp_path / "plain")
+    assert_close_paths(torch.tensor(cached), torch.tensor(plain), "lm loss per step, cached vs computed low-res")

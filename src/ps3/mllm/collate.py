@@ -38,6 +38,7 @@ class MLLMBatch:
     box_maps: torch.Tensor | None = None
     text: TextRows | None = None
     records: list[Conversation] = field(default_factory=list)
+    image_keys: list[int] = field(default_factory=list)  # a key per image row (its record's identity)
     skipped: Counter = field(default_factory=Counter)
 
     @property
@@ -95,6 +96,7 @@ def collate(records: Sequence[Conversation], tokenizer, image_token_id: int, pro
         with_image.append(encode_conversation(tokenizer, record.turns, image_token_id, selection_turn=turn,
                                               answer_last=answer_last))
         boxes.append(record.turns[turn].boxes)
+        batch.image_keys.append(id(record))
         sizes.append(record.image_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if with_image:

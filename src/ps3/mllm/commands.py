@@ -58,6 +58,9 @@ def _add_train(sub) -> None:
     p.add_argument("--looks", type=int, default=1, help="high-res looks per image")
     p.add_argument("--k", type=int, default=2, choices=(1, 2, 3), help="projector merge size (k x k cells)")
     p.add_argument("--selection-weight", type=float, default=1.0, help="weight of the box selection loss")
+    p.add_argument("--cache-low-res", action="store_true",
+                   help="keep each image's low-res pass (frozen encoder) for later epochs: faster, memory grows "
+                        "by one pass per image (small encoders or datasets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--save-every", type=_positive, default=50)

@@ -49,6 +49,7 @@ class MLLMTrainParams:
     looks: int = 1
     k: int = 2
     selection_weight: float = 1.0
+    cache_low_res: bool = False
     seed: int = 0
     resume: bool = False
     save_every: int = 50

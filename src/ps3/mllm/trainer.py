@@ -39,6 +39,7 @@ from ..train.distributed import DistInfo, RankLog, init_distributed, on_main
 from ..train.optim import build_scheduler
 from .collate import MLLMBatch, collate
 from .looks import encode_for_llm, encode_low_res, encoder_of
+from .low_res_cache import LowResCache
 from .saving import save_run
 from .topdown import IGNORE_INDEX, selection_target_loss, splice_image_tokens
 from .train_setup import RESUME_FREE, MLLMTrainParams, load_data, prepare_run
@@ -69,19 +70,20 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 class MLLMLoss(nn.Module):
     """The training forward of a TwoPassPS3 (what DDP wraps): batch → (loss, LM loss, selection loss)."""
 
-    def __init__(self, helper, stage: str, selection_weight: float = 1.0):
+    def __init__(self, helper, stage: str, selection_weight: float = 1.0, cache: LowResCache | None = None):
         super().__init__()
-        self.helper, self.stage, self.selection_weight = helper, stage, selection_weight
+        self.helper, self.stage, self.selection_weight, self.cache = helper, stage, selection_weight, cache
 
     def image_sequence(self, batch: MLLMBatch):
         """(inputs_embeds, attention_mask, labels, top-down probabilities or None) of the image rows."""
         h, rows = self.helper, batch.image
+        low = None if self.cache is None else self.cache.get(h.vision_model, batch.image_keys, batch.pixel_values)
         if self.stage == "sft":
             out = h(batch.pixel_values, rows.input_ids, rows.attention_mask, labels=rows.labels,
-                    prompt_end=batch.prompt_end)
+                    prompt_end=batch.prompt_end, low_res=low)
             return out.inputs_embeds, out.attention_mask, out.labels, out.vision.topdown_selection_probs
         with torch.no_grad():
-            low = encode_low_res(h.vision_model, batch.pixel_values)
+            low = low if low is not None else encode_low_res(h.vision_model, batch.pixel_values)
             vision = encode_for_llm(h.vision_model, batch.pixel_values, low_res=low, k=h.k, budgets=h.budgets,
                                     num_looks=h.num_looks)
         image = h.projector(vision, feature_layer=h.feature_layer)
@@ -169,7 +171,8 @@ class _Run:
         self.optimizer = _optimizer(self.helper, params.learning_rate)
         self.scheduler = build_scheduler(self.optimizer, params.warmup, params.steps)
         self.progress, self.skipped = Progress(), Counter()
-        self.module: nn.Module = MLLMLoss(self.helper, params.stage, params.selection_weight)
+        cache = LowResCache() if params.cache_low_res else None
+        self.module: nn.Module = MLLMLoss(self.helper, params.stage, params.selection_weight, cache)
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
