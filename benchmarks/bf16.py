@@ -7,7 +7,7 @@
 One random-weight model per preset (``ps3.bench.build_model``, the published 4K geometry) is saved
 once; every way loads it: ours and upstream's ``PS3VisionModel.from_pretrained`` (an NVlabs/PS3
 checkout, run by a Python with its pins: ``../shared/tools/setup_upstream_env.sh`` builds one;
-upstream is never a dependency), cast to float32 or bfloat16, encoding a 3780 px image: ``one``
+upstream is never a dependency), cast to float32 or bfloat16, encoding an image of the model's top scale (3780 px; 3840 for c-radio): ``one``
 = one look (``num_look_close=1``), ``all`` = every look. Each (implementation, dtype, case) runs
 in a fresh process (its peak memory is its own: resident set beyond the loaded model and input)
 and reports the median of ``--repeats`` calls after a warm-up (wall time, and the process's CPU
@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 3780
 
 
 def _register_bench_vit(name: str, vit: dict) -> None:
@@ -80,6 +79,12 @@ def _load(impl: str, model_dir: Path, upstream: Path | None, dtype: torch.dtype)
     return model, lambda x, looks: model(x, num_look_close=looks, output_hidden_states=True)
 
 
+def _top_scale(model_dir) -> int:
+    """The model's largest scale (3780 px for patch-14 presets, 3840 for C-RADIO): the input size."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return max(config.get("vision_config", config)["ps3_scales"])
+
+
 def child(args) -> None:
     """One (implementation, dtype, case): print a JSON line with its median seconds and peak memory."""
     sys.path.insert(0, str(ROOT / "src"))
@@ -90,7 +95,8 @@ def child(args) -> None:
     dtype = getattr(torch, args.dtype)
     model, call = _load(args.child, args.model_dir, args.upstream, dtype)
     torch.manual_seed(0)
-    x = (torch.rand(1, 3, SIZE, SIZE) * 2 - 1).to(dtype)
+    size = _top_scale(args.model_dir)
+    x = (torch.rand(1, 3, size, size) * 2 - 1).to(dtype)
     looks = 1 if args.case == "one" else "all"
     dev = torch.device("cpu")
     times = []
@@ -127,7 +133,7 @@ def _matmul(tag: str, log) -> dict:
 def parent(args) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from ps3.bench import build_model
-    from ps3.registry import SCALES_4K
+    from ps3.registry import preset_scales
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     start = _matmul("start", log)
@@ -138,7 +144,7 @@ def parent(args) -> int:
     results: dict[tuple, list[dict]] = {w: [] for w in ways}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        build_model(SCALES_4K, args.preset, width=args.width, depth=args.depth).save_pretrained(model_dir)
+        build_model(preset_scales(args.preset)[1], args.preset, width=args.width, depth=args.depth).save_pretrained(model_dir)
         for r in range(args.rounds):
             for impl, dt, case in (ways if r % 2 == 0 else ways[::-1]):
                 python = args.upstream_python if impl == "upstream" else sys.executable
@@ -190,7 +196,7 @@ def parent(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help="ps3 bench preset: cpu (width 768, depth 4) or so400m")
+    parser.add_argument("--preset", default="cpu", help="ps3 bench preset: cpu (width 768, depth 4), so400m or c-radio (the model's 4K geometry)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--depth", type=int)
     parser.add_argument("--cases", nargs="+", default=["one"], choices=["one", "all"])

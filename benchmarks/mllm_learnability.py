@@ -3,7 +3,7 @@
 Synthetic scenes (``ps3.train.synthetic``: 2–4 coloured textured shapes) with one question per
 scene naming one object ("what shape is the red striped object ?", or colour, texture and shape
 when colour and texture alone are ambiguous in that scene). The model is ``ps3.mllm.TwoPassPS3``:
-a random-weight ``tiny-synthetic`` PS3 encoder (frozen; ``ps3.train.model.get_model_spec``), a
+a random-weight ``tiny-synthetic`` PS3 encoder (frozen; ``ps3.train.model_setup.get_model_spec``), a
 random tiny Llama (2 layers, width 64), the projector and the top-down prompt head. The prompt
 head, the projector and the LLM (random here, so it stands in for a pretrained LLM that already
 reads questions; ``--freeze-llm`` keeps it fixed) are trained on the CPU for a time limit with
@@ -31,7 +31,7 @@ import torch
 from ps3 import PS3ImageProcessor, PS3VisionModel
 from ps3.encoder.vision import LowResPass
 from ps3.mllm import TwoPassPS3, encode_for_llm, selection_target_loss
-from ps3.train.model import get_model_spec
+from ps3.train.model_setup import get_model_spec
 from ps3.train.synthetic import COLOURS, SHAPES, TEXTURES, render_scene
 
 WORDS = ["<pad>", "<image>", "user", ":", "what", "shape", "is", "the", "object", "where", "?", "an", "a",

@@ -10,8 +10,7 @@
 7. ``outputs``            -- ``PS3VisionOutput``, ``LowResPass``, feature maps.
 8. ``vision``             -- ``PS3VisionModel``: the low-res pass, selection, the two modes and upstream's ``forward``.
 
-``cuda_graphs`` (optional replay of the trunk on a GPU) and ``upstream_names`` (upstream's attribute
-names) are small helpers of ``vision``. The public names are re-exported from ``ps3``.
+``cuda_graphs`` (optional replay of the trunk on a GPU) is a small helper of ``vision``. The public names are re-exported from ``ps3``.
 """
 from .outputs import LowResPass, PS3VisionOutput
 from .selection import TokenCount, first_n_scales_for_sizes

@@ -29,15 +29,14 @@ from .batching import (ImageGroup, check_call, check_images, encoded_counts, gro
 from ..config import PS3VisionConfig
 from .cuda_graphs import GraphedBlocks
 from ..hub import PretrainedMixin
-from .looks import GroupLooks, pool_looks, run_looks
+from .looks import GroupLooks, LookParts, pool_looks, run_looks
 from .outputs import LowResPass, PS3VisionOutput, feature_maps
 from .precision import float32_fallback
 from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, select_cells)
 from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
-                                 gt_area_at_cells, highres_features, prior_and_prompt_probs, resize_images,
+                                 gt_area_at_cells, highres_features, prior_and_prompt_probs, bicubic_resize_all,
                                  upsample_probs)
-from .upstream_names import UpstreamEncoderNames
-from .vit import Mlp, VisionTransformer, arch_from_config
+from .vit import Mlp, arch_from_config, trunk_from_config
 
 __all__ = ["PS3VisionEncoder", "PS3VisionModel", "PS3VisionOutput", "LowResPass", "HIGHRES_SELECTION_SIZE"]
 
@@ -54,11 +53,9 @@ def _check_vision_config(config: PS3VisionConfig, patch: int) -> None:
     depth = arch_from_config(config.model_name, config.vit).depth
     if any(not 0 <= i < depth for i in config.select_based_on_layer):
         raise ValueError(f"select_based_on_layer {config.select_based_on_layer} must index the {depth} blocks")
-    if config.radio:
-        raise ValueError("radio=True (C-RADIO backbones) is not supported by this release")
 
 
-class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
+class PS3VisionEncoder(nn.Module):
     def __init__(self, config: PS3VisionConfig):
         super().__init__()
         self.config = config
@@ -66,7 +63,7 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         _check_vision_config(config, arch.patch_size)
         if arch.embed_dim != config.hidden_size:
             raise ValueError(f"hidden_size {config.hidden_size} does not match the backbone width {arch.embed_dim}")
-        self.trunk = VisionTransformer(arch, crop_pos_embed=bool(config.radio))
+        self.trunk = trunk_from_config(config)
         self.width = arch.embed_dim
         self.layers = arch.depth
         self.patch_size = arch.patch_size
@@ -103,6 +100,27 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         else:
             self.highres_selection_feature_module = None
             self.prompt_proj_for_highres = None
+
+    # ----------------------------------------------------------------- upstream's attribute names
+    # VILA-HD reads ``s3_scales`` for its dynamic-aspect-ratio rule and sets ``gradient_checkpointing``.
+    @property
+    def s3_scales(self) -> list[int]:
+        """Upstream's older name for ``ps3_scales``."""
+        return self.ps3_scales
+
+    @property
+    def s3_image_size(self) -> int:
+        """The largest scale (upstream's name)."""
+        return self.ps3_scales[-1]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the trunk recomputes block activations in the backward pass (upstream's name)."""
+        return self.trunk.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.trunk.grad_checkpointing = bool(enable)
 
     # ----------------------------------------------------------------- sizes and token counts
     @property
@@ -142,11 +160,18 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
             return self._graphed_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
         return self.trunk.forward_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
 
+    def look_parts(self) -> LookParts:
+        """The parts encoding looks uses (``ps3.encoder.looks``): patch embedding, position tables,
+        the trunk's blocks (graphed or eager) and its pooling."""
+        return LookParts(self.trunk.patch_embed, self.trunk.pos_embed_at, self.pos_emb_residual,
+                         tuple(self.ps3_scales), self.patch_size, self._blocks, self.trunk.forward_blocks,
+                         self.trunk.pool)
+
     def forward_low_res(self, pixel_values, keep_kv: bool = True):
         """Low-res pass over every image resized to the square s_0 (a tensor or a list of images
         of any sizes): (block outputs of every layer, per-layer (k, v), pooled feature)."""
         s0 = self.ps3_scales[0]
-        tokens = self.trunk.embed(resize_images(pixel_values, (s0, s0)))
+        tokens = self.trunk.embed(bicubic_resize_all(pixel_values, (s0, s0)))
         x, hidden, kvs = self._blocks(tokens, return_kv=keep_kv, keep_hidden=self.layers)
         return hidden, kvs, self.trunk.pool(x)
 
@@ -369,7 +394,7 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         # lengths run unpadded, one image's look per pass, `python benchmarks/ragged.py`).
         budget = max_tokens or self.max_tokens_per_pass or (16384 if low_res.pooled_output.is_cuda else 1)
         mixed = len(looks) > 1
-        return run_looks(self, looks, low_res, low_res.batch_size, keep, budget, 1 if mixed and budget == 1 else None)
+        return run_looks(self.look_parts(), looks, low_res, low_res.batch_size, keep, budget, 1 if mixed and budget == 1 else None)
 
     @float32_fallback
     def encode_pooled(self, pixel_values, *, prompt: torch.Tensor | None = None, gt_selection_maps=None,
@@ -390,7 +415,7 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
                         if gl.group.gt_selection_maps is not None else torch.ones_like(gl.order[0], dtype=torch.bool)
                         for gl in looks]
         B = low_res.batch_size
-        pooled = pool_looks(self, looks, low_res, B, gt_cells)
+        pooled = pool_looks(self.look_parts(), looks, low_res, B, gt_cells)
         if is_global_text is not None:
             pooled = torch.where(is_global_text.view(B, 1).bool(), low_res.pooled_output, pooled)
         out.pooled_output = pooled
