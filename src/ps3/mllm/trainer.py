@@ -19,7 +19,6 @@ import gc
 import json
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -36,6 +35,7 @@ from ..runtime import UserError
 from ..train.checkpoint import (CHECKPOINT_FORMAT, Progress, load_latest_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
 from ..train.distributed import DistInfo, RankLog, init_distributed, on_main
+from ..train.interrupt import StopRequests
 from ..train.optim import build_scheduler
 from .collate import MLLMBatch, collate
 from .looks import encode_for_llm, encode_low_res, encoder_of
@@ -113,30 +113,6 @@ class MLLMLoss(nn.Module):
         lm = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
         loss = lm if selection is None else lm + self.selection_weight * selection
         return loss, lm.detach(), None if selection is None else selection.detach()
-
-
-class Interrupts:
-    """Ctrl-C and SIGTERM ask the loop to stop after the step under way (a second Ctrl-C stops at once)."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        if self.received == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 def batch_order(count: int, seed: int, epoch: int, info: DistInfo, batch: int) -> list[list[int]]:
@@ -257,8 +233,8 @@ def train(params: MLLMTrainParams, *, on_step: Callable[[int], None] | None = No
         rng = run.restore() if params.resume else None
         if rng is not None:
             set_rng_state(rng)
-        with Interrupts() as interrupts:
-            return _loop(run, interrupts, on_step)
+        with StopRequests() as stop:
+            return _loop(run, stop, on_step)
     finally:
         if info.distributed and dist.is_initialized():
             # DDP's reducer holds the process group: freed after the group is destroyed, gloo's
@@ -269,14 +245,14 @@ def train(params: MLLMTrainParams, *, on_step: Callable[[int], None] | None = No
             dist.destroy_process_group()
 
 
-def _stop_requested(run: _Run, interrupts: Interrupts) -> bool:
-    flag = torch.tensor([1 if interrupts.received else 0])
+def _stop_requested(run: _Run, stop: StopRequests) -> bool:
+    flag = torch.tensor([0 if stop.signal is None else 1])
     if run.info.distributed:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
 
 
-def _loop(run: _Run, interrupts: Interrupts, on_step) -> MLLMTrainResult:
+def _loop(run: _Run, stop: StopRequests, on_step) -> MLLMTrainResult:
     from tqdm import tqdm
 
     p, progress, log = run.params, run.progress, run.log
@@ -310,8 +286,8 @@ def _loop(run: _Run, interrupts: Interrupts, on_step) -> MLLMTrainResult:
                     metrics.write(json.dumps({"step": progress.step, "loss": last[0], "lm": last[1],
                                               "selection": last[2], "samples_per_s": rate}) + "\n")
                     metrics.flush()
-            if _stop_requested(run, interrupts):
-                stopped = interrupts.received or "signal on another rank"
+            if _stop_requested(run, stop):
+                stopped = "signal on another rank" if stop.signal is None else signal.Signals(stop.signal).name
                 break
             if progress.step % p.save_every == 0 or progress.step == p.steps:
                 run.save()
