@@ -80,6 +80,7 @@ def look_closer_cost(run: Path, image: Path, repeats: int) -> dict:
     from ps3.mllm import TwoPassPS3, encode_for_llm
     from ps3.mllm.collate import load_pixels
     from ps3.mllm.conversations import Conversation
+    from ps3.mllm.saving import look_options
     from ps3.runtime import timeit
 
     helper = TwoPassPS3.from_pretrained(run)
@@ -88,7 +89,7 @@ def look_closer_cost(run: Path, image: Path, repeats: int) -> dict:
     ids = torch.tensor([[tok.bos_token_id, *tok("USER: ", add_special_tokens=False)["input_ids"], helper.image_token_id,
                          *tok("what shape?\nASSISTANT:", add_special_tokens=False)["input_ids"]]])
     mask = torch.ones_like(ids)
-    options = {"k": helper.k, "budgets": helper.budgets}
+    options = {key: value for key, value in look_options(helper).items() if key != "num_looks"}
     with torch.no_grad():
         prompt, low = helper.top_down_prompt(pixels, ids, mask)
         first = encode_for_llm(helper.vision_model, pixels, prompt=prompt, low_res=low, num_looks=1, **options)

@@ -178,3 +178,10 @@ def test_cached_low_res_passes_run_once_per_image(data, tmp_path, monkeypatch):
     assert calls == [4, 4, 4, 4]
     cached, plain = losses(tmp_path / "cached"), losses(tmp_path / "plain")
     assert_close_paths(torch.tensor(cached), torch.tensor(plain), "lm loss per step, cached vs computed low-res")
+
+
+def test_bf16_autocast_trains(data, tmp_path):
+    result = train(params(data, tmp_path / "bf16", stage="sft", steps=2, precision="bf16", lora=2))
+    lm = losses(tmp_path / "bf16")
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(lm)))
+    assert {p.dtype for p in result.helper.parameters()} == {torch.float32}  # autocast: weights stay float32

@@ -19,6 +19,7 @@ import torch
 from .collate import load_pixels
 from .conversations import IMAGE_TAG, Conversation, Turn, encode_conversation
 from .looks import encode_for_llm
+from .saving import look_options
 from .topdown import splice_image_tokens
 
 
@@ -54,7 +55,7 @@ class ChatSession:
                                              low_res=self.low)
         extra = {} if self.maps is None else {"old_selection_maps": self.maps}
         vision = encode_for_llm(h.vision_model, self.pixels, prompt=prompt.to(self.low.selection_features.dtype),
-                                low_res=self.low, k=h.k, budgets=h.budgets, num_looks=h.num_looks, **extra)
+                                low_res=self.low, **look_options(h), **extra)
         image = h.projector(vision, feature_layer=h.feature_layer)
         new = [m.bool() for m in vision.selection_maps]
         cells = sum(int(m.sum()) for m in new)

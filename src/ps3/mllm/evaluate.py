@@ -21,6 +21,7 @@ import torch
 from .collate import box_map, load_pixels
 from .conversations import Conversation, encode_conversation
 from .looks import encode_for_llm
+from .saving import look_options
 from .topdown import splice_image_tokens
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -70,7 +71,7 @@ def answer_record(helper, record: Conversation, max_new_tokens: int = 32) -> Rec
         pixels = load_pixels(record, helper.processor).unsqueeze(0).to(device)
         prompt, low = helper.top_down_prompt(pixels, ids, mask, prompt_end=torch.tensor([enc.prompt_end]))
         vision = encode_for_llm(helper.vision_model, pixels, prompt=prompt.to(low.selection_features.dtype),
-                                low_res=low, k=helper.k, budgets=helper.budgets, num_looks=helper.num_looks)
+                                low_res=low, **look_options(helper))
         image = helper.projector(vision, feature_layer=helper.feature_layer)
         image_tokens = int(image.lengths[0])
         seq = splice_image_tokens(embeds, mask, ids.eq(helper.image_token_id).long().argmax(1), image.embeds,

@@ -194,3 +194,12 @@ def save_pretrained(helper, run: str | Path, *, settings: MLLMSettings | None = 
     save_run(helper, run, settings, save_llm_weights=not settings.lora and (
         settings.llm_saved or settings.llm_source == "tiny" or trained_llm))
 
+
+
+def look_options(helper) -> dict:
+    """The helper's look settings as :func:`ps3.mllm.encode_for_llm` keywords (k, per-scale cell
+    budgets, looks), read under the helper's current or earlier attribute names."""
+    budgets = getattr(helper, "max_select_num_each_scale", None)
+    looks = getattr(helper, "num_look_close", None)
+    return {"k": helper.k, "budgets": helper.budgets if budgets is None else budgets,
+            "num_looks": helper.num_looks if looks is None else looks}

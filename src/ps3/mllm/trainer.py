@@ -40,7 +40,7 @@ from ..train.optim import build_scheduler
 from .collate import MLLMBatch, collate
 from .looks import encode_for_llm, encode_low_res, encoder_of
 from .low_res_cache import LowResCache
-from .saving import save_run
+from .saving import look_options, save_run
 from .topdown import IGNORE_INDEX, selection_target_loss, splice_image_tokens
 from .train_setup import RESUME_FREE, MLLMTrainParams, load_data, prepare_run
 
@@ -84,8 +84,7 @@ class MLLMLoss(nn.Module):
             return out.inputs_embeds, out.attention_mask, out.labels, out.vision.topdown_selection_probs
         with torch.no_grad():
             low = low if low is not None else encode_low_res(h.vision_model, batch.pixel_values)
-            vision = encode_for_llm(h.vision_model, batch.pixel_values, low_res=low, k=h.k, budgets=h.budgets,
-                                    num_looks=h.num_looks)
+            vision = encode_for_llm(h.vision_model, batch.pixel_values, low_res=low, **look_options(h))
         image = h.projector(vision, feature_layer=h.feature_layer)
         text = h.llm.get_input_embeddings()(rows.input_ids)
         seq = splice_image_tokens(text, rows.attention_mask, batch.image_position, image.embeds, image.lengths,
