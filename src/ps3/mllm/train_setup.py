@@ -169,11 +169,11 @@ def prepare_run(params: MLLMTrainParams, info: DistInfo, data: Dataset, log: Ran
             save_llm(llm, run / "llm")
         write_text(run / CONFIG_NAME, settings.to_json())
 
-    on_main(info, write_fixed)
     from ..runtime import load_model
 
-    with user_input("--vision"):
+    with user_input("--vision"):  # before anything is written: a wrong --vision leaves --out empty
         loaded = load_model(settings.vision, device="cpu")
+    on_main(info, write_fixed)
     torch.manual_seed(params.seed)
     helper = build_helper(loaded.vision, llm, tokenizer, settings)
     helper.processor = loaded.processor
