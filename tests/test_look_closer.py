@@ -70,9 +70,9 @@ def test_mixed_batch_takes_its_own_padded_maps_back(model):
 def test_llm_blocks_are_never_taken_twice(model):
     x = pixels(2, 3, 224, 160, seed=4)
     low = model.encode_low_res(x)
-    first = encode_for_llm(model, x, low_res=low, num_looks=1)
-    second = encode_for_llm(model, x, low_res=low, num_looks=1, old_selection_maps=first.selection_maps)
-    both = encode_for_llm(model, x, low_res=low, num_looks=2)
+    first = encode_for_llm(model, x, low_res=low, num_look_close=1)
+    second = encode_for_llm(model, x, low_res=low, num_look_close=1, old_selection_maps=first.selection_maps)
+    both = encode_for_llm(model, x, low_res=low, num_look_close=2)
     for a, b, ab in zip(first.selection_maps, second.selection_maps, both.selection_maps):
         assert not (a.bool() & b.bool()).any()
         assert torch.equal(a + b, ab)

@@ -85,10 +85,10 @@ class HighresSelectionFeatures(nn.Module):
 
 def bicubic_resize(x: torch.Tensor, size: Size) -> torch.Tensor:
     """Plain (not antialiased) bicubic resize in the input's dtype, as the encoder resizes its
-    inputs to each scale (the data strategies' ``resize_image`` is antialiased, in float32). A
-    no-op at the same size: bicubic weights at zero offset are exactly (0, 1, 0, 0). For bf16/fp16 the kernel accumulates in float32 and rounds
-    once, so it matches resizing a float32 copy to one rounding, without making that copy (171 MB
-    for a 3780 px image) and ~25x faster on a CPU than converting channel by channel."""
+    inputs to each scale (the strategies' ``resize_antialiased_fp32`` is antialiased, in float32). A
+    no-op at the same size: bicubic weights at zero offset are exactly (0, 1, 0, 0). For
+    bf16/fp16 the kernel accumulates in float32 and rounds once, so it matches resizing a float32
+    copy to one rounding without making that copy (171 MB for a 3780 px image)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)

@@ -108,7 +108,8 @@ class PS3Strategy(Strategy):
         image = as_image(image)
         dtype = next(encoder.parameters()).dtype
         pixels = (resize_antialiased_fp32(image, plan.views[0].resize).float() * 2 - 1).to(dtype)  # mean = std = 0.5
-        out = encode_for_llm(encoder, pixels, k=p["k"], budgets=_budgets(p), num_looks=p["num_looks"],
+        out = encode_for_llm(encoder, pixels, k=p["k"], max_select_num_each_scale=_budgets(p),
+                             num_look_close=p["num_looks"],
                              only_select_first_n_scale=p["only_select_first_n_scale"], num_hidden_layers_to_return=1)
         tokens, k = out.last_hidden_state[0], p["k"]
         h0, w0 = encoder.feature_sizes(*pixels.shape[-2:])[0]
