@@ -89,19 +89,19 @@ def look_closer_cost(run: Path, image: Path, repeats: int) -> dict:
     ids = torch.tensor([[tok.bos_token_id, *tok("USER: ", add_special_tokens=False)["input_ids"], helper.image_token_id,
                          *tok("what shape?\nASSISTANT:", add_special_tokens=False)["input_ids"]]])
     mask = torch.ones_like(ids)
-    options = {key: value for key, value in look_options(helper).items() if key != "num_looks"}
+    options = {key: value for key, value in look_options(helper).items() if key != "num_look_close"}
     with torch.no_grad():
         prompt, low = helper.top_down_prompt(pixels, ids, mask)
-        first = encode_for_llm(helper.vision_model, pixels, prompt=prompt, low_res=low, num_looks=1, **options)
+        first = encode_for_llm(helper.vision_model, pixels, prompt=prompt, low_res=low, num_look_close=1, **options)
 
         def closer():
             p, _ = helper.top_down_prompt(pixels, ids, mask, low_res=low)
-            return encode_for_llm(helper.vision_model, pixels, prompt=p, low_res=low, num_looks=1,
+            return encode_for_llm(helper.vision_model, pixels, prompt=p, low_res=low, num_look_close=1,
                                   old_selection_maps=first.selection_maps, **options)
 
         def fresh():
             p, fresh_low = helper.top_down_prompt(pixels, ids, mask)
-            return encode_for_llm(helper.vision_model, pixels, prompt=p, low_res=fresh_low, num_looks=2, **options)
+            return encode_for_llm(helper.vision_model, pixels, prompt=p, low_res=fresh_low, num_look_close=2, **options)
 
         device = torch.device("cpu")
         t_closer, t_fresh = timeit(closer, device, repeats), timeit(fresh, device, repeats)

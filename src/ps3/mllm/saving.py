@@ -169,9 +169,9 @@ def build_helper(vision, llm, tokenizer, settings: MLLMSettings):
     if image_id is None or image_id == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no {settings.image_token!r} token")
     vision.requires_grad_(False).eval()
-    helper = TwoPassPS3(vision, llm, image_token_id=image_id, k=settings.k, budgets=settings.budgets,
-                        num_looks=settings.num_looks, feature_layer=settings.feature_layer,
-                        prompt_head_hidden=settings.prompt_head_hidden)
+    helper = TwoPassPS3(vision, llm, image_token_id=image_id, k=settings.k,
+                        max_select_num_each_scale=settings.budgets, num_look_close=settings.num_looks,
+                        feature_layer=settings.feature_layer, prompt_head_hidden=settings.prompt_head_hidden)
     helper.tokenizer, helper.settings = tokenizer, settings
     return helper
 
@@ -197,9 +197,7 @@ def save_pretrained(helper, run: str | Path, *, settings: MLLMSettings | None = 
 
 
 def look_options(helper) -> dict:
-    """The helper's look settings as :func:`ps3.mllm.encode_for_llm` keywords (k, per-scale cell
-    budgets, looks), read under the helper's current or earlier attribute names."""
-    budgets = getattr(helper, "max_select_num_each_scale", None)
-    looks = getattr(helper, "num_look_close", None)
-    return {"k": helper.k, "budgets": helper.budgets if budgets is None else budgets,
-            "num_looks": helper.num_looks if looks is None else looks}
+    """The helper's look settings as :func:`ps3.mllm.encode_for_llm` keywords: k, cells per
+    high-res scale per look, looks."""
+    return {"k": helper.k, "max_select_num_each_scale": helper.max_select_num_each_scale,
+            "num_look_close": helper.num_look_close}
