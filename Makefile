@@ -18,6 +18,8 @@ $(VENV)/.ready: pyproject.toml
 env: $(VENV)/.ready
 
 test: $(VENV)/.ready
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(PY) tools/check_sizes.py
 	PS3_KERNEL_CACHE=off $(PY) -m pytest -q tests
 
 demo: $(VENV)/.ready

@@ -8,12 +8,13 @@ One random-weight model per preset (``ps3.bench.build_model``, the published 4K 
 once; every way loads it: ours and upstream's ``PS3VisionModel.from_pretrained`` (an NVlabs/PS3
 checkout, run by a Python with its pins: ``../shared/tools/setup_upstream_env.sh`` builds one;
 upstream is never a dependency), cast to float32 or bfloat16: ``one`` = one look
-(``num_look_close=1``) of the 4K model on a 3780 px image, ``one1.5k`` = one look of the 1.5K
-model (scales 378/756/1512, same trunk) on a 1512 px image, ``all`` = every look at 4K. Both
-sides return the last ``--layers`` layers (default 2: VILA-HD's ``num_hidden_layers_to_return``;
-upstream's own default, every layer concatenated, is ``--layers 0``), and every summary says
-which mode it measured. Our processes also report the kernels they chose
-(``ps3.encoder.kernels``) and what choosing cost. Each (implementation, dtype, case) runs
+(``num_look_close=1``) of the 4K model on an image of its top scale (3780 px; 3840 for c-radio),
+``one1.5k`` = one look of the 1.5K model (the preset's 1.5K scales, same trunk) on an image of its
+top scale (1512 px), ``all`` = every look at 4K. Both sides return the last ``--layers`` layers
+(default 2: VILA-HD's ``num_hidden_layers_to_return``; upstream's own default, every layer
+concatenated, is ``--layers 0``), and every summary says which mode it measured. Our processes
+also report the kernels they chose (``ps3.encoder.kernels``) and what choosing cost. Each
+(implementation, dtype, case) runs
 in a fresh process (its peak memory is its own: resident set beyond the loaded model and input)
 and reports the median of ``--repeats`` calls after a warm-up (wall time, and the process's CPU
 time, which a busy shared machine inflates less); ``--no-warmup`` times the first call instead, for
@@ -37,8 +38,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 3780
-SIZE_1P5K = 1512
 
 
 def _register_bench_vit(name: str, vit: dict) -> None:
@@ -88,6 +87,12 @@ def _load(impl: str, model_dir: Path, upstream: Path | None, dtype: torch.dtype,
     return model, lambda x, looks: model(x, num_look_close=looks, output_hidden_states=True)
 
 
+def _top_scale(model_dir) -> int:
+    """The model's largest scale (3780 px for patch-14 presets, 3840 for C-RADIO): the input size."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return max(config.get("vision_config", config)["ps3_scales"])
+
+
 def child(args) -> None:
     """One (implementation, dtype, case): print a JSON line with its median seconds and peak memory."""
     sys.path.insert(0, str(ROOT / "src"))
@@ -99,7 +104,7 @@ def child(args) -> None:
     model_dir = args.model_dir.with_name(args.model_dir.name + "_1p5k") if args.case == "one1.5k" else args.model_dir
     model, call = _load(args.child, model_dir, args.upstream, dtype, args.layers)
     torch.manual_seed(0)
-    size = SIZE_1P5K if args.case == "one1.5k" else SIZE
+    size = _top_scale(model_dir)
     x = (torch.rand(1, 3, size, size) * 2 - 1).to(dtype)
     looks = "all" if args.case == "all" else 1
     dev = torch.device("cpu")
@@ -175,7 +180,7 @@ def _summary(case: str, best: dict) -> str:
 def parent(args) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from ps3.bench import build_model
-    from ps3.registry import SCALES_1P5K, SCALES_4K
+    from ps3.registry import preset_scales
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     start = _matmul("start", log)
@@ -187,9 +192,10 @@ def parent(args) -> int:
     results: dict[tuple, list[dict]] = {w: [] for w in ways}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        build_model(SCALES_4K, args.preset, width=args.width, depth=args.depth).save_pretrained(model_dir)
+        scales_1p5k, scales_4k = preset_scales(args.preset)
+        build_model(scales_4k, args.preset, width=args.width, depth=args.depth).save_pretrained(model_dir)
         if "one1.5k" in args.cases:  # the same trunk at the 1.5K scales
-            build_model(SCALES_1P5K, args.preset, width=args.width, depth=args.depth).save_pretrained(
+            build_model(scales_1p5k, args.preset, width=args.width, depth=args.depth).save_pretrained(
                 model_dir.with_name("model_1p5k"))
         for r in range(args.rounds):
             for impl, dt, case in (ways if r % 2 == 0 else ways[::-1]):
@@ -232,7 +238,8 @@ def parent(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help="ps3 bench preset: cpu (width 768, depth 4) or so400m")
+    parser.add_argument("--preset", default="cpu",
+                        help="ps3 bench preset: cpu (width 768, depth 4), so400m or c-radio (the model's 4K geometry)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--depth", type=int)
     parser.add_argument("--cases", nargs="+", default=["one"], choices=["one", "one1.5k", "all"],

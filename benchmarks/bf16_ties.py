@@ -139,17 +139,19 @@ def parent(args) -> int:
             python = args.upstream_python if impl == "upstream" else sys.executable
             cmd = [python, __file__, "--child", impl, "--model-dir", str(tmp / "model"), "--images-file",
                    str(tmp / "images.pt"), "--out", str(tmp / f"{impl}.safetensors"), "--upstream", str(args.upstream)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+            env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if proc.returncode:
                 log(f"{impl}: FAILED\n{proc.stderr[-3000:]}")
                 return 2
             out[impl] = load_file(tmp / f"{impl}.safetensors")
     rows, ok = compare(out["ours"], out["upstream"], args.images)
     log(f"bf16, one look, {args.images} images, random weights ({args.preset}, width {args.width}, depth {args.depth})")
-    log("image scale   k  boundary  tied/needed  equal  moved  exact-tie near-tie  |p_ours-p_up|max  rule-vs-topk moved "
-        "(in tie)")
+    log("image scale   k  boundary  tied/needed  equal  moved  exact-tie near-tie  |p_ours-p_up|max  "
+        "rule-vs-topk moved (in tie)")
     for r in rows:
-        log(f"{r['image']:5} {r['scale']:5} {r['k']:4} {r['boundary']:9.5f} {r['tied_at_boundary']:6}/{r['needed_from_tie']:<5}"
+        log(f"{r['image']:5} {r['scale']:5} {r['k']:4} {r['boundary']:9.5f} "
+            f"{r['tied_at_boundary']:6}/{r['needed_from_tie']:<5}"
             f" {str(r['equal']):6} {r['cells_moved']:5}  {str(r['only_exact_ties']):9} {str(r['only_near_ties']):8}"
             f" {r['probs_max_abs_diff']:16.2e}  {r['rule_vs_topk_moved']:5} ({r['rule_vs_topk_only_in_tie']})")
     differ = [r for r in rows if not r["equal"]]

@@ -3,7 +3,7 @@
 Synthetic scenes (``ps3.train.synthetic``: 2–4 coloured textured shapes) with one question per
 scene naming one object ("what shape is the red striped object ?", or colour, texture and shape
 when colour and texture alone are ambiguous in that scene). The model is ``ps3.mllm.TwoPassPS3``:
-a random-weight ``tiny-synthetic`` PS3 encoder (frozen; ``ps3.train.model.get_model_spec``), a
+a random-weight ``tiny-synthetic`` PS3 encoder (frozen; ``ps3.train.model_setup.get_model_spec``), a
 random tiny Llama (2 layers, width 64), the projector and the top-down prompt head. The prompt
 head, the projector and the LLM (random here, so it stands in for a pretrained LLM that already
 reads questions; ``--freeze-llm`` keeps it fixed) are trained on the CPU for a time limit with
@@ -31,7 +31,7 @@ import torch
 from ps3 import PS3ImageProcessor, PS3VisionModel
 from ps3.encoder.vision import LowResPass
 from ps3.mllm import TwoPassPS3, encode_for_llm, selection_target_loss
-from ps3.train.model import get_model_spec
+from ps3.train.model_setup import get_model_spec
 from ps3.train.synthetic import COLOURS, SHAPES, TEXTURES, render_scene
 
 WORDS = ["<pad>", "<image>", "user", ":", "what", "shape", "is", "the", "object", "where", "?", "an", "a",
@@ -111,7 +111,7 @@ def train(helper: TwoPassPS3, data: dict, *, steps: int, batch: int = 32, lr: fl
         pick = torch.randint(0, len(data["input_ids"]), (batch,), generator=generator)
         pixels, low = data["pixel_values"][pick], take(low_all, pick)
         prompt, _ = helper.top_down_prompt(pixels, data["input_ids"][pick], data["attention_mask"][pick], low_res=low)
-        vision = encode_for_llm(helper.vision_model, pixels, prompt=prompt, low_res=low, num_looks=0)
+        vision = encode_for_llm(helper.vision_model, pixels, prompt=prompt, low_res=low, num_look_close=0)
         probs = vision.topdown_selection_probs
         loss = selection_target_loss(probs, data["box_maps"][pick])
         optimizer.zero_grad()
@@ -149,7 +149,7 @@ def evaluate(helper: TwoPassPS3, data: dict, budgets: list[int], batch: int = 50
         pixels, boxes = data["pixel_values"][part], data["boxes"][part]
         prompt, low = helper.top_down_prompt(pixels, data["input_ids"][part], data["attention_mask"][part])
         for name, p in (("top_down", prompt), ("bottom_up", None)):
-            out = encode_for_llm(helper.vision_model, pixels, prompt=p, low_res=low, budgets=budgets)
+            out = encode_for_llm(helper.vision_model, pixels, prompt=p, low_res=low, max_select_num_each_scale=budgets)
             counts[name].append((_precision(out.selection_maps, boxes, size), len(pixels)))
     result = {name: sum(p * n for p, n in v) / sum(n for _, n in v) for name, v in counts.items()}
     areas = (data["boxes"][:, 2] - data["boxes"][:, 0]) * (data["boxes"][:, 3] - data["boxes"][:, 1])

@@ -8,11 +8,12 @@ Eight images of eight sizes (4:1 and 1:4 among them), each with its own token bu
 never skips a scale on a 1.5K model, and the point is a mix of first-n groups), encoded
 three ways in one run: one ragged call; one call per image; one call per first-n value (the
 grouping VILA-HD's ``encode_images_ps3`` does). Prints time (median of ``--repeats`` rounds, the
-three ways taking turns in alternating order, each call after a warm-up call), the peak memory of each way (measured in a fresh process on a CPU: peak resident set
-beyond the model and the images; on a GPU: the allocator's peak beyond them), and the ragged
-call's padding: tokens computed by the trunk's look passes over tokens returned (measured; and,
-from the look plans alone, for the same images with token budgets only, where looks of many
-lengths share masked passes). One JSON line.
+three ways taking turns in alternating order, each call after a warm-up call), the peak memory
+of each way (measured in a fresh process on a CPU: peak resident set beyond the model and the
+images; on a GPU: the allocator's peak beyond them), and the ragged call's padding: tokens
+computed by the trunk's look passes over tokens returned (measured; and, from the look plans
+alone, for the same images with token budgets only, where looks of many lengths share masked
+passes). One JSON line.
 Weights are random (no download): timing does not depend on them.
 """
 import argparse

@@ -17,6 +17,8 @@ import torch
 
 from ps3.bench import PRESETS, build_model, trunk_flops
 from ps3.encoder.cuda_graphs import GraphedBlocks
+from ps3.encoder.request import EncodeRequest
+from ps3.encoder.selection_pipeline import score_groups
 from ps3.registry import SCALES_1P5K
 from ps3.runtime import matmul_rate, parse_device, parse_dtype, synchronize, timeit
 
@@ -61,7 +63,9 @@ def main() -> None:
     with torch.no_grad():
         res["low_res_s"] = timeit(lambda: vm.forward_low_res(x), dev, r)
         hidden, kv, _ = vm.forward_low_res(x)
-        res["selection_probs_s"] = timeit(lambda: vm.selection_probs(x, hidden), dev, r)
+        groups = EncodeRequest.build(x, width=vm.width, num_look_close="all").groups
+        # The selection features and the pipeline's scoring step (probability maps per scale).
+        res["selection_probs_s"] = timeit(lambda: score_groups(vm, *vm.selection_features(x, hidden), groups), dev, r)
         looks = [torch.randn(1, t, arch.embed_dim, device=dev, dtype=dt) for t in look_tokens]
         res["trunk_sequential_s"] = timeit(lambda: [blocks(t, kv_cache=kv) for t in looks], dev, r)
         full = [t for t in looks if t.shape[1] == look_tokens[0]]

@@ -138,7 +138,7 @@ def prepare(args, tmp: Path) -> Path:
     """Shards, the shared tokenizer and upstream's model config; sets ``args.vit``."""
     sys.path.insert(0, str(ROOT / "src"))
     from ps3.registry import training_config
-    from ps3.train.model import build_caption_tokenizer, read_captions
+    from ps3.train.model_setup import build_caption_tokenizer, read_captions
     from ps3.data.shards import list_shards
 
     data = tmp / "data"

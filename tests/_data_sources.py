@@ -3,7 +3,6 @@ reading converted shards back, and checking that a box covers its rectangle."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,6 @@ COLOURS = {
     "yellow": (240, 220, 40),
     "purple": (150, 40, 190),
 }
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    """``ps3 ARGS`` run in this process: (exit code, stdout and stderr together)."""
-    from ps3.cli import main
-
-    code = main([*map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def dropped_counts(output: str) -> dict[str, int]:
@@ -101,16 +91,10 @@ def assert_box_covers(image: Image.Image, box, colour_name: str, margin: int = 2
         assert _fraction(strip, colour) < 0.05, (colour_name, box, "colour outside the box")
 
 
-def ps3(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the ``ps3`` command line in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "ps3.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def train_two_steps(data: Path, run_dir: Path) -> subprocess.CompletedProcess:
-    """Two steps of ``tiny-synthetic`` training on converted shards (CPU, no workers)."""
-    command = [sys.executable, "-m", "ps3.train", "--model", "tiny-synthetic",
-               "--train-data-image", str(data / "images"), "--train-data-text-box", str(data / "text_boxes"),
-               "--output-dir", str(run_dir), "--steps", "2", "--batch-size", "2", "--save-every-steps", "2",
-               "--log-every", "1", "--workers", "0", "--device", "cpu", "--seed", "0", "--quiet"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+def train_two_steps(run_cli, data: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    """Two steps of ``tiny-synthetic`` training on converted shards (CPU, no workers), run with the
+    ``run_cli`` fixture as ``python -m ps3.train``."""
+    return run_cli("--model", "tiny-synthetic", "--train-data-image", data / "images", "--train-data-text-box",
+                   data / "text_boxes", "--output-dir", run_dir, "--steps", "2", "--batch-size", "2",
+                   "--save-every-steps", "2", "--log-every", "1", "--workers", "0", "--device", "cpu", "--seed", "0",
+                   "--quiet", module="ps3.train")

@@ -43,7 +43,7 @@ VOCAB = 20
 def build_problem():
     """(PS3Model, global batch dict), identical on every call and every rank."""
     from ps3 import PS3Config, PS3Model
-    from ps3.train.model import initialise
+    from ps3.train.model_setup import initialise
 
     config = PS3Config(**MICRO_CONFIG)
     config.text_config.vocab_size = VOCAB
@@ -86,7 +86,7 @@ def main(out_dir: str, mode: str) -> None:
     import torch.distributed as dist
 
     from ps3.train.distributed import DistInfo, full_state_dicts, load_full_state_dicts, wrap
-    from ps3.train.model import PS3PretrainModule
+    from ps3.train.model_setup import PS3PretrainModule
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -22,7 +22,7 @@ def write_damaged_dataset(out_dir: str | os.PathLike, seed: int = 0, size: int =
 
     Returns ``{"images": [...], "text_boxes": [...], "expected_skips": {reason: count},
     "usable_keys": [keys that must come out], "damage": {key: what was done}}``. The counts are
-    what :mod:`ps3.train.data` reports for the whole dataset (reasons in ``SKIP_REASONS``).
+    what :mod:`ps3.train.loader` reports for the whole dataset (reasons in ``SKIP_REASONS``).
     Damage: garbage and truncated JPEG bytes, invalid JSON and a non-object record, an image
     missing for a key and a record missing for another, a box outside the image, an inverted and a
     zero-area box, an empty caption and one that is empty after shaping, captions and boxes of

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,18 +49,6 @@ def make_image_shards(directory: Path, shards: int, per_shard: int, seed: int = 
 
 def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-
-
-def ps3_command(*args, model: Path = MODEL_DIR) -> list[str]:
-    return [sys.executable, "-m", "ps3.cli", "extract", *map(str, args), "--model", str(model)]
-
-
-def run_extract(*args, check: bool = True, model: Path = MODEL_DIR) -> subprocess.CompletedProcess:
-    proc = subprocess.run(ps3_command(*args, model=model), capture_output=True, text=True, timeout=300,
-                          env=environment())
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def fast_model(directory: Path) -> Path:

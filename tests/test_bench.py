@@ -1,22 +1,19 @@
-"""``ps3 bench`` end to end on a narrow trunk: every figure the issue asks for is measured and consistent."""
+"""``ps3 bench`` end to end on a narrow trunk: every figure it reports is measured and consistent."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 
 # oneDNN capped at AVX2 is a CPU without bf16 units on any x86 machine: its bf16 products run at
 # ~1/60 of float32 and the encoder falls back to float32, whatever this machine has.
+@pytest.mark.slow
 @pytest.mark.parametrize("onednn_isa", [None, "AVX2"], ids=["this-cpu", "no-bf16-units"])
-def test_bench_json_reports_every_figure(onednn_isa):
+def test_bench_json_reports_every_figure(onednn_isa, run_cli):
     # In bf16 (the float32 path is the same code): also the CPU's units and both matmul rates.
-    env = dict(os.environ, PS3_KERNEL_CACHE="off", **({"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}))
-    proc = subprocess.run([sys.executable, "-m", "ps3.cli", "bench", "--width", "64", "--depth", "1", "--repeats", "1",
-                           "--skip-full-vit", "--json", "--dtype", "bfloat16"], capture_output=True, text=True,
-                          timeout=300, env=env)
+    env = {"PS3_KERNEL_CACHE": "off", **({"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {})}
+    proc = run_cli("bench", "--width", "64", "--depth", "1", "--repeats", "1", "--skip-full-vit", "--json", "--dtype",
+                   "bfloat16", env=env)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     for key in ("ratio_4k_vs_1p5k_one_look", "speedup_all_batched_vs_sequential", "trunk_matmul_fraction",
@@ -24,7 +21,8 @@ def test_bench_json_reports_every_figure(onednn_isa):
         assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
     assert res["width"] == 64 and res["depth"] == 1 and res["dtype"] == "bfloat16"
     assert res["matmul_gflops_float32"] > 0 and res["matmul_gflops_bfloat16"] > 0
-    assert res["cpu"]["aten_capability"] and res["computes_in"] == ("bfloat16" if res["cpu"]["native_bf16"] else "float32")
+    assert res["cpu"]["aten_capability"]
+    assert res["computes_in"] == ("bfloat16" if res["cpu"]["native_bf16"] else "float32")
     assert "matmul rates measured together" in proc.stderr
     # Every figure is against the rate of the dtype the encoder computes in (the best of two readings).
     assert res["matmul_gflops"] >= res[f"matmul_gflops_{res['computes_in']}"]
@@ -48,9 +46,9 @@ def test_bench_json_reports_every_figure(onednn_isa):
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--device", "nonsense"], "--device: device must be cpu, cuda"),
 ])
-def test_bench_user_mistakes_give_one_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "ps3.cli", "bench", *args], capture_output=True, text=True,
-                          timeout=300)
+@pytest.mark.slow
+def test_bench_user_mistakes_give_one_line(args, message, run_cli):
+    proc = run_cli("bench", *args)
     assert proc.returncode == 2 and message in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ps3 bench: error: ")

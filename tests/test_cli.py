@@ -10,13 +10,7 @@ from safetensors.torch import load_file
 from golden import MODEL_DIR
 
 
-def ps3(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "ps3.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
+pytestmark = pytest.mark.slow  # every test here starts subprocesses
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
@@ -27,19 +21,20 @@ def photo(tmp_path_factory):
     return path
 
 
-def test_help_and_version():
-    out = ps3("--help").stdout
+def test_help_and_version(run_cli):
+    out = run_cli("--help", check=True).stdout
     for command in ("encode", "bench"):
         assert command in out
-    assert ps3("--version").stdout.startswith("ps3 ")
-    assert "--looks" in ps3("encode", "--help").stdout
+    assert run_cli("--version", check=True).stdout.startswith("ps3 ")
+    assert "--looks" in run_cli("encode", "--help", check=True).stdout
 
 
-def test_encode_writes_features_and_heatmaps(tmp_path, photo):
+def test_encode_writes_features_and_heatmaps(tmp_path, photo, run_cli):
     out = tmp_path / "feat.safetensors"
-    proc = ps3("encode", photo, "--model", MODEL_DIR, "--looks", "2", "--out", out, "--viz", tmp_path / "viz",
-               "--feature-maps", "--image-size", "224")
+    proc = run_cli("encode", photo, "--model", MODEL_DIR, "--looks", "2", "--out", out, "--viz", f"{tmp_path}/viz/",
+                   "--feature-maps", "--image-size", "224", check=True)
     assert "tokens per high-res scale" in proc.stdout and "[32, 128]" in proc.stdout
+    assert f"heatmaps written to {tmp_path}/viz/\n" in proc.stdout  # one slash, however --viz was spelled
     tensors = load_file(str(out))
     assert tensors["0.last_hidden_state"].shape == (16 + 160, 64)
     assert tensors["0.selection_maps.1"].sum() == 128
@@ -49,10 +44,10 @@ def test_encode_writes_features_and_heatmaps(tmp_path, photo):
         assert image.width == 200 and image.height > 300  # the photo plus a title bar
 
 
-def test_encode_all_and_tokens(tmp_path, photo):
-    proc = ps3("encode", photo, "--model", MODEL_DIR, "--all", "--image-size", "112", "--quiet")
+def test_encode_all_and_tokens(tmp_path, photo, run_cli):
+    proc = run_cli("encode", photo, "--model", MODEL_DIR, "--all", "--image-size", "112", "--quiet", check=True)
     assert proc.stdout == ""
-    proc = ps3("encode", photo, "--model", MODEL_DIR, "--tokens", "20", "--image-size", "112")
+    proc = run_cli("encode", photo, "--model", MODEL_DIR, "--tokens", "20", "--image-size", "112", check=True)
     assert "[4, 16]" in proc.stdout
 
 
@@ -63,19 +58,19 @@ def test_encode_all_and_tokens(tmp_path, photo):
     (["encode", "PHOTO", "--model", MODEL_DIR, "--looks", "-1"], "num_look_close must be"),
     (["encode", "PHOTO", "--model", MODEL_DIR, "--cuda-graphs"], "--cuda-graphs needs --device cuda"),
 ])
-def test_user_mistakes_give_one_line(photo, args, message):
-    proc = ps3(*[photo if a == "PHOTO" else a for a in args], check=False)
+def test_user_mistakes_give_one_line(photo, args, message, run_cli):
+    proc = run_cli(*[photo if a == "PHOTO" else a for a in args], check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_bad_flag_exits_nonzero():
-    proc = ps3("encode", "--looks", "1", "--all", "x.png", "--model", "m", check=False)
+def test_bad_flag_exits_nonzero(run_cli):
+    proc = run_cli("encode", "--looks", "1", "--all", "x.png", "--model", "m", check=False)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
 
 
-def test_internal_bug_shows_traceback_user_mistake_one_line(photo):
+def test_internal_bug_shows_traceback_user_mistake_one_line(photo, run_cli):
     # The same ValueError class, two origins: raised deep inside the encoder (a bug, injected
     # here) it keeps its traceback; a user mistake caught at the flag is one line.
     bug = ("import sys, ps3.cli, ps3.encoder.vision\n"
@@ -87,7 +82,7 @@ def test_internal_bug_shows_traceback_user_mistake_one_line(photo):
                            "--image-size", "112"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "ValueError: internal invariant broken" in proc.stderr
-    proc = ps3("encode", photo, "--model", MODEL_DIR, "--tokens", "-3", check=False)
+    proc = run_cli("encode", photo, "--model", MODEL_DIR, "--tokens", "-3", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["ps3 encode: error: --tokens: num_token_look_close must be a "
                                                 "non-negative int or 'all', got -3"]

@@ -1,6 +1,4 @@
 """``ps3 compare``: every strategy on one backbone, run as a user would, and its figure."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,11 +9,6 @@ import ps3.strategies as S
 from golden import MODEL_DIR
 from ps3.cli import main
 from ps3.compare import draw_figure, random_model, run_strategy
-
-
-def ps3(*args):
-    return subprocess.run([sys.executable, "-m", "ps3.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +24,9 @@ def _table(stdout):
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
 
 
-def test_compare_every_strategy_at_a_budget(tmp_path, photo):
-    proc = ps3("compare", photo, "--backbone", "tiny", "--budget", "900", "--out", tmp_path, "--no-warmup")
+@pytest.mark.slow
+def test_compare_every_strategy_at_a_budget(tmp_path, photo, run_cli):
+    proc = run_cli("compare", photo, "--backbone", "tiny", "--budget", "900", "--out", tmp_path, "--no-warmup")
     assert proc.returncode == 0, proc.stderr
     table = _table(proc.stdout)
     assert list(table) == list(S.names())

@@ -15,7 +15,6 @@ from ps3.data.shards import iter_shard  # noqa: E402
 from ps3.data.writer import write_paired_shards  # noqa: E402
 from ps3.train.synthetic import encode_jpeg, write_synthetic_dataset  # noqa: E402
 
-from _data_sources import run_cli  # noqa: E402
 from damaged_data import write_damaged_dataset  # noqa: E402
 
 
@@ -23,9 +22,9 @@ def _skipped(output: str) -> dict[str, int]:
     return {m.group(2): int(m.group(1)) for m in re.finditer(r"^skipped\s+(\d+) (\w+):", output, re.MULTILINE)}
 
 
-def test_check_counts_every_skip_reason_like_the_trainer(tmp_path, capsys):
+def test_check_counts_every_skip_reason_like_the_trainer(tmp_path, capsys, run_cli):
     manifest = write_damaged_dataset(tmp_path, seed=0, size=48)
-    code, output = run_cli(capsys, "data", "check", tmp_path)
+    code, output = run_cli.in_process("data", "check", tmp_path)
     assert code == 0, output
     assert _skipped(output) == manifest["expected_skips"]
     assert f"{len(manifest['usable_keys'])} usable" in output
@@ -34,20 +33,21 @@ def test_check_counts_every_skip_reason_like_the_trainer(tmp_path, capsys):
     assert re.search(r"e\.g\. image_00000\.tar key \S+: ", output)
 
 
-def test_check_fails_when_nothing_is_usable(tmp_path, capsys):
+def test_check_fails_when_nothing_is_usable(tmp_path, capsys, run_cli):
     jpeg = encode_jpeg(Image.new("RGB", (32, 32), (90, 90, 90)))
     records = [{"text": ["off the image"], "box": [[40, 40, 50, 50]]}, {"text": [], "box": [], "global_text": " "}]
     write_paired_shards(tmp_path, [(f"k{i}", jpeg, record) for i, record in enumerate(records)], shard_size=5)
-    code, output = run_cli(capsys, "data", "check", tmp_path)
+    code, output = run_cli.in_process("data", "check", tmp_path)
     assert code == 1 and "nothing usable" in output
     assert _skipped(output) == {"box_outside_image": 1, "empty_caption": 1, "no_usable_caption": 2}
-    code, output = run_cli(capsys, "data", "check", tmp_path / "missing")
+    code, output = run_cli.in_process("data", "check", tmp_path / "missing")
     assert code == 2 and len(output.strip().splitlines()) == 1
 
 
-def test_show_draws_the_boxes_of_the_record(tmp_path, capsys):
+def test_show_draws_the_boxes_of_the_record(tmp_path, capsys, run_cli):
     write_synthetic_dataset(tmp_path / "data", 3, seed=0, size=96, shard_size=2)
-    code, output = run_cli(capsys, "data", "show", tmp_path / "data", "--key", "00000002", "--out", tmp_path / "s.png")
+    code, output = run_cli.in_process("data", "show", tmp_path / "data", "--key", "00000002",
+                                      "--out", tmp_path / "s.png")
     assert code == 0 and "key 00000002" in output
     drawing = np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).astype(int)
     assert drawing.shape[1] == 96 and drawing.shape[0] > 96  # a band for the global caption under the image
@@ -57,6 +57,7 @@ def test_show_draws_the_boxes_of_the_record(tmp_path, capsys):
     # The left edge of the first box is drawn in the first colour (below its label).
     edge = drawing[int(y1) - 3, x0]
     assert np.abs(edge - first_colour).max() < 10, edge
-    code, output = run_cli(capsys, "data", "show", tmp_path / "data", "--key", "nope", "--out", tmp_path / "n.png")
+    code, output = run_cli.in_process("data", "show", tmp_path / "data", "--key", "nope", "--out", tmp_path / "n.png")
     assert code == 2 and "no sample 'nope'" in output
-    assert run_cli(capsys, "data", "show", tmp_path / "data", "--out", tmp_path / "first.png")[0] == 0
+    assert "its keys are '00000000', '00000001', '00000002'\n" in output and len(output.splitlines()) == 1
+    assert run_cli.in_process("data", "show", tmp_path / "data", "--out", tmp_path / "first.png")[0] == 0

@@ -14,7 +14,7 @@ from ps3.cli import main  # noqa: E402
 from ps3.data.convert_common import DropLog, SampleOptions, SourceImage, build_sample  # noqa: E402
 from ps3.images import load_image  # noqa: E402
 
-from _data_sources import assert_box_covers, dropped_counts, make_image, read_samples, run_cli  # noqa: E402
+from _data_sources import assert_box_covers, dropped_counts, make_image, read_samples # noqa: E402
 
 
 def _jsonl(path: Path, lines: list) -> Path:
@@ -22,8 +22,8 @@ def _jsonl(path: Path, lines: list) -> Path:
     return path
 
 
-def _convert(capsys, *args) -> tuple[int, str]:
-    return run_cli(capsys, "data", "from-jsonl", *args, "--workers", "1")
+def _convert(run_cli, *args) -> tuple[int, str]:
+    return run_cli.in_process("data", "from-jsonl", *args, "--workers", "1")
 
 
 @pytest.fixture
@@ -52,9 +52,9 @@ def source(tmp_path):
     return {"jsonl": _jsonl(tmp_path / "src/data.jsonl", lines), "root": tmp_path}
 
 
-def test_boxes_land_on_their_rectangles_and_drops_are_counted(source, capsys):
+def test_boxes_land_on_their_rectangles_and_drops_are_counted(source, capsys, run_cli):
     out = source["root"] / "out"
-    code, output = _convert(capsys, source["jsonl"], "--out", out)
+    code, output = _convert(run_cli, source["jsonl"], "--out", out)
     assert code == 0
     samples = read_samples(out)
     assert [key for key, *_ in samples] == ["00000000", "the_png_image"]
@@ -73,9 +73,9 @@ def test_boxes_land_on_their_rectangles_and_drops_are_counted(source, capsys):
     assert "wrote 2 images with 4 regions" in output and "e.g. line 4: invalid JSON" in output
 
 
-def test_max_side_scales_images_and_boxes(source, capsys):
+def test_max_side_scales_images_and_boxes(source, capsys, run_cli):
     out = source["root"] / "small"
-    code, _ = _convert(capsys, source["jsonl"], "--out", out, "--max-side", "48")
+    code, _ = _convert(run_cli, source["jsonl"], "--out", out, "--max-side", "48")
     assert code == 0
     (_, image_a, record_a, _), (_, image_b, record_b, _) = read_samples(out)
     assert image_a.size == (48, 32) and image_b.size == (34, 48)
@@ -92,8 +92,8 @@ def test_exif_rotated_images_get_rotated_boxes(tmp_path, max_side):
     drops = DropLog()
     options = SampleOptions(max_side=max_side)
     for orientation in range(1, 9):
-        path = make_image(tmp_path / f"o{orientation}.jpg", (80, 48), [("red", [8, 4, 30, 20]), ("blue", [50, 24, 72, 44])],
-                          orientation=orientation)
+        rectangles = [("red", [8, 4, 30, 20]), ("blue", [50, 24, 72, 44])]
+        path = make_image(tmp_path / f"o{orientation}.jpg", (80, 48), rectangles, orientation=orientation)
         source = SourceImage(key=f"o{orientation}", path=str(path), name=path.name, declared_size=(80, 48),
                              regions=[("red", [8, 4, 30, 20]), ("blue", [50, 24, 72, 44])])
         sample = build_sample(source, options, drops)
@@ -118,19 +118,19 @@ def test_declared_size_decides_the_frame_or_drops_the_image(tmp_path):
     assert drops.counts == {"size_mismatch": 1}
 
 
-def test_images_without_regions_kept_for_global_captions_or_skipped(tmp_path, capsys):
+def test_images_without_regions_kept_for_global_captions_or_skipped(tmp_path, capsys, run_cli):
     make_image(tmp_path / "g.jpg", (40, 40), [])
     jsonl = _jsonl(tmp_path / "g.jsonl", [
         {"image": "g.jpg", "global_text": ["", "A grey square.", "A plain grey image, nothing on it."]},
         {"image": "g.jpg", "regions": [{"text": "nothing", "box": [50, 50, 60, 60]}]},
     ])
-    code, output = _convert(capsys, jsonl, "--out", tmp_path / "keep", "--global-caption", "longest")
+    code, output = _convert(run_cli, jsonl, "--out", tmp_path / "keep", "--global-caption", "longest")
     assert code == 0 and dropped_counts(output) == {"box_outside_image": 1, "no_caption": 1, "empty_global_text": 1}
     [(_, _, record, _)] = read_samples(tmp_path / "keep")
     assert record["text"] == [] and record["global_text"] == "A plain grey image, nothing on it."
-    code, output = _convert(capsys, jsonl, "--out", tmp_path / "all", "--global-caption", "all")
+    code, output = _convert(run_cli, jsonl, "--out", tmp_path / "all", "--global-caption", "all")
     assert read_samples(tmp_path / "all")[0][2]["global_text"] == "A grey square. A plain grey image, nothing on it."
-    code, output = _convert(capsys, jsonl, "--out", tmp_path / "skip", "--skip-images-without-regions")
+    code, output = _convert(run_cli, jsonl, "--out", tmp_path / "skip", "--skip-images-without-regions")
     assert code == 1 and dropped_counts(output)["no_region"] == 1 and "wrote 0 images" in output
     assert not list((tmp_path / "skip/images").glob("*.tar"))
 
@@ -147,10 +147,10 @@ def _shard_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("*/*.tar"))}
 
 
-def test_parallel_workers_resume_and_settings_guard(tmp_path, capsys):
+def test_parallel_workers_resume_and_settings_guard(tmp_path, capsys, run_cli):
     jsonl = _many(tmp_path, 5)
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
-    assert _convert(capsys, jsonl, "--out", serial, "--shard-size", "2")[0] == 0
+    assert _convert(run_cli, jsonl, "--out", serial, "--shard-size", "2")[0] == 0
     code = main(["data", "from-jsonl", str(jsonl), "--out", str(parallel), "--shard-size", "2", "--workers", "2",
                  "--quiet"])
     assert code == 0 and capsys.readouterr().out == ""
@@ -160,30 +160,30 @@ def test_parallel_workers_resume_and_settings_guard(tmp_path, capsys):
     # A run killed in shard 1: its stats file (written last) and one tar are missing.
     (parallel / "conversion/shard_00001.json").unlink()
     (parallel / "text_boxes/text_box_00001.tar").unlink()
-    code, output = _convert(capsys, jsonl, "--out", parallel, "--shard-size", "2")
+    code, output = _convert(run_cli, jsonl, "--out", parallel, "--shard-size", "2")
     assert code == 0 and "resumed: 2 shard(s)" in output and "wrote 5 images with 5 regions" in output
     assert _shard_bytes(parallel) == first
 
-    code, output = _convert(capsys, jsonl, "--out", parallel, "--shard-size", "2", "--max-side", "32")
+    code, output = _convert(run_cli, jsonl, "--out", parallel, "--shard-size", "2", "--max-side", "32")
     assert code == 2 and "other inputs or settings (options differ)" in output
-    code, output = _convert(capsys, jsonl, "--out", parallel, "--shard-size", "2", "--max-side", "32", "--overwrite")
+    code, output = _convert(run_cli, jsonl, "--out", parallel, "--shard-size", "2", "--max-side", "32", "--overwrite")
     assert code == 0 and "resumed" not in output
     assert all(image.size[0] <= 32 for _, image, _, _ in read_samples(parallel))
     (tmp_path / "other/images").mkdir(parents=True)
     (tmp_path / "other/images/x.tar").write_bytes(b"")
-    code, output = _convert(capsys, jsonl, "--out", tmp_path / "other")
+    code, output = _convert(run_cli, jsonl, "--out", tmp_path / "other")
     assert code == 2 and "no conversion there wrote" in output
 
 
-def test_argument_errors_are_one_line(tmp_path, capsys):
+def test_argument_errors_are_one_line(tmp_path, capsys, run_cli):
     jsonl = _many(tmp_path, 1)
     for args, message in [(["--shard-size", "0"], "shard_size must be an int >= 1"),
                           (["--max-side", "4"], "max_side must be an int >= 16"),
                           (["--jpeg-quality", "101"], "jpeg_quality must be in 1..100")]:
-        code, output = _convert(capsys, jsonl, "--out", tmp_path / "x", *args)
+        code, output = _convert(run_cli, jsonl, "--out", tmp_path / "x", *args)
         assert code == 2 and message in output and len(output.strip().splitlines()) == 1
-    code, output = _convert(capsys, tmp_path / "nope.jsonl", "--out", tmp_path / "x")
+    code, output = _convert(run_cli, tmp_path / "nope.jsonl", "--out", tmp_path / "x")
     assert code == 2 and "cannot read" in output
-    code, output = _convert(capsys, _jsonl(tmp_path / "bad.jsonl", ["[1]", '{"image": 3}']), "--out", tmp_path / "x")
+    code, output = _convert(run_cli, _jsonl(tmp_path / "bad.jsonl", ["[1]", '{"image": 3}']), "--out", tmp_path / "x")
     assert code == 1 and dropped_counts(output) == {"bad_line": 2} and "nothing to convert" in output
     assert "e.g. line 2: no 'image' path" in output

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("webdataset")
 
-from _data_sources import (assert_box_covers, dropped_counts, make_image, read_samples, run_cli,  # noqa: E402
+from _data_sources import (assert_box_covers, dropped_counts, make_image, read_samples,  # noqa: E402
                            train_two_steps)
 
 
@@ -56,12 +56,12 @@ def _coco(root: Path) -> dict[str, Path]:
             "captions": _write_json(root / "annotations/captions_val2017.json", captions)}
 
 
-def test_coco(tmp_path, capsys):
+def test_coco(tmp_path, capsys, run_cli):
     source = _coco(tmp_path)
     out = tmp_path / "coco"
-    code, output = run_cli(capsys, "data", "from-coco", "--images", source["images"], "--instances",
-                           source["instances"], "--captions", source["captions"], "--out", out, "--local-text",
-                           "a {name}", "--workers", "1")
+    code, output = run_cli.in_process("data", "from-coco", "--images", source["images"], "--instances",
+                              source["instances"], "--captions", source["captions"], "--out", out, "--local-text",
+                              "a {name}", "--workers", "1")
     assert code == 0, output
     assert dropped_counts(output) == {"crowd": 1, "unknown_category": 1, "unknown_image": 1, "missing_image_file": 1}
     (key1, image1, record1, _), (key2, _, record2, _) = read_samples(out)
@@ -73,9 +73,9 @@ def test_coco(tmp_path, capsys):
     assert record2 == {"text": [], "box": [], "global_text": "A crowd of people in blue.",
                        "source": "000000000002.jpg"}  # the crowd box is dropped, the caption kept
 
-    code, output = run_cli(capsys, "data", "from-coco", "--images", source["images"], "--instances",
-                           source["instances"], "--out", tmp_path / "crowd", "--keep-crowd", "--max-side", "60",
-                           "--workers", "1")
+    code, output = run_cli.in_process("data", "from-coco", "--images", source["images"], "--instances",
+                              source["instances"], "--out", tmp_path / "crowd", "--keep-crowd", "--max-side", "60",
+                              "--workers", "1")
     assert code == 0 and "crowd" not in dropped_counts(output)
     (_, image1, record1, _), (_, image2, record2, _) = read_samples(tmp_path / "crowd")
     assert record1["text"] == ["cat", "dog"] and "global_text" not in record1
@@ -114,11 +114,11 @@ def _visual_genome(root: Path) -> dict[str, Path]:
             "image_data": _write_json(root / "vg/image_data.json", image_data)}
 
 
-def test_visual_genome(tmp_path, capsys):
+def test_visual_genome(tmp_path, capsys, run_cli):
     source = _visual_genome(tmp_path)
     out = tmp_path / "vg_out"
-    code, output = run_cli(capsys, "data", "from-vg", "--images", source["images"], "--regions", source["regions"],
-                           "--image-data", source["image_data"], "--out", out, "--workers", "1")
+    code, output = run_cli.in_process("data", "from-vg", "--images", source["images"], "--regions", source["regions"],
+                              "--image-data", source["image_data"], "--out", out, "--workers", "1")
     assert code == 0, output
     assert dropped_counts(output) == {"duplicate_region": 1, "merged_same_box": 1, "bad_annotation": 1,
                                       "box_outside_image": 1, "no_caption": 1}
@@ -132,8 +132,8 @@ def test_visual_genome(tmp_path, capsys):
     assert_box_covers(image2, record2["box"][0], "yellow")
 
     # Without image_data.json the files are found as VG_100K*/ID.jpg or ID.jpg.
-    code, output = run_cli(capsys, "data", "from-vg", "--images", source["images"], "--regions", source["regions"],
-                           "--out", tmp_path / "no_image_data", "--workers", "1")
+    code, output = run_cli.in_process("data", "from-vg", "--images", source["images"], "--regions", source["regions"],
+                              "--out", tmp_path / "no_image_data", "--workers", "1")
     assert code == 0 and "missing_image_file" not in output
     assert [r["source"] for _, _, r, _ in read_samples(tmp_path / "no_image_data")] == ["VG_100K/1.jpg",
                                                                                        "VG_100K_2/2.jpg"]
@@ -172,11 +172,11 @@ def _flickr(root: Path) -> dict[str, Path]:
     return {"images": images, "annotations": annotations, "sentences": sentences}
 
 
-def test_flickr30k_entities(tmp_path, capsys):
+def test_flickr30k_entities(tmp_path, capsys, run_cli):
     source = _flickr(tmp_path)
     out = tmp_path / "flickr"
-    code, output = run_cli(capsys, "data", "from-flickr30k-entities", "--images", source["images"], "--annotations",
-                           source["annotations"], "--sentences", source["sentences"], "--out", out, "--workers", "1")
+    code, output = run_cli.in_process("data", "from-flickr30k-entities", "--images", source["images"], "--annotations",
+                              source["annotations"], "--sentences", source["sentences"], "--out", out, "--workers", "1")
     assert code == 0, output
     assert dropped_counts(output) == {"scene": 1, "no_box": 1, "not_visual": 1, "merged_same_box": 1,
                                       "missing_annotation": 1, "missing_sentences": 1}
@@ -193,9 +193,9 @@ def test_flickr30k_entities(tmp_path, capsys):
 
     split = tmp_path / "train.txt"
     split.write_text("1000\n")
-    code, output = run_cli(capsys, "data", "from-flickr30k-entities", "--images", source["images"], "--annotations",
-                           source["annotations"], "--sentences", source["sentences"], "--split", split,
-                           "--global-caption", "longest", "--out", tmp_path / "split", "--workers", "1")
+    code, output = run_cli.in_process("data", "from-flickr30k-entities", "--images", source["images"], "--annotations",
+                              source["annotations"], "--sentences", source["sentences"], "--split", split,
+                              "--global-caption", "longest", "--out", tmp_path / "split", "--workers", "1")
     [(_, _, record, _)] = read_samples(tmp_path / "split")
     assert code == 0 and record["global_text"] == "Two young men in blue shirts stand on a street."
 
@@ -204,7 +204,8 @@ def test_flickr30k_entities(tmp_path, capsys):
 # All four: ps3 data check accepts them, ps3 train trains on them
 
 
-def test_check_and_train_on_every_converter(tmp_path, capsys):
+@pytest.mark.slow
+def test_check_and_train_on_every_converter(tmp_path, capsys, run_cli):
     outputs = []
     coco, vg, flickr = _coco(tmp_path / "c"), _visual_genome(tmp_path / "v"), _flickr(tmp_path / "f")
     commands = [
@@ -219,12 +220,12 @@ def test_check_and_train_on_every_converter(tmp_path, capsys):
     commands.append(["from-jsonl", tmp_path / "j/x.jsonl"])
     for index, command in enumerate(commands):
         out = tmp_path / f"out{index}"
-        code, output = run_cli(capsys, "data", *command, "--out", out, "--workers", "1", "--quiet")
+        code, output = run_cli.in_process("data", *command, "--out", out, "--workers", "1", "--quiet")
         assert code == 0 and output == ""
-        code, output = run_cli(capsys, "data", "check", out)
+        code, output = run_cli.in_process("data", "check", out)
         assert code == 0 and "skipped: nothing" in output, output
         outputs.append(out)
-    code, output = run_cli(capsys, "data", "check", outputs[0])
+    code, output = run_cli.in_process("data", "check", outputs[0])
     assert "2 image/record pair(s) read, 2 usable" in output and "1 image(s) with a global caption only" in output
     assert "image width:         min 64, median 92, mean 92.0, max 120" in output
 
@@ -234,6 +235,6 @@ def test_check_and_train_on_every_converter(tmp_path, capsys):
     for index, out in enumerate(outputs):  # one dataset of all four: shard pairs side by side
         (data / f"images/image_{index:05d}.tar").symlink_to(out / "images/image_00000.tar")
         (data / f"text_boxes/text_box_{index:05d}.tar").symlink_to(out / "text_boxes/text_box_00000.tar")
-    result = train_two_steps(data, tmp_path / "run")
+    result = train_two_steps(run_cli, data, tmp_path / "run")
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint"))

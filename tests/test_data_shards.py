@@ -21,7 +21,7 @@ from ps3.data.shards import (
 )
 from ps3.data.writer import ShardWriter, write_paired_shards
 from ps3.train.evaluate import iter_box_captions
-from ps3.train.model import read_captions
+from ps3.train.model_setup import read_captions
 from ps3.processor import PS3ImageProcessor
 
 

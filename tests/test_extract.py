@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from extract_helpers import make_image_shards, make_images, run_extract
+from extract_helpers import make_image_shards, make_images
 from golden import MODEL_DIR
 from tolerances import assert_same_selection
 from ps3 import PS3ImageProcessor, PS3TextModel, PS3Tokenizer, PS3VisionModel
@@ -171,10 +171,11 @@ def test_prompts_file_steers_its_images_and_the_rest_stay_bottom_up(tmp_path, mo
         torch.testing.assert_close(sample.last_hidden_state, ref.last_hidden_state[0], atol=2e-4, rtol=2e-4)
 
 
-def test_command_line_all_patches_with_feature_maps(tmp_path):
+@pytest.mark.slow
+def test_command_line_all_patches_with_feature_maps(tmp_path, run_cli):
     make_images(tmp_path / "imgs", 3)
-    proc = run_extract(tmp_path / "imgs", "--out", tmp_path / "out", "--all", "--feature-maps", "--workers", "1",
-                       "--layers", "3")
+    proc = run_cli("extract", tmp_path / "imgs", "--model", MODEL_DIR, "--out", tmp_path / "out", "--all",
+                   "--feature-maps", "--workers", "1", "--layers", "3", check=True)
     assert "3 images, 1008 tokens in 1 shards" in proc.stdout  # 16 + 64 + 256 per image
     sample = next(read(tmp_path / "out"))
     assert sample.hidden_states.shape == (3, 336, 64) and sample.tokens_per_scale == [16, 64, 256]

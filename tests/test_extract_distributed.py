@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from extract_helpers import environment, fast_model, make_image_shards, make_images
 from ps3.extract import load_index, read
 
+pytestmark = pytest.mark.slow  # every test here starts subprocesses
 
 def test_two_ranks_cover_every_input_once(tmp_path):
     model = fast_model(tmp_path / "model")

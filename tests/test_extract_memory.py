@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from extract_helpers import environment, fast_model, make_images
+
+pytestmark = pytest.mark.slow  # every test here starts subprocesses
 
 # Runs the CLI's entry point in a fresh interpreter and prints that process's peak RSS (KiB).
 PEAK_RSS = """

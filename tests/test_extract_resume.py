@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from extract_helpers import environment, fast_model, make_images, ps3_command
+from extract_helpers import environment, fast_model, make_images
 from ps3.data.shards import iter_shard
 from ps3.extract import extract, load_index, read
 
@@ -20,10 +20,11 @@ def model(tmp_path_factory):
     return str(fast_model(tmp_path_factory.mktemp("model")))
 
 
-def kill_after_first_shard(images, out, model) -> list[str]:
+def kill_after_first_shard(run_cli, images, out, model) -> list[str]:
     """Start a real `ps3 extract` process, SIGKILL it once its first shard is complete."""
-    proc = subprocess.Popen(ps3_command(images, "--out", out, "--shard-size", SHARD_SIZE, "--batch-size", 2,
-                                        "--workers", 1, "--quiet", model=model), env=environment(),
+    command = run_cli.command("extract", images, "--model", model, "--out", out, "--shard-size", SHARD_SIZE,
+                              "--batch-size", 2, "--workers", 1, "--quiet")
+    proc = subprocess.Popen(command, env=environment(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
@@ -36,10 +37,11 @@ def kill_after_first_shard(images, out, model) -> list[str]:
     return sorted(p.name for p in out.glob("part-*.tar"))
 
 
-def test_sigkill_then_rerun_finishes_with_every_key_once(tmp_path, model):
+@pytest.mark.slow
+def test_sigkill_then_rerun_finishes_with_every_key_once(tmp_path, model, run_cli):
     make_images(tmp_path / "imgs", IMAGES)
     out = tmp_path / "out"
-    finished = kill_after_first_shard(tmp_path / "imgs", out, model)
+    finished = kill_after_first_shard(run_cli, tmp_path / "imgs", out, model)
     assert 1 <= len(finished) < IMAGES // SHARD_SIZE, finished  # killed mid-run
     assert not (out / "index.json").exists()
     for name in finished:  # a shard under its final name is complete: it matches its sidecar

@@ -65,3 +65,22 @@ def test_intact_copy_still_loads(model_dir):
     reference = load_state_dict(MODEL_DIR, ["vision_model."])
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, reference[key])
+
+
+def test_offline_hub_id_is_one_short_error_without_a_chain(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the real client, refusing to reach the network
+    with pytest.raises(ValueError, match="could not be fetched.*pass a local model directory") as info:
+        ps3.PS3VisionModel.from_pretrained("nvidia/PS3-4K-SigLIP2", cache_dir=tmp_path)
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert "'nvidia/PS3-4K-SigLIP2'" in str(info.value) and str(info.value).count("\n") == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_and_dtype_are_checked_before_loading(model_dir):
+    with pytest.raises(ValueError, match="device 'cuda' given but CUDA is not available"):
+        ps3.PS3VisionModel.from_pretrained(model_dir, device="cuda")
+    with pytest.raises(ValueError, match="dtype must be a torch dtype or one of"):
+        ps3.PS3VisionModel.from_pretrained(model_dir, dtype="int8")
+    model = ps3.PS3VisionModel.from_pretrained(model_dir, dtype="bf16", device="cpu")
+    assert model.dtype is torch.bfloat16
+    assert ps3.PS3VisionModel.from_pretrained(model_dir, dtype="auto").dtype is torch.float32

@@ -35,7 +35,8 @@ def test_two_calls_of_one_look_equal_one_call_of_two(model):
         assert not (a.bool() & b.bool()).any(), "a cell was encoded twice"
         assert torch.equal(a + b, ab)
     assert second.last_hidden_state.shape == first.last_hidden_state.shape
-    for fa, fb, fab in zip(feature_maps(model, first)[1:], feature_maps(model, second)[1:], feature_maps(model, both)[1:]):
+    maps = [feature_maps(model, out)[1:] for out in (first, second, both)]
+    for fa, fb, fab in zip(*maps):
         assert_close_paths(fa + fb, fab, "look 1 + look 2 vs one call of two looks")
 
 
@@ -49,7 +50,8 @@ def test_all_after_old_maps_encodes_exactly_the_rest(model):
         assert torch.equal(a + b, torch.ones_like(a))
     counts = model.count_tokens(224, 224, num_look_close="all")
     assert first.last_hidden_state.shape[1] + rest.last_hidden_state.shape[1] - 16 == counts.total
-    done = model(x, num_look_close="all", low_res=low, old_selection_maps=[torch.ones_like(a) for a in first.selection_maps])
+    everything = [torch.ones_like(a) for a in first.selection_maps]
+    done = model(x, num_look_close="all", low_res=low, old_selection_maps=everything)
     assert done.last_hidden_state.shape[1] == 16 and all(m.sum() == 0 for m in done.selection_maps)
 
 
@@ -68,9 +70,9 @@ def test_mixed_batch_takes_its_own_padded_maps_back(model):
 def test_llm_blocks_are_never_taken_twice(model):
     x = pixels(2, 3, 224, 160, seed=4)
     low = model.encode_low_res(x)
-    first = encode_for_llm(model, x, low_res=low, num_looks=1)
-    second = encode_for_llm(model, x, low_res=low, num_looks=1, old_selection_maps=first.selection_maps)
-    both = encode_for_llm(model, x, low_res=low, num_looks=2)
+    first = encode_for_llm(model, x, low_res=low, num_look_close=1)
+    second = encode_for_llm(model, x, low_res=low, num_look_close=1, old_selection_maps=first.selection_maps)
+    both = encode_for_llm(model, x, low_res=low, num_look_close=2)
     for a, b, ab in zip(first.selection_maps, second.selection_maps, both.selection_maps):
         assert not (a.bool() & b.bool()).any()
         assert torch.equal(a + b, ab)

@@ -107,6 +107,7 @@ def test_grad_checkpointing_calls(repo):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.slow
 def test_autoconfig_register():
     # ps3_encoder.py registers both configs with transformers at import time.
     code = ("from transformers import AutoConfig\n"

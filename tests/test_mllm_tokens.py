@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from golden import MODEL_DIR
 from tolerances import assert_close_paths, assert_same_selection
 from ps3 import PS3VisionConfig, PS3VisionModel
+from ps3.encoder.request import EncodeRequest
+from ps3.mllm.looks import BlockCells
 from ps3.mllm import (PS3Projector, count_llm_tokens, encode_for_llm, encode_low_res, first_n_scales_for_sizes,
                       merge_grid)
 
@@ -59,7 +61,7 @@ def test_all_cells_rule_and_ragged_lengths():
        b1=st.integers(0, 40), b2=st.integers(0, 150), looks=st.sampled_from([0, 1, 2, 3, "all"]),
        first_n=st.sampled_from([None, 1, 2]))
 def test_count_equals_projector_output(model, h, w, k, b1, b2, looks, first_n):
-    kw = dict(k=k, budgets=[b1, b2], num_looks=looks, only_select_first_n_scale=first_n)
+    kw = dict(k=k, max_select_num_each_scale=[b1, b2], num_look_close=looks, only_select_first_n_scale=first_n)
     count = count_llm_tokens(model, h, w, **kw)
     with torch.no_grad():
         out = encode_for_llm(model, images(2, h, w), **kw)
@@ -76,7 +78,7 @@ def test_count_published_4k():
                              max_select_num_each_scale=[85, 340, 2125])
     c = count_llm_tokens(config, 3780, 3780)
     assert (c.low_res, c.per_scale, c.total) == (196, [21, 85, 531], 833)
-    assert count_llm_tokens(config, 3780, 3780, num_looks="all").total == 196 + 27 * 27 + 54 * 54 + 135 * 135
+    assert count_llm_tokens(config, 3780, 3780, num_look_close="all").total == 196 + 27 * 27 + 54 * 54 + 135 * 135
     skip = count_llm_tokens(config, 2000, 1500, only_select_first_n_scale=2)
     assert skip.per_scale[2] == 0 and sum(skip.per_scale) == 637
     assert first_n_scales_for_sizes([(3000, 1000), (2000, 2600), (2700, 10)], [378, 756, 1512, 3780]) == [3, 2, 3]
@@ -90,7 +92,7 @@ def test_block_looks_equal_plain_call_when_a_look_covers_everything(model):
     with torch.no_grad():
         plain = full(x, num_look_close=1)
         low = encode_low_res(full, x)
-        blocks = encode_for_llm(full, x, low_res=low, budgets=[64, 256])
+        blocks = encode_for_llm(full, x, low_res=low, max_select_num_each_scale=[64, 256])
     if assert_same_selection(blocks.selection_maps, plain.selection_maps, plain.selection_probs):
         for a, b in zip(plain.hidden_states, blocks.hidden_states):
             assert_close_paths(a, b, "block looks vs plain call")
@@ -101,8 +103,11 @@ def test_errors(model):
         count_llm_tokens(model, 224, 224, k=4)
     with pytest.raises(ValueError, match="only_select_first_n_scale"):
         count_llm_tokens(model, 224, 224, only_select_first_n_scale=3)
-    with pytest.raises(ValueError, match="budgets"):
-        count_llm_tokens(model, 224, 224, budgets=[10])
+    with pytest.raises(ValueError, match=r"max_select_num_each_scale .*ps3_scales=\[56, 112, 224\]"):
+        count_llm_tokens(model, 224, 224, max_select_num_each_scale=[10])
+    with pytest.raises(ValueError, match="num_token_look_close"):  # the block rule plugged into the encoder
+        request = EncodeRequest.build(images(1, 224, 224), width=64, num_token_look_close=10)
+        model.vision_model.encode_request(request, BlockCells(2, (8, 16)))
     with pytest.raises(TypeError, match="PS3VisionModel"):
         count_llm_tokens("model", 224, 224)
     x = images(2, 224, 224)
@@ -124,7 +129,7 @@ def test_ragged_batches_match_single_images(model):
     pixels = [images(1, h, w, seed=i)[0] for i, (h, w) in enumerate(sizes)]
     prompt = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
     proj = PS3Projector.for_vision_model(model, 16, k=2)
-    kw = dict(budgets=[20, 40], num_looks=2)
+    kw = dict(max_select_num_each_scale=[20, 40], num_look_close=2)
     with torch.no_grad():
         out = encode_for_llm(model, pixels, prompt=prompt, only_select_first_n_scale=firsts, **kw)
         projected = proj(out)
@@ -133,9 +138,27 @@ def test_ragged_batches_match_single_images(model):
     counts = [count_llm_tokens(model, h, w, only_select_first_n_scale=m, **kw).total
               for (h, w), m in zip(sizes, firsts)]
     assert projected.lengths.tolist() == counts and len(set(counts)) > 1
+    # A mixed output says how many looks each image took (fewer where a look took every block).
+    assert out.num_looks == [count_llm_tokens(model, h, w, only_select_first_n_scale=m, **kw).num_looks
+                             for (h, w), m in zip(sizes, firsts)] == [2, 1, 2, 2]
     for i, (part, single) in enumerate(zip(out.per_sample(), singles)):
         if assert_same_selection(part.selection_maps, single.selection_maps, single.selection_probs):
             assert_close_paths(part.last_hidden_state, single.last_hidden_state, "ragged vs single")
         alone = proj(single)
         assert_close_paths(projected.embeds[i:i + 1, :counts[i]], alone.embeds, "ragged vs single projection")
     assert not projected.embeds[~projected.attention_mask].any()
+
+
+def test_old_option_names_still_work_with_a_deprecation_warning(model):
+    x = images(1, 224, 224, seed=4)
+    with torch.no_grad():
+        new = encode_for_llm(model, x, max_select_num_each_scale=[8, 16], num_look_close=2)
+        with pytest.warns(DeprecationWarning, match="num_looks is deprecated: pass num_look_close"):
+            with pytest.warns(DeprecationWarning, match="budgets is deprecated: pass max_select_num_each_scale"):
+                old = encode_for_llm(model, x, budgets=[8, 16], num_looks=2)
+    assert torch.equal(old.last_hidden_state, new.last_hidden_state)  # same kernels, same data
+    with pytest.warns(DeprecationWarning, match="budgets"):
+        assert count_llm_tokens(model, 224, 224, budgets=[8, 16]) == count_llm_tokens(
+            model, 224, 224, max_select_num_each_scale=[8, 16])
+    with pytest.raises(TypeError, match="not both"):
+        count_llm_tokens(model, 224, 224, budgets=[8, 16], max_select_num_each_scale=[8, 16])

@@ -137,7 +137,7 @@ def test_bf16_qwen2_with_a_bf16_encoder():
     llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
     vision = PS3VisionModel.from_pretrained(MODEL_DIR, torch_dtype=torch.bfloat16)
-    helper = TwoPassPS3(vision, llm, image_token_id=IMAGE, k=3, num_looks=2)
+    helper = TwoPassPS3(vision, llm, image_token_id=IMAGE, k=3, num_look_close=2)
     assert helper.projector.fc1.weight.dtype == helper.prompt_head.layers.weight.dtype == torch.bfloat16
     pixels, ids, mask = batch()
     with torch.no_grad():
@@ -155,3 +155,15 @@ def test_images_of_different_sizes_in_one_call(helper):
     expected = [helper.count_llm_tokens(224, 224, 2), helper.count_llm_tokens(100, 224, 1)]
     assert out.image_lengths.tolist() == expected and expected[0] != expected[1]
     assert out.attention_mask.sum(1).tolist() == [6 - 1 + expected[0], 4 - 1 + expected[1]]
+
+
+def test_budgets_are_checked_when_the_helper_is_built():
+    # A 4K model's budgets on a model with other scales fail here, not at generate().
+    vision = PS3VisionModel.from_pretrained(MODEL_DIR)
+    with pytest.raises(ValueError, match=r"max_select_num_each_scale .*ps3_scales=\[56, 112, 224\]"):
+        TwoPassPS3(vision, tiny_llm(), image_token_id=IMAGE, max_select_num_each_scale=[85, 340, 2125])
+    with pytest.raises(ValueError, match="num_look_close must be"):
+        TwoPassPS3(vision, tiny_llm(), image_token_id=IMAGE, num_look_close=-1)
+    with pytest.warns(DeprecationWarning, match="budgets"):
+        helper = TwoPassPS3(vision, tiny_llm(), image_token_id=IMAGE, budgets=[8, 16])
+    assert helper.max_select_num_each_scale == [8, 16]

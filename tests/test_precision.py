@@ -214,6 +214,7 @@ def test_text_tower_falls_back_too(monkeypatch):
     torch.testing.assert_close(out.prompt, want.prompt.bfloat16(), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_cpu_without_bf16_units_is_detected_and_falls_back():
     """oneDNN capped at AVX2 (as on a CPU without AVX-512): no native bf16, and a bf16 call
     returns bf16 computed in float32."""

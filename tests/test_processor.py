@@ -66,7 +66,8 @@ def test_save_and_load(tmp_path):
 @pytest.mark.parametrize("kw,match", [(dict(image_size=0), "image_size"), (dict(std=[1, 0, 1]), "std"),
                                       (dict(resize_mode="shortest"), "resize_mode"),
                                       (dict(interpolation="bilinear"), "interpolation"),
-                                      (dict(image_size=(252, 0)), "image_size"), (dict(image_size=[1, 2, 3]), "image_size"),
+                                      (dict(image_size=(252, 0)), "image_size"),
+                                      (dict(image_size=[1, 2, 3]), "image_size"),
                                       (dict(image_size="252x378"), "image_size"), (dict(max_pixels=100), "max_pixels"),
                                       (dict(resize_mode="keep_aspect", patch_size=0), "patch_size")])
 def test_bad_settings(kw, match):

@@ -10,6 +10,8 @@ import ps3
 from golden import MODEL_DIR
 from tolerances import assert_close_paths, assert_same_selection
 from ps3.encoder.looks import MAX_PADDING, plan_passes
+from ps3.encoder.request import EncodeRequest
+from ps3.encoder.selection_pipeline import TopKCells
 
 SIZES = [(224, 224), (224, 56), (56, 224), (100, 180), (150, 224), (60, 240), (240, 60), (224, 160), (33, 47)]
 
@@ -230,20 +232,30 @@ def test_rows_of_other_lengths_share_a_masked_pass(model):
         assert_same_as_single(one, ref)
 
 
-def test_encode_selection_reuses_the_low_res_pass(model, monkeypatch):
-    # The public entry ps3.mllm uses: cells chosen outside the encoder, encoded against a LowResPass.
+def test_a_plugged_in_cell_rule_runs_the_encoders_pipeline(model, monkeypatch):
+    # The entry ps3.mllm uses: a request built once, cells chosen by a rule from outside the
+    # encoder (here the encoder's own rule, counting its calls), the low-res pass reused.
     enc = model.vision_model
     batch = [image(224, 224, 1), image(100, 180, 2), image(56, 224, 3)]
+    picks = []
+
+    class CountingTopK(TopKCells):
+        def pick(self, probs, plan, old):
+            picks.append(plan.num_looks)
+            return super().pick(probs, plan, old)
+
     with torch.no_grad():
         ref = enc.encode_looks(batch, num_look_close=2, num_token_look_close=[40, 20, 30])
-        looks, low_res, _ = enc.select(batch, num_look_close=2, num_token_look_close=[40, 20, 30])
+        low_res = enc.encode_low_res(batch)
         low_res_calls = []
         monkeypatch.setattr(enc, "forward_low_res", lambda *a, **k: low_res_calls.append(1))
-        hidden, totals = enc.encode_selection([gl.group for gl in looks], [gl.plan for gl in looks],
-                                              [gl.order for gl in looks], low_res)
-    assert low_res_calls == [] and totals == ref.lengths.tolist()
-    assert len(hidden) == len(ref.hidden_states)
-    for a, b in zip(hidden, ref.hidden_states):
-        assert_close_paths(a, b, "encode_selection vs encode_looks")
-    with pytest.raises(ValueError, match="one entry per image group"):
-        enc.encode_selection([gl.group for gl in looks], [], [gl.order for gl in looks], low_res)
+        request = EncodeRequest.build(batch, width=enc.width, num_look_close=2, num_token_look_close=[40, 20, 30],
+                                      low_res=low_res)
+        out, pooled = enc.encode_request(request, CountingTopK(tuple(enc.max_select_num_each_scale)))
+    assert low_res_calls == [] and picks == ref.num_looks == [2, 2, 1]  # one pick per group (one image each)
+    assert out.lengths.tolist() == ref.lengths.tolist() and out.num_looks == ref.num_looks
+    assert pooled is low_res.pooled_output and out.pooled_output is None
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        assert_close_paths(a, b, "plugged-in rule vs encode_looks")
+    with pytest.raises(ValueError, match="num_look_close must be"):
+        EncodeRequest.build(batch, width=enc.width, num_look_close=[1, -2, 1])

@@ -74,6 +74,7 @@ def test_bench_presets_build_configs():
         registry.bench_vision_config("gpu")
 
 
+@pytest.mark.slow
 def test_registry_does_not_import_the_trainer():
     import subprocess
     import sys

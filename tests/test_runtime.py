@@ -165,7 +165,7 @@ def test_load_model_vision_only():
 
 
 def test_load_model_with_text_matches_the_joint_model(tmp_path):
-    from ps3.train.model import build_caption_tokenizer
+    from ps3.train.model_setup import build_caption_tokenizer
 
     model_dir = tmp_path / "model"
     shutil.copytree(MODEL_DIR, model_dir)

@@ -169,7 +169,7 @@ def test_resize_back_mode_grows_then_area_shrinks(img):
 
 
 def test_token_counts_of_upstreams_any_shape_examples():
-    # Issue 22's example, as upstream dev_any_shape at 809ce65 computes it: a 24x40 input,
+    # An any-shape example, as upstream dev_any_shape at 809ce65 computes it: a 24x40 input,
     # img_sizes=[(24, 40), (48, 80)], max_split_size=16, patch 8, one class token. Scale 0 is grown
     # to 32x48 = 2x3 pieces of 2x2 tokens and that whole 4x6 grid is kept: 1 + 24 = 25 tokens.
     # "pad" and "resize_back" bring it back to ceil(24/32·4) x ceil(40/48·6) = 3x5: 1 + 15 = 16.
@@ -389,7 +389,8 @@ def test_cuda_matches_cpu(img):
     (dict(img_sizes=[8.5]), r"img_sizes\[0\] must be a positive int"),
     (dict(scales=[1], max_split_size=0), "max_split_size must be positive"),
     (dict(scales=[1], max_split_size=(4, 0)), "max_split_size must be positive"),
-    (dict(scales=[1], split_mode="crop"), "split_mode must be None .upstream's default. or one of 'resize', 'pad', 'resize_back'"),
+    (dict(scales=[1], split_mode="crop"),
+     "split_mode must be None .upstream's default. or one of 'resize', 'pad', 'resize_back'"),
     (dict(scales=[1], output_shape="bhwc"), "output_shape must be 'bnc'"),
     (dict(scales=[1], output_shape="bchw", num_prefix_token=1), "needs output_shape='bnc'"),
     (dict(scales=[1], num_prefix_token=-1), "num_prefix_token must be an int >= 0"),

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from tolerances import assert_close_paths
-from ps3.encoder.selection_features import HighresSelectionFeatures, first_slot_probs, highres_features, prior_and_prompt_probs
+from ps3.encoder.selection_features import (HighresSelectionFeatures, first_slot_probs, highres_features,
+                                            prior_and_prompt_probs)
 
 
 def cosine_formula(feats, highres, prompt, proj):
@@ -37,7 +38,8 @@ def test_first_slot_probs_equal_the_cosine_formula(with_highres):
     with torch.no_grad():
         bottomup, topdown = prior_and_prompt_probs(feats, highres, prior, prompt, proj)
         alone, none = prior_and_prompt_probs(feats, highres, prior, None, proj)
-    torch.testing.assert_close(bottomup, cosine_formula(feats, highres, prior.expand(B, -1), proj), atol=1e-6, rtol=1e-5)
+    expected = cosine_formula(feats, highres, prior.expand(B, -1), proj)
+    torch.testing.assert_close(bottomup, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(topdown, want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(alone, bottomup, atol=1e-6, rtol=1e-5)
     assert none is None

@@ -1,7 +1,7 @@
 """ps3.strategies: hand-computed plans per strategy, encode's rows against the plan, bad parameters.
 
 Sizes are (height, width). Expectations are worked out by hand from each original's rules (see
-the strategy modules' docstrings for the code read); the worked example is the issue's 4000 × 3000
+the strategy modules' docstrings for the code read); the worked example is a 4000 × 3000
 (width × height) photo.
 """
 import math
@@ -12,7 +12,7 @@ import torch
 import ps3.strategies as S
 from ps3.registry import SCALES_1P5K, SCALES_4K, bench_vision_config
 from ps3.mllm import count_llm_tokens
-from ps3.mllm.strategy import params_for
+from ps3.strategies.ps3 import params_for
 
 PATCH = 14
 
@@ -270,3 +270,15 @@ def test_knob_for_budget_comes_closest():
     assert knob == "max_pixels" and abs(S.plan("qwen2_vl", h, w, max_pixels=value).num_tokens - 1000) <= 15
     assert math.isclose(S.plan("ps3", h, w, num_token_look_close=S.knob_for_budget("ps3", h, w, 1000)[1]).num_tokens,
                         1000, abs_tol=2)
+
+
+def test_load_image_tensor_and_its_deprecated_name(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (5, 3), (255, 0, 0)).save(path)
+    image = S.load_image_tensor(path)
+    assert image.shape == (3, 3, 5) and image.dtype == torch.float32
+    assert torch.equal(image[0], torch.ones(3, 5)) and not image[1:].any()
+    with pytest.warns(DeprecationWarning, match="load_image_tensor"):
+        assert torch.equal(S.load_image(path), image)

@@ -162,7 +162,7 @@ def test_command_line(tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
     # The default size is the one the tiny-synthetic config trains at.
-    from ps3.train.model import get_model_spec
+    from ps3.train.model_setup import get_model_spec
 
     side = get_model_spec("tiny-synthetic").preprocessor["image_size"]
     assert DEFAULT_SIZE == side

@@ -15,7 +15,7 @@ from webdataset import TarWriter
 from ps3.processor import PS3ImageProcessor
 from ps3.data.boxes import box_to_gt_map
 from ps3.data.shards import SKIP_REASONS, list_shards
-from ps3.train.data import build_dataloader
+from ps3.train.loader import build_dataloader
 from ps3.train.synthetic import write_synthetic_dataset
 
 from damaged_data import write_damaged_dataset

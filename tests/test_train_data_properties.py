@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings, strategies as st
 from webdataset import TarWriter
 
-from ps3.train.data import build_dataloader
+from ps3.train.loader import build_dataloader
 from test_train_data import _jpeg
 
 

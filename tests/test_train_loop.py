@@ -28,7 +28,7 @@ pytest.importorskip("webdataset")
 from ps3.train.checkpoint import list_checkpoints, load_latest_checkpoint, read_checkpoint  # noqa: E402
 from ps3.train.evaluate import selection_precision  # noqa: E402
 from ps3.train.export import export, load_run_model  # noqa: E402
-from ps3.train.model import (PS3PretrainModule, build_caption_tokenizer, get_model_spec,  # noqa: E402
+from ps3.train.model_setup import (PS3PretrainModule, build_caption_tokenizer, get_model_spec,  # noqa: E402
                              initialise)
 from ps3.train.optim import lr_multiplier  # noqa: E402
 from ps3.train.synthetic import write_synthetic_dataset  # noqa: E402
@@ -69,7 +69,7 @@ def argv(setup, out, steps, save_every=2, keep=2, *extra, batch_size=4):
 
 
 def train_in_process(args_list):
-    from ps3.train.cli import main_train
+    from ps3.train.commands import main_train
 
     return main_train(args_list + ["--quiet"])
 
@@ -150,7 +150,8 @@ def test_siglip_init_maps_timm_and_open_clip_names(tmp_path):
         assert key in report.loaded
     assert model.logit_scale.item() == 2.5 and model.logit_bias.item() == -3.0
     for key in ["vision_model.prior_prompt", "vision_model.selection_feature_proj.fc1.weight",
-                "vision_model.pos_emb_residual.0", "text_model.prompt_proj.fc1.weight", "text_model.positional_embedding"]:
+                "vision_model.pos_emb_residual.0", "text_model.prompt_proj.fc1.weight",
+                "text_model.positional_embedding"]:
         assert torch.equal(state[key], fresh[key]), key
         assert key in report.random
     assert report.ignored == ["visual.trunk.head.weight"]
@@ -201,7 +202,7 @@ def test_init_from_ps3_checkpoint_dirs(tmp_path):
 
 
 def test_one_step_changes_parameters_with_finite_loss(setup):
-    from ps3.train.data import build_dataloader
+    from ps3.train.loader import build_dataloader
 
     tokenizer = build_caption_tokenizer(["a red circle"] * 3, 8)
     loader = build_dataloader(setup["data"] / "images", setup["data"] / "text_boxes", image_size=64,
@@ -284,6 +285,7 @@ def _kill_when(proc, path_glob, directory, timeout=120):
     raise AssertionError("no checkpoint appeared in time")
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_bit_identical(setup, tmp_path):
     # Batches of 8 with 48 selected cells each are large enough for the CPU kernels to
     # parallelise the gathers' backward: exactness then needs deterministic kernels.
@@ -315,6 +317,7 @@ def test_sigkilled_run_resumes_bit_identical(setup, tmp_path):
     assert not list((run / "checkpoints").glob(".*tmp*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, mode):
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -360,7 +363,7 @@ def test_incomplete_newest_checkpoint_is_skipped(setup, tmp_path, capsys):
     with pytest.raises(ValueError, match="incomplete or unreadable"):
         read_checkpoint(newest)
     capsys.readouterr()
-    from ps3.train.cli import main_train
+    from ps3.train.commands import main_train
 
     assert main_train(argv(setup, run, 6, 2, 3)) == 0
     out = capsys.readouterr()
@@ -390,7 +393,7 @@ def read_only_dir(tmp_path):
 
 
 def test_read_only_output_dir_is_a_clear_error(setup, read_only_dir, capsys):
-    from ps3.train.cli import main_train
+    from ps3.train.commands import main_train
 
     assert main_train(argv(setup, read_only_dir / "run", 2)) == 2
     err = capsys.readouterr().err
@@ -398,6 +401,7 @@ def test_read_only_output_dir_is_a_clear_error(setup, read_only_dir, capsys):
     assert list(read_only_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_keeps_previous(setup, tmp_path):
     run = tmp_path / "run"
     assert train_in_process(argv(setup, run, 2)) == 0
@@ -420,7 +424,7 @@ def test_existing_run_without_resume_is_refused(setup, tmp_path):
     run = tmp_path / "run"
     assert train_in_process(argv(setup, run, 2)) == 0
     args = [a for a in argv(setup, run, 4) if a not in ("--resume", "latest")]
-    from ps3.train.cli import main_train
+    from ps3.train.commands import main_train
 
     assert main_train(args + ["--quiet"]) == 2
 
@@ -436,7 +440,8 @@ def test_trains_with_a_height_width_image_size(setup, tmp_path):
         json.dumps({**worker.PREPROCESSOR, "image_size": [size, size * 3 // 4]}))
     args = argv({**setup, "config": model_dir / "config.json"}, tmp_path / "run", 2)
     assert train_in_process(args) == 0
-    assert json.loads((tmp_path / "run" / "preprocessor_config.json").read_text())["image_size"] == [size, size * 3 // 4]
+    preprocessor = json.loads((tmp_path / "run" / "preprocessor_config.json").read_text())
+    assert preprocessor["image_size"] == [size, size * 3 // 4]
     assert final_state(tmp_path / "run")["progress"]["step"] == 2
 
 def test_user_mistake_is_one_line_and_internal_error_keeps_traceback(setup, tmp_path, capsys):
@@ -551,7 +556,7 @@ def test_training_over_damaged_data_completes_and_learns(setup, tmp_path):
 
 def test_run_summary_warmup_note_and_the_rate_each_step_used(setup, tmp_path, capsys):
     from ps3.train.checkpoint import TOKENIZER_DIR
-    from ps3.train.cli import main_train
+    from ps3.train.commands import main_train
 
     first = tmp_path / "first"
     assert train_in_process(argv(setup, first, 1)) == 0  # builds a caption tokenizer to pass below

@@ -86,6 +86,7 @@ def test_siglip_rejects_bad_inputs():
         siglip_loss(torch.randn(2, 3), torch.randn(2, 3), 0.0, 0.0, distributed=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_loss_matches_one_process(tmp_path, world):
     """Real torchrun (gloo, CPU): DDP-averaged gradients equal the one-process gradients."""

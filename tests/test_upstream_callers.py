@@ -1,6 +1,6 @@
-"""The published callers' code paths, replayed on tiny models: what NVlabs/VILA (b760c34) and
-haotian-liu/LLaVA (c121f04) do with the ``ps3`` and ``s2wrapper`` packages, written from a reading
-of their code (not copied), with transformers as the only extra.
+"""The published callers' code paths, replayed on tiny models (SigLIP-style and C-RADIO-style):
+what NVlabs/VILA (b760c34) and haotian-liu/LLaVA (c121f04) do with the ``ps3`` and ``s2wrapper``
+packages, written from a reading of their code (not copied), with transformers as the only extra.
 
 - VILA ``VisionTower.forward``'s PS3 branch (llava/model/multimodal_encoder/vision_encoder.py):
   the tower is called with the images in its dtype, the top-down prompt and the look options;
@@ -17,15 +17,16 @@ of their code (not copied), with transformers as the only extra.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from golden import MODEL_DIR
+from golden import MODEL_DIR, RADIO_MODEL_DIR
 from tolerances import assert_close_paths
-from ps3 import PS3VisionConfig, PS3VisionModel, first_n_scales_for_sizes
+from ps3 import PS3ImageProcessor, PS3VisionConfig, PS3VisionModel, first_n_scales_for_sizes
 from s2wrapper import forward as multiscale_forward
 
 transformers = pytest.importorskip("transformers")
@@ -122,6 +123,46 @@ def test_encode_images_ps3_group_split_and_downsampled_maps(tower4k):
             .amin((2, 4)).flatten(1) for m in maps]
     assert torch.equal(kept, torch.cat(full, 1) == 1)  # integer bookkeeping: exact
     assert int(kept.sum()) > 0
+
+
+@pytest.fixture(scope="module")
+def radio_tower4k():
+    """The recorded C-RADIO-style tower's config (adapter MLP, cropped position table, no final
+    norm) at PS3-4K's four scales, random weights."""
+    base = PS3VisionConfig.from_pretrained(RADIO_MODEL_DIR)
+    config = PS3VisionConfig.from_dict({**base.to_dict(), "ps3_scales": [48, 96, 192, 384], "max_select_num": 120,
+                                        "img_size": 512})
+    torch.manual_seed(0)
+    return PS3VisionModel(config).eval()
+
+
+def test_vila_ps3_vision_tower_on_a_radio_tower(radio_tower4k, tmp_path):
+    """VILA's PS3VisionTower.__init__ and forward, and encode_images_ps3, as on a SigLIP tower:
+    its hidden_size is the trunk width (what the projector reads), not the adapter's."""
+    radio_tower4k.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_size": 384, "mean": [0.481, 0.458, 0.408], "std": [0.269, 0.261, 0.276], "interpolation": "bicubic",
+         "resize_mode": "squash"}))
+    tower = PS3VisionModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    processor = PS3ImageProcessor.from_pretrained(tmp_path)
+    tower.vision_model.num_hidden_layers_to_return = 2
+    tower.vision_model.trunk.set_grad_checkpointing(True)  # config.ps3_grad_checkpointing
+    assert tower.width == 32 and tower.vision_model.trunk.pooled_dim == 48
+    pixels = torch.stack(processor(torch.zeros(40, 50, 3, dtype=torch.uint8).numpy())["pixel_values"])
+    with torch.no_grad():
+        feats, maps, probs = vision_tower_forward(tower, pixels, torch.randn(1, 32).bfloat16(), 1, None, False, None,
+                                                  None)
+    budgets = tower.vision_model.max_select_num_each_scale
+    assert feats.dtype == torch.float32 and feats.shape == (1, 9 + sum(budgets), 32)
+    assert [m.dtype for m in maps] == [torch.bfloat16] * 3 and len(probs) == 3
+    torch.manual_seed(2)
+    images = torch.rand(3, 3, 192, 192) * 2 - 1
+    with torch.no_grad():
+        features, maps, _, firsts = encode_images_ps3(radio_tower4k, images, torch.randn(3, 32),
+                                                      [(3000, 4000), (1000, 800), (2900, 2000)])
+    assert firsts == [3, 2, 3] and features.shape[-1] == 32
+    selected = torch.cat([m.flatten(1) for m in maps], 1)
+    assert selected.sum(1).tolist() == [features.shape[1] - 9] * 3
 
 
 def test_encode_images_ps3_dummy_group(tower4k):

@@ -283,7 +283,8 @@ def test_cuda_matches_cpu(model, kw):
     for a, b in zip(cpu.selection_maps, gpu.selection_maps):
         assert torch.equal(a, b.cpu())
     torch.testing.assert_close(gpu.last_hidden_state.cpu(), cpu.last_hidden_state, atol=1e-3, rtol=1e-3)
-    bf16 = run(ps3.PS3VisionModel.from_pretrained(MODEL_DIR, device="cuda", dtype="bfloat16"), x.cuda().bfloat16(), **kw)
+    model = ps3.PS3VisionModel.from_pretrained(MODEL_DIR, device="cuda", dtype="bfloat16")
+    bf16 = run(model, x.cuda().bfloat16(), **kw)
     assert bf16.last_hidden_state.dtype == torch.bfloat16 and torch.isfinite(bf16.last_hidden_state.float()).all()
 
 
@@ -359,7 +360,7 @@ def test_cuda_graphs_flag_is_a_no_op_off_the_gpu(model):
 
 
 def test_low_precision_resize_is_the_float32_resize_to_one_rounding():
-    from ps3.encoder.selection_features import resize_image as _resize
+    from ps3.encoder.selection_features import bicubic_resize as _resize
 
     x = images(2, 300, 260).bfloat16()
     expected = torch.nn.functional.interpolate(x.float(), size=(378, 378), mode="bicubic", align_corners=False)

@@ -8,7 +8,8 @@ from tolerances import assert_close_paths
 from ps3.encoder.vit import Attention, ViTArch, VisionTransformer, interpolation_taps, patch_taps, resize_patches
 
 
-@pytest.mark.parametrize("g,h,w", [(4, 8, 8), (4, 16, 8), (4, 8, 4), (4, 3, 2), (4, 4, 4), (27, 54, 30), (27, 270, 270)])
+@pytest.mark.parametrize("g,h,w", [(4, 8, 8), (4, 16, 8), (4, 8, 4), (4, 3, 2), (4, 4, 4), (27, 54, 30),
+                                   (27, 270, 270)])
 def test_pos_embed_at_equals_resampled_table(g, h, w):
     trunk = VisionTransformer(ViTArch(14, 32, 1, 4, 2.0, g))
     torch.nn.init.normal_(trunk.pos_embed)

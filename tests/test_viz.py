@@ -33,7 +33,8 @@ def test_overlay_marks_selected_cell():
     assert tuple(pixels[5, 5]) == tuple(colormap(np.array(0.0)))
 
 
-@pytest.mark.parametrize("kw,match", [(dict(scale=0), "scale must be"), (dict(scale=2), "scale must be"),
+@pytest.mark.parametrize("kw,match", [(dict(scale=0), r"scale=0, but this output has 1 high-res scale\(s\): pass "),
+                                      (dict(scale=3), r"has 1 high-res scale\(s\): pass scale=1 \(1 is the first"),
                                       (dict(sample=3), "sample must be"), (dict(alpha=2.0), "alpha")])
 def test_overlay_rejects_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -64,3 +64,21 @@ def assert_same_selection(got: Sequence[torch.Tensor], want: Sequence[torch.Tens
             near = ((swapped - low).abs() <= NEAR_TIE) | ((swapped - high).abs() <= NEAR_TIE)
             assert bool(near.all()), f"selection_maps[{i}] sample {row}: differs beyond a near-tie at the boundary"
     return identical
+
+# bfloat16 against bfloat16 computed another way (upstream's native bf16 kernels against ours,
+# which on a CPU without bf16 units compute in float32 and round once): bf16 keeps 8 significant
+# bits, so each op's rounding is up to 2^-9 relative and a few blocks of matmuls, softmaxes and
+# norms accumulate it. Seen on the C-RADIO fixture: features 1.2 % of the tensor's largest
+# magnitude, pooled features 0.7 %, probabilities one bf16 step (2^-8 near 1). The bounds leave
+# a 2-3x margin and still catch a wrong token or scale (an O(1) change).
+BF16_FEATURE_REL = 2 ** -5
+BF16_PROB_ATOL = 2 ** -7
+
+
+def assert_close_bf16(got: torch.Tensor, want: torch.Tensor, what: str = "", prob: bool = False) -> None:
+    """Same dtype and shape; values within bf16 rounding (``BF16_PROB_ATOL`` for probabilities,
+    else ``BF16_FEATURE_REL`` of the reference's largest magnitude)."""
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    atol = BF16_PROB_ATOL if prob else BF16_FEATURE_REL * max(want.float().abs().max().item(), 1e-6)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .encoder.kernels import chooser
-from .registry import BENCH_PRESETS, PUBLISHED, SCALES_1P5K, SCALES_4K, ViTArch, bench_vision_config
+from .registry import BENCH_PRESETS, PUBLISHED, ViTArch, bench_vision_config, preset_scales
 from .runtime import (DTYPE_NAMES, UserError, cpu_capability, matmul_rate, matmul_rates, measure, native_dtype,
                       parse_device, parse_dtype, timeit, user_input)
 from .encoder.vision import PS3VisionModel
@@ -100,17 +100,18 @@ class _Bench:
         self.run_full_vit = full and not skip_full_vit
         # On a CPU a multi-look call takes seconds: by default one timed call, its shapes already warm.
         self.once = dict(repeats=repeats) if full or device.type != "cpu" else dict(repeats=1, warmup=False)
-        self.m15 = self._model(SCALES_1P5K)
-        self.m4k = self._model(SCALES_4K)
+        self.scales15, self.scales4k = preset_scales(preset)  # the preset's geometry (patch 14 or 16)
+        self.m15 = self._model(self.scales15)
+        self.m4k = self._model(self.scales4k)
         self.vm = self.m15.vision_model
         self.arch = self.vm.trunk.arch
-        self.size15, self.size4k = SCALES_1P5K[-1], SCALES_4K[-1]
+        self.size15, self.size4k = self.scales15[-1], self.scales4k[-1]
         self.x15 = torch.randn(1, 3, self.size15, self.size15, device=device, dtype=dtype)
         self.x4k = torch.randn(1, 3, self.size4k, self.size4k, device=device, dtype=dtype)
         plan = self.vm.plan(self.size15, self.size15, 1, "all")
         self.look_sizes = [sum(scale[0] for scale in look) for look in plan.budgets]
         self.looks_4k = self.m4k.vision_model.plan(self.size4k, self.size4k, 1, "all").num_looks
-        self.s2_pieces = sum((s // SCALES_1P5K[0]) ** 2 for s in SCALES_1P5K)
+        self.s2_pieces = sum((s // self.scales15[0]) ** 2 for s in self.scales15)
         self.full_tokens = (self.size15 // self.arch.patch_size) ** 2
         self.results: dict[str, Any] = {
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "width": self.arch.embed_dim,
@@ -160,7 +161,7 @@ class _Bench:
                 f"ratio {t4k / t15:.2f}")
 
     def step_memory(self) -> str:
-        mem15, mem4k = peak_extra_memory([(SCALES_1P5K, self.size15), (SCALES_4K, self.size4k)], self.preset,
+        mem15, mem4k = peak_extra_memory([(self.scales15, self.size15), (self.scales4k, self.size4k)], self.preset,
                                          self.width_override, self.depth_override, self.dev, self.dt)
         self.results.update(mem_one_look_1p5k_mb=mem15 / 2**20, mem_one_look_4k_mb=mem4k / 2**20,
                             mem_ratio_4k_vs_1p5k_one_look=mem4k / max(mem15, 1))
@@ -229,13 +230,13 @@ class _Bench:
     def step_s2(self) -> str:
         from .s2 import multiscale_forward
 
-        low = SCALES_1P5K[0]
+        low = self.scales15[0]
         x = torch.randn(1, 3, low, low, device=self.dev, dtype=self.dt)
         with torch.no_grad():
-            t_s2 = timeit(lambda: multiscale_forward(self._backbone, x, img_sizes=list(SCALES_1P5K),
+            t_s2 = timeit(lambda: multiscale_forward(self._backbone, x, img_sizes=list(self.scales15),
                                                      max_split_size=low), self.dev, **self.once)
         self.results["s2_1512_s"] = t_s2
-        return (f"S2 ({'/'.join(map(str, SCALES_1P5K))} px, {self.s2_pieces} pieces of {low} px) on the same trunk: "
+        return (f"S2 ({'/'.join(map(str, self.scales15))} px, {self.s2_pieces} pieces of {low} px) on the same trunk: "
                 f"{t_s2:.3f} s")
 
     def step_full_vit(self) -> str:

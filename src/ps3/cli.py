@@ -8,6 +8,7 @@ traceback of user mistakes too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def _run_encode(args) -> int:
         if args.out:
             print(f"features written to {args.out}")
         if args.viz:
-            print(f"heatmaps written to {args.viz}/")
+            print(f"heatmaps written to {os.path.join(os.path.normpath(args.viz), '')}")
     return 0
 
 
@@ -152,14 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_encode(sub)
     from .bench import register as register_bench
-    from .train.cli import register as register_training
+    from .train.commands import register as register_training
 
-    register_training(sub)  # train, export, data synthetic (webdataset is imported only when they run)
+    register_training(sub)  # train, export (webdataset is imported only when they run)
+    from .data.commands import register as register_data  # ps3 data: synthetic, converters, check, show
+    register_data(sub)
     register_bench(sub)
-    from .extract.cli import register as register_extract  # ps3 extract (issue 16)
+    from .extract.command import register as register_extract  # ps3 extract
     register_extract(sub)
-    from .compare import register as register_compare  # ps3 compare (issue 23)
+    from .compare import register as register_compare  # ps3 compare
     register_compare(sub)
+    from .random_models import register as register_init  # ps3 init random-4k OUT
+    register_init(sub)
+    from .serve.command import register as register_serve  # ps3 serve (fastapi is imported only when it runs)
+    register_serve(sub)
+    from .mllm.commands import register as register_mllm  # ps3 mllm train|chat|eval|toy-data
+    register_mllm(sub)
     return parser
 
 

@@ -76,7 +76,7 @@ def trunk_backbone(vision) -> Callable[[torch.Tensor], torch.Tensor]:
 def strategy_params(name: str, vision) -> dict[str, Any]:
     """The parameters that tie a strategy to this backbone: its patch size (PS3: its geometry)."""
     if name == "ps3":
-        from .mllm.strategy import params_for
+        from .strategies.ps3 import params_for
         return params_for(vision)
     return {"patch_size": vision.vision_model.patch_size}
 
@@ -217,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         device = parse_device(args.device)
     with user_input(str(args.image)):
         photo = load_image(args.image)
-    image = strategies.load_image(photo)
+    image = strategies.load_image_tensor(photo)
     vision = _load_vision(args.backbone, device)
     rows = []
     for name in names:

@@ -133,7 +133,12 @@ class PS3VisionConfig(ConfigBase):
         separate_pos_emb: add a learned per-scale residual position table.
         highres_selection_feature, highres_selection_module_*: the ConvNeXt selection branch
             on a 1512 px view.
-        radio: C-RADIO backbones (refused: not supported by this release).
+        radio: a C-RADIO trunk (design §1.6), with ``radio_adapter_mlp_version`` / ``_input_dim`` /
+            ``_hidden_dim`` / ``_output_dim`` / ``_num_inner``, ``final_norm`` and
+            ``class_token`` (upstream's keys; carried as keys of the file and checked by
+            ``ps3.encoder.radio.RadioSpec``).
+        img_size: when set, the position table is img_size / patch cells a side (upstream passes
+            it to timm; the C-RADIOv2 models set 4096).
 
     Carried only (kept on save, not read): ``pool`` (the trunk's pooling comes from the
     backbone: MAP for every supported one), ``dynamic_img_size`` (inputs of any size are always

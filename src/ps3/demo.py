@@ -117,16 +117,27 @@ def _held_out_check(run_dir: Path, data: Path, say: Callable[..., None],
     return check
 
 
+def finished_training(run_dir: Path, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of an earlier training of ``run_dir`` with the same ``request``, or None."""
+    marker = run_dir / "demo_training.json"
+    if not marker.is_file():
+        return None
+    stored = json.loads(marker.read_text())
+    return {**stored["result"], "reused": True} if stored.get("request") == request else None
+
+
 def train(data: Path, check_data: Path | None, run_dir: Path, recipe: dict[str, Any], *, model: str,
           max_steps: int, check_every: int, seed: int, quiet: bool = False,
           time_limit: float | None = None, say: Callable[..., None] = print) -> dict[str, Any]:
-    """Train (or resume, or reuse) the run; returns ``{"step", "stopped_early", "steps_run", "seconds"}``."""
+    """Train (or resume, or reuse) the run; returns ``{"step", "stopped_early", "steps_run", "seconds",
+    "reused"}`` (``reused``: the run had finished before this call, the figures are that run's)."""
     from .train.loop import TrainParams, train as train_run
 
     want = {"model": model, "max_steps": max_steps, "check_every": check_every, "seed": seed, **recipe}
     marker = run_dir / "demo_training.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("request") == want:
-        return json.loads(marker.read_text())["result"]
+    done = finished_training(run_dir, want)
+    if done is not None:
+        return done
     params = TrainParams(model=model, train_data_image=str(data / "images"),
                          train_data_text_box=str(data / "text_boxes"), output_dir=str(run_dir), steps=max_steps,
                          resume="latest", save_every_steps=check_every or 100, log_every=check_every or 100,
@@ -141,7 +152,7 @@ def train(data: Path, check_data: Path | None, run_dir: Path, recipe: dict[str, 
     done = {"step": result.step, "stopped_early": result.stopped_early, "steps_run": result.steps_run,
             "seconds": result.seconds}
     marker.write_text(json.dumps({"request": want, "result": done}, indent=2) + "\n")
-    return done
+    return {**done, "reused": False}
 
 
 def show_heldout(model_dir: Path, out: Path, image_size: int) -> tuple[Path, str]:
@@ -201,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     root = Path(args.run_dir)
     gflops = matmul_gflops()
-    typical = min(TYPICAL_STEPS, args.max_steps) if args.check_every else args.max_steps
-    say(f"[0/5] this machine: float32 matmul {gflops:.0f} GFLOP/s -> expect about "
-        f"{expected_seconds(gflops, typical, args.check_every) / 60:.1f} min "
-        f"(at most {expected_seconds(gflops, args.max_steps, args.check_every) / 60:.1f} min)")
+    _say_estimate(args, recipe, root, gflops, say)
     start = time.perf_counter()
     sets = [("train", args.train_images, 0), ("eval", args.eval_images, 1)]
     sets += [("check", args.check_images, 2)] if args.check_every else []
@@ -224,6 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     return _finish(args, root, recipe, trained, data["eval"], gflops, start, say)
 
 
+def _say_estimate(args, recipe: dict[str, Any], root: Path, gflops: float, say: Callable[..., None]) -> None:
+    """The [0/5] line: this machine's rate and this run's time, or no estimate when the training is
+    reused (a rerun takes seconds)."""
+    request = {"model": args.model, "max_steps": args.max_steps, "check_every": args.check_every, "seed": args.seed,
+               **recipe}
+    if not args.fresh and finished_training(root / "run", request) is not None:
+        say(f"[0/5] this machine: float32 matmul {gflops:.0f} GFLOP/s; the finished training in {root / 'run'} "
+            "is reused (pass --fresh to train again)")
+        return
+    typical = min(TYPICAL_STEPS, args.max_steps) if args.check_every else args.max_steps
+    say(f"[0/5] this machine: float32 matmul {gflops:.0f} GFLOP/s -> expect about "
+        f"{expected_seconds(gflops, typical, args.check_every) / 60:.1f} min "
+        f"(at most {expected_seconds(gflops, args.max_steps, args.check_every) / 60:.1f} min)")
+
+
 def _finish(args, root: Path, recipe: dict[str, Any], trained: dict[str, Any], eval_data: Path, gflops: float,
             start: float, say: Callable[..., None]) -> int:
     from . import PS3Model, PS3Tokenizer
@@ -241,15 +264,15 @@ def _finish(args, root: Path, recipe: dict[str, Any], trained: dict[str, Any], e
     summary = {**result.as_dict(), "train_steps": trained["step"], "stopped_early": trained["stopped_early"],
                "train_seconds": trained["seconds"], "train_samples_per_s": samples / max(trained["seconds"], 1e-9),
                "total_seconds": total, "matmul_gflops": gflops, "seed": args.seed, "recipe": recipe,
-               "target_met": ok}
+               "target_met": ok, "training_reused": trained["reused"]}
     (root / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"[5/5] learnability on {result.pairs} held-out caption/box pairs (first high-res scale):")
     print(f"      top-down precision  {result.topdown_precision:.3f}   (selection steered by the caption)")
     print(f"      bottom-up precision {result.bottomup_precision:.3f}   (saliency, no caption)")
     print(f"      chance              {result.chance:.3f}")
     print(f"      target: top-down >= {TARGET} and >= {MARGIN} above both: {'met' if ok else 'NOT met'}")
-    say(f"      {trained['step']} training steps ({summary['train_samples_per_s']:.0f} samples/s); "
-        f"{total / 60:.1f} min in all at {gflops:.0f} GFLOP/s")
+    how = "reused from the earlier run" if trained["reused"] else f"{summary['train_samples_per_s']:.0f} samples/s"
+    say(f"      {trained['step']} training steps ({how}); {total / 60:.1f} min in all at {gflops:.0f} GFLOP/s")
     return 0 if ok else 1
 
 

@@ -26,7 +26,8 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, revision: str | None = 
                       token: str | bool | None = None) -> Path:
     """A local directory as is; otherwise a hub repo id downloaded to the cache."""
     if not isinstance(path_or_hub_id, (str, os.PathLike)):
-        raise TypeError(f"path_or_hub_id must be a directory path or a hub id string, got {type(path_or_hub_id).__name__}")
+        raise TypeError("path_or_hub_id must be a directory path or a hub id string, got "
+                        f"{type(path_or_hub_id).__name__}")
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
@@ -41,8 +42,11 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, revision: str | None = 
         return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS,
                                       local_files_only=local_files_only, token=token))
     except Exception as exc:  # network, auth, missing repo: one clear message for the caller
-        raise ValueError(f"{text!r} is not a local directory and could not be fetched from the Hugging Face hub "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+    # Raised outside the handler: the hub client's chained traceback says no more than `reason`.
+    raise ValueError(f"{text!r} is not a local directory and could not be fetched from the Hugging Face hub "
+                     f"({reason}); pass a local model directory instead (e.g. one written by "
+                     "`ps3 init random-4k DIR` or `make demo`)")
 
 
 def load_state_dict(directory: str | os.PathLike, prefixes: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -62,7 +66,8 @@ def load_state_dict(directory: str | os.PathLike, prefixes: Iterable[str] | None
         pickled = [n for n in _PICKLE_NAMES if (directory / n).exists()]
         if pickled:
             raise ValueError(
-                f"{directory} holds only pickled weights ({pickled[0]}); ps3 reads safetensors only. Convert once with: "
+                f"{directory} holds only pickled weights ({pickled[0]}); ps3 reads safetensors only. "
+                "Convert once with: "
                 "python -c \"import torch; from safetensors.torch import save_file; "
                 f"sd = torch.load('{directory / pickled[0]}', weights_only=True); "
                 f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{single}')\"")
@@ -166,17 +171,6 @@ def check_and_load(module: torch.nn.Module, state: dict[str, torch.Tensor], wher
     module.load_state_dict(state, strict=True, assign=any(p.is_meta for p in module.parameters()))
 
 
-def parse_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if isinstance(dtype, str) and dtype in names:
-        return names[dtype]
-    raise ValueError(f"dtype must be a torch dtype or one of {sorted(names)}, got {dtype!r}")
-
-
 class PretrainedMixin:
     """``from_pretrained`` / ``save_pretrained`` for a module whose state-dict keys already carry
     their published prefix (``vision_model.``, ``text_model.``) because of how it is nested."""
@@ -195,7 +189,11 @@ class PretrainedMixin:
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass only one of them")
         dtype = dtype if dtype is not None else torch_dtype
-        dtype = None if dtype == "auto" else dtype  # loading keeps the stored precision unless asked
+        from .runtime import parse_device, parse_dtype  # (runtime imports this module)
+
+        # Loading keeps the stored precision unless asked; both are checked before anything is read.
+        dtype = None if dtype is None or dtype == "auto" else parse_dtype(dtype)
+        device = None if device is None else parse_device(device)
         directory = resolve_model_dir(path_or_hub_id, revision=revision, cache_dir=cache_dir,
                                       local_files_only=local_files_only, token=token)
         if config is None:
@@ -207,7 +205,6 @@ class PretrainedMixin:
             state.setdefault(key, value)
         check_and_load(model, state, where=f"checkpoint in {directory}")
         model._init_non_persistent()
-        dtype = parse_dtype(dtype)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()

@@ -36,8 +36,8 @@ class PS3Model(PretrainedMixin, nn.Module):
         self.text_model = PS3TextTransformer(config.text_config)
         vision_width = config.vision_config.hidden_size
         if config.text_config.prompt_proj_dim != vision_width:
-            raise ValueError(f"text_config.prompt_proj_dim ({config.text_config.prompt_proj_dim}) must equal the vision "
-                             f"width ({vision_width}): the prompt steers the vision tower's selection")
+            raise ValueError(f"text_config.prompt_proj_dim ({config.text_config.prompt_proj_dim}) must equal the "
+                             f"vision width ({vision_width}): the prompt steers the vision tower's selection")
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
         self.logit_bias = nn.Parameter(torch.tensor(LOGIT_BIAS_INIT))
 

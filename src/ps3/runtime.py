@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .hub import parse_dtype as _dtype_from_name, resolve_model_dir
+from .hub import resolve_model_dir
 from .encoder.precision import CpuCapability, cpu_capability, native_dtype
 
 __all__ = ["UserError", "user_input", "run_command", "DTYPE_NAMES", "parse_device", "parse_dtype",
@@ -30,8 +30,11 @@ __all__ = ["UserError", "user_input", "run_command", "DTYPE_NAMES", "parse_devic
            "load_model",
            "CpuCapability", "cpu_capability", "native_dtype"]
 
-# The dtype names the command lines offer (hub.parse_dtype also takes aliases such as "bf16").
+# The dtype names the command lines offer (parse_dtype also takes the aliases below).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -104,10 +107,15 @@ def parse_device(device: str | torch.device | None = None) -> torch.device:
 
 def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
     """A dtype name (``float32``, ``bfloat16``, ``float16``, or an alias such as ``bf16``) or a
-    ``torch.dtype``; None: float32 on a CPU, bfloat16 on an accelerator. ``ValueError`` otherwise."""
+    ``torch.dtype``; None: float32 on a CPU, bfloat16 on an accelerator. ``ValueError`` otherwise.
+    The one dtype parser of the package (``from_pretrained`` keeps the stored dtype for None itself)."""
     if dtype is None:
         return torch.float32 if parse_device(device).type == "cpu" else torch.bfloat16
-    return _dtype_from_name(dtype)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 # ------------------------------------------------------------------------------------------ timing and memory

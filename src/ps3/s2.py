@@ -277,8 +277,8 @@ def _encode_scale(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Te
                   split_mode: str, chunk: int | None, num_prefix_token: int,
                   output_shape: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One scale of :func:`multiscale_forward`: resize, grow to whole pieces, split, encode,
-    stitch and (``pad``, ``resize_back``) bring back to the requested image's grid. Returns the B×C×h×w feature map and the prefix tokens (mean over the
-    pieces) or None."""
+    stitch and (``pad``, ``resize_back``) bring back to the requested image's grid. Returns the
+    B×C×h×w feature map and the prefix tokens (mean over the pieces) or None."""
     batch = input.shape[0]
     x = _resize(input, plan.size, "bicubic")
     if plan.full != plan.size:

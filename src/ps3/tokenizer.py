@@ -258,7 +258,8 @@ class PS3Tokenizer:
         override the config. Only the tokenizer files are downloaded, never model weights.
         """
         if not isinstance(path_or_hub_id, (str, os.PathLike)):
-            raise TypeError(f"path_or_hub_id must be a directory or a hub id string, got {type(path_or_hub_id).__name__}")
+            raise TypeError("path_or_hub_id must be a directory or a hub id string, got "
+                            f"{type(path_or_hub_id).__name__}")
         hub_kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         config_file, own_file = _locate_files(path_or_hub_id, hub_kwargs)
         config = _read_json(config_file)

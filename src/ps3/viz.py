@@ -43,14 +43,17 @@ def overlay_selection(image: Any, output: Any, scale: int = 1, sample: int = 0, 
     if not probs:
         raise ValueError("output has no selection_probs: pass the output of a PS3 vision call")
     if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= len(probs):
-        raise ValueError(f"scale must be an int in [1, {len(probs)}] (high-res scales are 1-based), got {scale!r}")
+        which = "scale=1" if len(probs) == 1 else f"scale=1 to {len(probs)}"
+        raise ValueError(f"scale={scale!r}, but this output has {len(probs)} high-res scale(s): pass {which} "
+                         "(1 is the first high-res scale, the model's ps3_scales[1])")
     if not 0 <= sample < probs[0].shape[0]:
         raise ValueError(f"sample must be in [0, {probs[0].shape[0]}), got {sample}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     photo = load_image(image)
     ratio = min(1.0, max_side / max(photo.size))
-    photo = photo.resize((max(1, round(photo.width * ratio)), max(1, round(photo.height * ratio))), Image.Resampling.BICUBIC)
+    size = (max(1, round(photo.width * ratio)), max(1, round(photo.height * ratio)))
+    photo = photo.resize(size, Image.Resampling.BICUBIC)
     W, H = photo.size
     prob = _as_numpy(probs[scale - 1][sample])
     gh, gw = prob.shape

@@ -13,8 +13,8 @@ sample that goes into the shards:
    boxes of an image with an EXIF rotation are rotated with it. A declared size matching
    neither is a ``size_mismatch`` and the image is dropped (its boxes cannot be trusted).
 3. ``max_side``: a larger image is downscaled (Lanczos; a JPEG 2x or more too large is first
-   decoded at a reduced DCT scale) so its longer side is ``max_side``, and the boxes with it. Otherwise JPEG bytes are copied as they are; other formats are re-encoded
-   as JPEG.
+   decoded at a reduced DCT scale) so its longer side is ``max_side``, and the boxes with it.
+   Otherwise JPEG bytes are copied as they are; other formats are re-encoded as JPEG.
 4. Regions: texts have their whitespace collapsed; boxes are clipped to the image
    (:func:`ps3.data.boxes.clip_box`), those thinner than ``min_box_side`` output pixels are
    dropped, coordinates are rounded to 1/100 px. The same text on the same box is a duplicate

@@ -60,7 +60,8 @@ def _line_source(item: Any, number: int, root: Path) -> SourceImage | str:
                        global_texts=list(global_texts), declared_size=declared)
 
 
-def read_jsonl(path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> tuple[list[SourceImage], DropLog]:
+def read_jsonl(path: str | os.PathLike,
+               images_dir: str | os.PathLike | None = None) -> tuple[list[SourceImage], DropLog]:
     """The images listed in a JSON Lines file with their regions, and what was dropped."""
     root = Path(images_dir) if images_dir is not None else Path(path).parent
     drops = DropLog()

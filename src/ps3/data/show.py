@@ -30,11 +30,20 @@ _LABEL_CHARS = 60
 def find_sample(root: str | os.PathLike, key: str | None = None) -> tuple[str, bytes, dict[str, Any]]:
     """(key, image bytes, record) of ``key`` (the first sample when None) in the paired shards
     under ``root``. Records are searched first (they are small), then only the matching image shard
-    is read. ``ValueError`` when the key is not there."""
+    is read. ``ValueError`` when the key is not there, naming some of the keys that are."""
     images, records = list_shard_pairs(Path(root) / IMAGE_DIR, Path(root) / TEXT_BOX_DIR,
                                        image_argument="DIR/images", text_box_argument="DIR/text_boxes")
+    seen: list[str] = []  # the first keys of the search, for the error
+    count = 0
     for image_shard, record_shard in zip(images, records):
-        record = next((s for s in iter_shard(record_shard) if key is None or s["__key__"] == key), None)
+        record = None
+        for sample in iter_shard(record_shard):
+            if key is None or sample["__key__"] == key:
+                record = sample
+                break
+            count += 1
+            if len(seen) < 5:
+                seen.append(sample["__key__"])
         if record is None:
             continue
         found = record["__key__"]
@@ -46,7 +55,10 @@ def find_sample(root: str | os.PathLike, key: str | None = None) -> tuple[str, b
             return found, data, json.loads(record["json"])
         except ValueError as exc:
             raise UserError(f"the record of key {found!r} in {record_shard} is not valid JSON ({exc})") from None
-    raise UserError(f"--key: no sample {key!r} in {root}" if key is not None else f"{root} holds no sample")
+    if key is None or not count:
+        raise UserError(f"{root} holds no sample")
+    more = f" and {count - len(seen)} more" if count > len(seen) else ""
+    raise UserError(f"--key: no sample {key!r} in {root}; its keys are {', '.join(map(repr, seen))}{more}")
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -95,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="the sample to draw (default: the first one)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--max-side", type=int, default=1024,
-                        help="downscale the drawing so its longer side is at most this (default 1024; 0 keeps the size)")
+                        help="downscale the drawing so its longer side is at most this "
+                             "(default 1024; 0 keeps the size)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -190,27 +190,3 @@ def merge_group_maps(groups: Sequence[ImageGroup], maps: Sequence[Sequence[torch
         out.append(merged)
     return out
 
-
-def check_call(pixel_values, width: int, prompt, is_global_text, num_layers, max_tokens, check_finite: bool) -> None:
-    """The arguments of an encoder call, checked before anything runs (``width``: the trunk's C)."""
-    check_images(pixel_values)
-    B = len(image_sizes(pixel_values))
-    if prompt is not None:
-        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[0] != B:
-            raise ValueError(f"prompt must be a (B={B}, {width}) tensor, got "
-                             f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
-        if prompt.shape[1] != width:
-            raise ValueError(f"prompt has width {prompt.shape[1]} but the vision tower expects {width}: "
-                             "use the prompt of a text tower trained with this vision tower")
-    if is_global_text is not None:
-        if not isinstance(is_global_text, torch.Tensor) or is_global_text.numel() != B:
-            raise ValueError(f"is_global_text must be a (B={B}, 1) bool tensor")
-    if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
-        raise ValueError(f"num_hidden_layers_to_return must be a positive int, got {num_layers!r}")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise ValueError(f"max_tokens_per_pass must be a positive int, got {max_tokens!r}")
-    if check_finite:
-        images = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
-        for name, t in [("pixel_values", image) for image in images] + [("prompt", prompt)]:
-            if t is not None and not torch.isfinite(t).all():
-                raise ValueError(f"{name} contains NaN or Inf")

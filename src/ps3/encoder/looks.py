@@ -12,19 +12,44 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .batching import ImageGroup
 from .selection import LookPlan, scale_image_size
-from .vit import resize_patches
+from .vit import PatchEmbed, resize_patches
 
 Size = tuple[int, int]
 
 # Tokens computed per token returned, at most, when rows of different lengths share a pass.
 MAX_PADDING = 1.25
+
+
+@dataclass(frozen=True)
+class LookParts:
+    """The parts of the encoder that encoding looks uses, each named (the encoder builds one per
+    call, :meth:`PS3VisionEncoder.look_parts`): how a cell becomes a token, and how tokens go
+    through the trunk.
+
+    ``blocks(x, kv_cache=, keep_hidden=)`` runs the trunk's blocks as inference runs them (replayed
+    from CUDA graphs when enabled); ``masked_blocks`` is the eager ``forward_blocks``, which also
+    takes per-row cache rows (``prefix_rows``) and a ``key_mask``. ``pos_embed_at(h, w, rows,
+    cols)``: the trunk's position table resampled to an h × w grid, at the given cells;
+    ``pos_emb_residual[s]``: the learned (1, side², C) residual table of high-res scale s (None
+    when the model has none). ``pool(x, key_mask)``: final norm + MAP pooling.
+    """
+
+    patch_embed: PatchEmbed
+    pos_embed_at: Callable[..., torch.Tensor]
+    pos_emb_residual: nn.ParameterList | None
+    scales: tuple[int, ...]
+    patch_size: int
+    blocks: Callable[..., tuple]
+    masked_blocks: Callable[..., tuple]
+    pool: Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -86,7 +111,7 @@ def plan_passes(lengths: Sequence[int], min_rows: int, max_tokens: int | None) -
     return passes
 
 
-def embed_cells(encoder, pixel_values: torch.Tensor, sizes: Sequence[Size], counts: Sequence[Sequence[int]],
+def embed_cells(parts: LookParts, pixel_values: torch.Tensor, sizes: Sequence[Size], counts: Sequence[Sequence[int]],
                 canvas_index: torch.Tensor, row_image: torch.Tensor) -> torch.Tensor:
     """Tokens (R, T, C) for the cells at ``canvas_index`` (R, T) of the canvas of all high-res
     cells (scales ascending, row-major) of image ``row_image[r]`` of ``pixel_values``: patch
@@ -117,14 +142,14 @@ def embed_cells(encoder, pixel_values: torch.Tensor, sizes: Sequence[Size], coun
             local = torch.where(valid, canvas_index.gather(1, cols.clamp(max=T - 1)) - cell_start, 0)
             rows, cols_in_grid = local // w, local % w
             batch = row_image.unsqueeze(1).expand(R, k)
-            image_size = scale_image_size(H, W, encoder.ps3_scales, encoder.patch_size, s + 1)
-            pix = resize_patches(pixel_values, image_size, encoder.patch_size, batch.reshape(-1), rows.reshape(-1),
+            image_size = scale_image_size(H, W, parts.scales, parts.patch_size, s + 1)
+            pix = resize_patches(pixel_values, image_size, parts.patch_size, batch.reshape(-1), rows.reshape(-1),
                                  cols_in_grid.reshape(-1)).to(pixel_values.dtype).view(R, k, -1)
-            tok = encoder.trunk.patch_embed.embed_patches(pix)
-            tok = tok + encoder.trunk.pos_embed_at(h, w, rows, cols_in_grid)
-            if encoder.pos_emb_residual is not None:
-                side = encoder.ps3_scales[s + 1] // encoder.patch_size
-                tok = tok + encoder.pos_emb_residual[s].view(side, side, encoder.width)[rows, cols_in_grid]
+            tok = parts.patch_embed.embed_patches(pix)
+            tok = tok + parts.pos_embed_at(h, w, rows, cols_in_grid)
+            if parts.pos_emb_residual is not None:
+                side = parts.scales[s + 1] // parts.patch_size
+                tok = tok + parts.pos_emb_residual[s].view(side, side, tok.shape[-1])[rows, cols_in_grid]
             if out is None:
                 out = tok.new_zeros(R, T + 1, tok.shape[-1])
             out = out.scatter(1, cols.unsqueeze(-1).expand(-1, -1, tok.shape[-1]), tok)
@@ -152,17 +177,17 @@ def rows_of(per_look: Sequence[torch.Tensor], rows: Sequence[Row], width: int, f
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def embed_pass(encoder, groups: Sequence[GroupLooks], rows: Sequence[Row], width: int) -> torch.Tensor:
+def embed_pass(parts: LookParts, groups: Sequence[GroupLooks], rows: Sequence[Row], width: int) -> torch.Tensor:
     """Tokens (R, width, C) of a pass's rows (grouped by image group, then look, then member)."""
-    parts = []
+    out = []
     for g, same in itertools.groupby(rows, key=lambda r: r.group):
         same = list(same)
         gl = groups[g]
         canvas = rows_of(gl.order, same, width, 0)
         counts = [[gl.plan.budgets[r.look][s][r.member] for r in same] for s in range(len(gl.sizes) - 1)]
         members = torch.tensor([r.member for r in same]).to(canvas.device, non_blocking=True)
-        parts.append(embed_cells(encoder, gl.group.pixels, gl.sizes[1:], counts, canvas, members))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        out.append(embed_cells(parts, gl.group.pixels, gl.sizes[1:], counts, canvas, members))
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def output_positions(groups: Sequence[GroupLooks], low_res_tokens: int, width: int, trash: int) -> list[list[torch.Tensor]]:
@@ -193,7 +218,7 @@ def _pass_rows(rows: Sequence[Row], ids: Sequence[int]) -> list[Row]:
     return sorted((rows[i] for i in ids), key=lambda r: (r.group, r.look, r.member))
 
 
-def _run_pass(encoder, tokens: torch.Tensor, rows: Sequence[Row], low_res, batch: int, keep: int,
+def _run_pass(parts: LookParts, tokens: torch.Tensor, rows: Sequence[Row], low_res, batch: int, keep: int,
               eager: bool = False):
     """The trunk over one pass: (final tokens, kept hidden states, key mask of the real tokens or
     None). Whole looks of the whole batch in batch order use the plain path (the low-res cache
@@ -202,7 +227,7 @@ def _run_pass(encoder, tokens: torch.Tensor, rows: Sequence[Row], low_res, batch
     cap = tokens.shape[1]
     samples = [r.sample for r in rows]
     padded = any(r.length < cap for r in rows)
-    run = encoder.trunk.forward_blocks if eager else encoder._blocks
+    run = parts.masked_blocks if eager else parts.blocks
     if not padded and samples == list(range(batch)) * (len(rows) // batch):
         x, hidden, _ = run(tokens, kv_cache=low_res.kv_cache, keep_hidden=keep)
         return x, hidden, None
@@ -221,12 +246,12 @@ def _run_pass(encoder, tokens: torch.Tensor, rows: Sequence[Row], low_res, batch
         valid = torch.arange(cap, device=device) < lengths.unsqueeze(1)
         prefix = low_res.kv_cache[0][0].shape[2]
         key_mask = torch.cat([valid.new_ones(len(rows), prefix), valid], dim=1)
-    x, hidden, _ = encoder.trunk.forward_blocks(tokens, kv_cache=low_res.kv_cache, keep_hidden=keep,
+    x, hidden, _ = parts.masked_blocks(tokens, kv_cache=low_res.kv_cache, keep_hidden=keep,
                                                 prefix_rows=prefix_rows, key_mask=key_mask)
     return x, hidden, valid
 
 
-def run_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int, keep: int,
+def run_looks(parts: LookParts, groups: Sequence[GroupLooks], low_res, batch: int, keep: int,
               max_tokens: int | None, min_rows: int | None = None) -> tuple[list[torch.Tensor], list[int]]:
     """Encode every look of every group: per kept layer (B, width, C) — each image's low-res tokens
     then its selected high-res tokens in canvas order, zero-padded — and each image's token count.
@@ -256,8 +281,8 @@ def run_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int, keep: 
     for ids in plan_passes([r.length for r in rows], min_rows or batch, max_tokens):
         prow = _pass_rows(rows, ids)
         cap = max(r.length for r in prow)
-        tokens = embed_pass(encoder, groups, prow, cap)
-        _, hidden, _ = _run_pass(encoder, tokens, prow, low_res, batch, keep)
+        tokens = embed_pass(parts, groups, prow, cap)
+        _, hidden, _ = _run_pass(parts, tokens, prow, low_res, batch, keep)
         dest = torch.cat([rows_of(dests[g], list(same), cap, trash)
                           for g, same in itertools.groupby(prow, key=lambda r: r.group)]).flatten()
         for buf, h in zip(buffers, hidden):
@@ -265,7 +290,7 @@ def run_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int, keep: 
     return [buf[:trash].view(batch, width, -1) for buf in buffers], totals
 
 
-def pool_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int,
+def pool_looks(parts: LookParts, groups: Sequence[GroupLooks], low_res, batch: int,
                gt_cells: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
     """Pre-training mode (design §3.14): each image's one look through the trunk, then MAP pooling
     over its tokens after the final norm → (B, C). ``gt_cells[g]`` (n, T) marks the look tokens
@@ -275,8 +300,8 @@ def pool_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int,
     for ids in plan_passes([r.length for r in rows], batch, None):
         prow = _pass_rows(rows, ids)
         cap = max(r.length for r in prow)
-        tokens = embed_pass(encoder, groups, prow, cap)
-        x, _, valid = _run_pass(encoder, tokens, prow, low_res, batch, 0, eager=True)
+        tokens = embed_pass(parts, groups, prow, cap)
+        x, _, valid = _run_pass(parts, tokens, prow, low_res, batch, 0, eager=True)
         mask = valid
         if gt_cells is not None:
             gt = torch.cat([rows_of([gt_cells[g]], list(same), cap, False)
@@ -284,7 +309,7 @@ def pool_looks(encoder, groups: Sequence[GroupLooks], low_res, batch: int,
             valid = valid if valid is not None else torch.ones_like(gt)
             mask = gt & valid
             mask = torch.where(mask.any(1, keepdim=True), mask, valid)
-        pooled.append(encoder.trunk.pool(x, mask))
+        pooled.append(parts.pool(x, mask))
         samples += [r.sample for r in prow]
     pooled = torch.cat(pooled)
     if samples == list(range(batch)):

@@ -124,16 +124,21 @@ class _LookCount:
     until_done: bool = False  # "all": continue until every covered cell is taken
 
 
+def check_look_option(name: str, value) -> None:
+    """``num_look_close`` / ``num_token_look_close`` of one image: None, an int >= 0 or "all"."""
+    if value is None or (isinstance(value, str) and value == "all"):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int or 'all', got {value!r}")
+
+
 def _look_count(num_look_close, num_token_look_close, total: int, step: int) -> _LookCount:
     """How many looks (design §3.9), and the token counts of shrunk first/last looks."""
-    for name, value in (("num_look_close", num_look_close), ("num_token_look_close", num_token_look_close)):
-        if value is None or value == "all":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int or 'all', got {value!r}")
+    check_look_option("num_look_close", num_look_close)
+    check_look_option("num_token_look_close", num_token_look_close)
     if num_look_close == 0 or num_token_look_close == 0:
         return _LookCount(0)
-    first_tokens = last_tokens = None
+    first_tokens = None
     if num_look_close is not None and isinstance(num_token_look_close, int) and num_token_look_close <= step:
         first_tokens = num_token_look_close  # both given: upstream shrinks the first look only
     if num_look_close == "all" or num_token_look_close == "all":

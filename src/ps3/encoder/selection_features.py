@@ -104,23 +104,24 @@ class HighresSelectionFeatures(nn.Module):
         return result if out is None else out.copy_(result)
 
 
-def resize_image(x: torch.Tensor, size: Size) -> torch.Tensor:
-    """Bicubic resize in the input's dtype (a no-op at the same size: bicubic weights at zero
-    offset are exactly (0, 1, 0, 0)). For bf16/fp16 the kernel accumulates in float32 and rounds
-    once, so it matches resizing a float32 copy to one rounding, without making that copy (171 MB
-    for a 3780 px image) and ~25x faster on a CPU than converting channel by channel."""
+def bicubic_resize(x: torch.Tensor, size: Size) -> torch.Tensor:
+    """Plain (not antialiased) bicubic resize in the input's dtype, as the encoder resizes its
+    inputs to each scale (the strategies' ``resize_antialiased_fp32`` is antialiased, in float32). A
+    no-op at the same size: bicubic weights at zero offset are exactly (0, 1, 0, 0). For
+    bf16/fp16 the kernel accumulates in float32 and rounds once, so it matches resizing a float32
+    copy to one rounding without making that copy (171 MB for a 3780 px image)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
 
-def resize_images(images: torch.Tensor | Sequence[torch.Tensor], size: Size) -> torch.Tensor:
+def bicubic_resize_all(images: torch.Tensor | Sequence[torch.Tensor], size: Size) -> torch.Tensor:
     """A (B, 3, H, W) batch or a list of (3, H_i, W_i) images, each resized to ``size``, stacked."""
     if isinstance(images, torch.Tensor):
-        return resize_image(images, size)
+        return bicubic_resize(images, size)
     if len(images) == 1:
-        return resize_image(images[0].unsqueeze(0), size)
-    return torch.cat([resize_image(image.unsqueeze(0), size) for image in images])
+        return bicubic_resize(images[0].unsqueeze(0), size)
+    return torch.cat([bicubic_resize(image.unsqueeze(0), size) for image in images])
 
 
 def highres_features(module: HighresSelectionFeatures | None,
@@ -133,14 +134,14 @@ def highres_features(module: HighresSelectionFeatures | None,
         return None
     square = (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE)
     if isinstance(pixel_values, torch.Tensor):
-        return module(resize_images(pixel_values, square))
-    first = module(resize_images(pixel_values[:1], square))
+        return module(bicubic_resize_all(pixel_values, square))
+    first = module(bicubic_resize_all(pixel_values[:1], square))
     if len(pixel_values) == 1:
         return first
     features = first.new_empty(len(pixel_values), *first.shape[1:])
     features[:1] = first
     for i in range(1, len(pixel_values)):
-        module(resize_images(pixel_values[i:i + 1], square), out=features[i:i + 1])
+        module(bicubic_resize_all(pixel_values[i:i + 1], square), out=features[i:i + 1])
     return features
 
 

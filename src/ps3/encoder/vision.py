@@ -3,18 +3,19 @@ important high-res cells (bottom-up from a learned prior prompt, or top-down fro
 prompt), and encoding of only those cells at 756–3780 px, attending to the cached low-res keys
 and values.
 
-Two explicit modes share one selection step (:meth:`PS3VisionEncoder.select`):
-:meth:`~PS3VisionEncoder.encode_looks` (inference: hidden states of the selected tokens) and
-:meth:`~PS3VisionEncoder.encode_pooled` (pre-training: one look, pooled). ``forward`` keeps the
-upstream spelling (``output_hidden_states=False`` means pre-training) and dispatches to them.
-Any batch goes in one call: a tensor, or a list of images of different sizes with per-sample
-budgets (``ps3.encoder.batching``, ``ps3.encoder.looks``).
+Every entry point builds one :class:`~ps3.encoder.request.EncodeRequest` from its arguments and
+runs the one selection pipeline (``ps3.encoder.selection_pipeline``) with a cell rule: two modes
+share it, :meth:`~PS3VisionEncoder.encode_looks` (inference: hidden states of the selected
+tokens) and :meth:`~PS3VisionEncoder.encode_pooled` (pre-training: one look, pooled);
+:meth:`~PS3VisionEncoder.encode_request` takes another rule (``ps3.mllm`` plugs in block-aligned
+selection). ``forward`` keeps the upstream spelling (``output_hidden_states=False`` means
+pre-training) and dispatches to the modes. Any batch goes in one call: a tensor, or a list of
+images of different sizes with per-sample budgets (``ps3.encoder.batching``, ``ps3.encoder.looks``).
 
 Module names mirror the published checkpoints (``vision_model.trunk``, ``selection_feature_proj``,
 ``prior_prompt``, ``pos_emb_residual``, ``highres_selection_feature_module``,
-``prompt_proj_for_highres``) so they load unchanged. Where the pieces live: selection features
-and probability maps in ``ps3.encoder.selection_features``, budgets and top-k in ``ps3.encoder.selection``,
-look packing and tokenising in ``ps3.encoder.looks``, outputs in ``ps3.encoder.outputs``.
+``prompt_proj_for_highres``) so they load unchanged, and upstream's attribute names
+(``s3_scales``, ``s3_image_size``, ``gradient_checkpointing``) answer as VILA-HD reads them.
 """
 from __future__ import annotations
 
@@ -24,20 +25,19 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .batching import (ImageGroup, check_call, check_images, encoded_counts, group_images, image_sizes,
-                       merge_group_maps, old_maps_of_group, per_sample)
+from .batching import check_images, image_sizes, per_sample
 from ..config import PS3VisionConfig
 from .cuda_graphs import GraphedBlocks
 from ..hub import PretrainedMixin
-from .looks import GroupLooks, pool_looks, run_looks
+from .looks import GroupLooks, LookParts, pool_looks, run_looks
 from .outputs import LowResPass, PS3VisionOutput, feature_maps
 from .precision import float32_fallback
-from .selection import (LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes, select_cells)
-from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, apply_gt_and_smoothing,
-                                 gt_area_at_cells, highres_features, prior_and_prompt_probs, resize_images,
-                                 upsample_probs)
-from .upstream_names import UpstreamEncoderNames
-from .vit import Mlp, VisionTransformer, arch_from_config
+from .request import EncodeRequest
+from .selection import LookPlan, TokenCount, default_budgets, plan_looks, scale_feature_sizes
+from .selection_features import (HIGHRES_SELECTION_SIZE, HighresSelectionFeatures, bicubic_resize_all,
+                                 gt_area_at_cells, highres_features)
+from .selection_pipeline import CellRule, TopKCells, select_looks
+from .vit import Mlp, arch_from_config, trunk_from_config
 
 __all__ = ["PS3VisionEncoder", "PS3VisionModel", "PS3VisionOutput", "LowResPass", "HIGHRES_SELECTION_SIZE"]
 
@@ -54,11 +54,9 @@ def _check_vision_config(config: PS3VisionConfig, patch: int) -> None:
     depth = arch_from_config(config.model_name, config.vit).depth
     if any(not 0 <= i < depth for i in config.select_based_on_layer):
         raise ValueError(f"select_based_on_layer {config.select_based_on_layer} must index the {depth} blocks")
-    if config.radio:
-        raise ValueError("radio=True (C-RADIO backbones) is not supported by this release")
 
 
-class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
+class PS3VisionEncoder(nn.Module):
     def __init__(self, config: PS3VisionConfig):
         super().__init__()
         self.config = config
@@ -66,7 +64,7 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         _check_vision_config(config, arch.patch_size)
         if arch.embed_dim != config.hidden_size:
             raise ValueError(f"hidden_size {config.hidden_size} does not match the backbone width {arch.embed_dim}")
-        self.trunk = VisionTransformer(arch, crop_pos_embed=bool(config.radio))
+        self.trunk = trunk_from_config(config)
         self.width = arch.embed_dim
         self.layers = arch.depth
         self.patch_size = arch.patch_size
@@ -103,6 +101,27 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         else:
             self.highres_selection_feature_module = None
             self.prompt_proj_for_highres = None
+
+    # ----------------------------------------------------------------- upstream's attribute names
+    # VILA-HD reads ``s3_scales`` for its dynamic-aspect-ratio rule and sets ``gradient_checkpointing``.
+    @property
+    def s3_scales(self) -> list[int]:
+        """Upstream's older name for ``ps3_scales``."""
+        return self.ps3_scales
+
+    @property
+    def s3_image_size(self) -> int:
+        """The largest scale (upstream's name)."""
+        return self.ps3_scales[-1]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the trunk recomputes block activations in the backward pass (upstream's name)."""
+        return self.trunk.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.trunk.grad_checkpointing = bool(enable)
 
     # ----------------------------------------------------------------- sizes and token counts
     @property
@@ -142,11 +161,18 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
             return self._graphed_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
         return self.trunk.forward_blocks(x, kv_cache=kv_cache, return_kv=return_kv, keep_hidden=keep_hidden)
 
+    def look_parts(self) -> LookParts:
+        """The parts encoding looks uses (``ps3.encoder.looks``): patch embedding, position tables,
+        the trunk's blocks (graphed or eager) and its pooling."""
+        return LookParts(self.trunk.patch_embed, self.trunk.pos_embed_at, self.pos_emb_residual,
+                         tuple(self.ps3_scales), self.patch_size, self._blocks, self.trunk.forward_blocks,
+                         self.trunk.pool)
+
     def forward_low_res(self, pixel_values, keep_kv: bool = True):
         """Low-res pass over every image resized to the square s_0 (a tensor or a list of images
         of any sizes): (block outputs of every layer, per-layer (k, v), pooled feature)."""
         s0 = self.ps3_scales[0]
-        tokens = self.trunk.embed(resize_images(pixel_values, (s0, s0)))
+        tokens = self.trunk.embed(bicubic_resize_all(pixel_values, (s0, s0)))
         x, hidden, kvs = self._blocks(tokens, return_kv=keep_kv, keep_hidden=self.layers)
         return hidden, kvs, self.trunk.pool(x)
 
@@ -189,96 +215,6 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
             raise ValueError("low_res has no key/value cache (encode_low_res(..., keep_kv=False)) but this call "
                              "encodes looks: compute it with keep_kv=True")
 
-    # ----------------------------------------------------------------- selection (shared by both modes)
-    def selection_probs(self, pixel_values: torch.Tensor, low_res_hidden: Sequence[torch.Tensor],
-                        prompt: torch.Tensor | None = None, gt_selection_maps: torch.Tensor | None = None,
-                        smooth_selection_prob: bool = False):
-        """(selection probs, bottom-up probs, top-down probs or None) of a uniform batch, each a list
-        over high-res scales."""
-        feats, highres = self.selection_features(pixel_values, low_res_hidden)
-        sizes = self.feature_sizes(*pixel_values.shape[-2:])[1:]
-        bottomup, topdown = prior_and_prompt_probs(feats, highres, self.prior_prompt, prompt, self.prompt_proj_for_highres)
-        return self._group_probs(bottomup, topdown, sizes, gt_selection_maps, smooth_selection_prob)
-
-    @staticmethod
-    def _group_probs(bottomup, topdown, sizes, gt_selection_maps, smooth):
-        bottomup = upsample_probs(bottomup, sizes, bottomup.dtype)
-        topdown = upsample_probs(topdown, sizes, topdown.dtype) if topdown is not None else None
-        probs = apply_gt_and_smoothing(topdown if topdown is not None else bottomup, gt_selection_maps, sizes, smooth)
-        return probs, bottomup, topdown
-
-    @staticmethod
-    def _select_cells(probs: list[torch.Tensor], plan: LookPlan,
-                      old: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Which cells each look takes (cheap, so all looks are planned before any is encoded):
-        (union maps per scale, per look the canvas positions of its cells in canvas order).
-        ``old``: bool maps of cells encoded before this call; they are never taken again and are
-        left out of the returned maps."""
-        with torch.no_grad():
-            taken = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in probs] if old is None else old
-            order = []
-            for j, budgets in enumerate(plan.budgets):
-                new = select_cells(probs, taken if j or old is not None else None, budgets)
-                taken = [t | n for t, n in zip(taken, new)]
-                canvas = torch.cat([m.flatten(1) for m in new], 1)
-                width = max(plan.tokens_per_look()[j])
-                order.append(torch.argsort((~canvas).to(torch.int8), dim=1, stable=True)[:, :width])
-        if old is not None:
-            taken = [t & ~o for t, o in zip(taken, old)]
-        # Upstream's maps are 0/1 in the probabilities' floating dtype (callers area-resize them).
-        return [t.to(p.dtype) for t, p in zip(taken, probs)], order
-
-    def select(self, pixel_values, prompt: torch.Tensor | None = None, gt_selection_maps=None,
-               smooth_selection_prob: bool = False, num_look_close=None, num_token_look_close=None,
-               only_select_first_n_scale=None, low_res: LowResPass | None = None, pretraining: bool = False,
-               old_selection_maps: Sequence[torch.Tensor] | None = None):
-        """The selection step both modes share: group the images, plan their looks, run (or reuse)
-        the low-res pass, score every cell and pick each look's cells. Returns (per-group looks,
-        the low-res pass, an output holding the low-res pooled feature and the selection maps and
-        probabilities, per-scale maps padded to the largest grid when the call is mixed)."""
-        groups = group_images(pixel_values, num_look_close, num_token_look_close, only_select_first_n_scale,
-                              gt_selection_maps)
-        if pretraining and old_selection_maps is not None:
-            raise ValueError("old_selection_maps is for encoding looks (encode_looks / output_hidden_states=True), "
-                             "not for pre-training pooling")
-        batch = len(image_sizes(pixel_values))
-        olds = [old_maps_of_group(old_selection_maps, g, self.feature_sizes(*g.size)[1:], batch) for g in groups]
-        plans = [self.plan(*g.size, len(g.samples), g.num_look_close, g.num_token_look_close,
-                           g.only_select_first_n_scale, pretraining, encoded_counts(old))
-                 for g, old in zip(groups, olds)]
-        needs_kv = any(p.num_looks for p in plans)
-        needs_maps = needs_kv or old_selection_maps is not None
-        if low_res is None:
-            low_res = self.encode_low_res(pixel_values, keep_kv=needs_kv)
-        else:
-            self.check_low_res(low_res, pixel_values, needs_kv)
-        B = low_res.batch_size
-        feats, highres = low_res.selection_features, low_res.highres_selection_features
-        # Scores on the low-res grid, shared by every image size: computed once for the batch.
-        bottomup, topdown = prior_and_prompt_probs(feats, highres, self.prior_prompt, prompt, self.prompt_proj_for_highres)
-        looks, results = [], []
-        for g, plan, old in zip(groups, plans, olds):
-            def pick(t):
-                return t if t is None or len(groups) == 1 else t.index_select(0, g.index)
-            sizes = self.feature_sizes(*g.size)
-            probs, bu, td = self._group_probs(pick(bottomup), pick(topdown), sizes[1:], g.gt_selection_maps,
-                                              smooth_selection_prob)
-            maps, order = self._select_cells(probs, plan, old) if plan.num_looks else (None, [])
-            looks.append(GroupLooks(g, sizes, plan, order))
-            results.append((probs, bu, td, maps))
-        out = PS3VisionOutput(pooled_output=low_res.pooled_output,
-                              selection_probs=merge_group_maps(groups, [r[0] for r in results], B),
-                              bottomup_selection_probs=merge_group_maps(groups, [r[1] for r in results], B),
-                              topdown_selection_probs=merge_group_maps(groups, [r[2] for r in results], B))
-        if needs_maps:
-            maps = [r[3] if r[3] is not None else [torch.zeros_like(p) for p in r[0]] for r in results]
-            out.selection_maps = merge_group_maps(groups, maps, B)
-        out.feature_sizes, out.num_looks = [None] * B, [0] * B
-        for gl in looks:
-            for i, b in enumerate(gl.group.samples):
-                out.feature_sizes[b], out.num_looks[b] = gl.sizes[1:], gl.plan.num_looks
-        return looks, low_res, out
-
     # ----------------------------------------------------------------- the two modes
     def encode_looks(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
                      prompt: torch.Tensor | None = None, gt_selection_maps=None, smooth_selection_prob: bool = False,
@@ -304,9 +240,9 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         return self.encode_looks_with_pooled(
             pixel_values, num_look_close=num_look_close, num_token_look_close=num_token_look_close, prompt=prompt,
             gt_selection_maps=gt_selection_maps, smooth_selection_prob=smooth_selection_prob,
-            only_select_first_n_scale=only_select_first_n_scale, num_hidden_layers_to_return=num_hidden_layers_to_return,
-            max_tokens_per_pass=max_tokens_per_pass, check_finite=check_finite, low_res=low_res,
-            old_selection_maps=old_selection_maps)[0]
+            only_select_first_n_scale=only_select_first_n_scale,
+            num_hidden_layers_to_return=num_hidden_layers_to_return, max_tokens_per_pass=max_tokens_per_pass,
+            check_finite=check_finite, low_res=low_res, old_selection_maps=old_selection_maps)[0]
 
     @float32_fallback
     def encode_looks_with_pooled(self, pixel_values, *, num_look_close=None, num_token_look_close=None,
@@ -319,41 +255,30 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
                                  ) -> tuple[PS3VisionOutput, torch.Tensor]:
         """:meth:`encode_looks`, and the low-res pooled feature (B, C) (final norm + MAP pooling)
         that the upstream-shaped output leaves None, without a second low-res pass."""
-        check_call(pixel_values, self.width, prompt, None, num_hidden_layers_to_return, max_tokens_per_pass, check_finite)
-        own_pass = low_res is None
-        looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
-                                          num_look_close, num_token_look_close, only_select_first_n_scale, low_res,
-                                          old_selection_maps=old_selection_maps)
-        if own_pass:  # nobody else holds this pass: free what the looks do not read
-            low_res = low_res.for_looks(self._kept_layers(num_hidden_layers_to_return))
-        hidden, totals = self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
-        # Upstream's inference output has no pooled feature and no separate bottom-up/top-down
-        # maps: the same fields stay None here.
-        out.pooled_output = out.bottomup_selection_probs = out.topdown_selection_probs = None
-        out.hidden_states = list(hidden)  # a list, as upstream returns it
-        out.last_hidden_state = hidden[-1]
-        if isinstance(pixel_values, torch.Tensor) and len(looks) == 1 and len(set(totals)) == 1:
-            out.feature_sizes = out.num_looks = None
-        else:
-            out.lengths = torch.tensor(totals).to(hidden[-1].device, non_blocking=True)
-        return out, low_res.pooled_output
+        request = EncodeRequest.build(
+            pixel_values, width=self.width, check_finite=check_finite, num_look_close=num_look_close,
+            num_token_look_close=num_token_look_close, only_select_first_n_scale=only_select_first_n_scale,
+            prompt=prompt, gt_selection_maps=gt_selection_maps, smooth_selection_prob=smooth_selection_prob,
+            num_hidden_layers_to_return=num_hidden_layers_to_return, max_tokens_per_pass=max_tokens_per_pass,
+            low_res=low_res, old_selection_maps=old_selection_maps)
+        return self.encode_request(request)
 
-    def encode_selection(self, groups: Sequence[ImageGroup], plans: Sequence[LookPlan],
-                         orders: Sequence[Sequence[torch.Tensor]], low_res: LowResPass, *,
-                         num_hidden_layers_to_return: int | None = None, max_tokens_per_pass: int | None = None):
-        """Encode cells chosen by the caller (e.g. the block-aligned selection of ``ps3.mllm``),
-        reusing ``low_res`` (its key/value cache) instead of running the low-res trunk again.
-
-        ``groups``: the images grouped by size (``ps3.encoder.batching.group_images``); per group its
-        ``LookPlan`` and, per look, the (n, T) canvas positions of the look's cells in canvas order.
-        Returns (per kept layer (B, N, C): each image's low-res tokens then its chosen tokens,
-        zero-padded; each image's token count N_i)."""
-        if not len(groups) == len(plans) == len(orders):
-            raise ValueError(f"groups, plans and orders need one entry per image group, got {len(groups)}, "
-                             f"{len(plans)} and {len(orders)}")
-        looks = [GroupLooks(g, self.feature_sizes(*g.size), plan, list(order))
-                 for g, plan, order in zip(groups, plans, orders)]
-        return self._run_group_looks(looks, low_res, num_hidden_layers_to_return, max_tokens_per_pass)
+    def encode_request(self, request: EncodeRequest, rule: CellRule | None = None, *,
+                       scores: bool = False) -> tuple[PS3VisionOutput, torch.Tensor]:
+        """Encode the looks of a built request, their cells chosen by ``rule`` (default: the
+        encoder's top-k, :class:`~ps3.encoder.selection_pipeline.TopKCells`; ``ps3.mllm`` plugs in
+        its block-aligned rule). Returns (the output, the low-res pooled feature). ``scores``: the
+        output keeps the pooled feature and the separate bottom-up/top-down maps (upstream's
+        inference output leaves them None)."""
+        rule = rule if rule is not None else TopKCells(tuple(self.max_select_num_each_scale))
+        selection, low_res = select_looks(self, request, rule)
+        if request.low_res is None:  # nobody else holds this pass: free what the looks do not read
+            low_res = low_res.for_looks(self._kept_layers(request.num_hidden_layers_to_return))
+        hidden, totals = self._run_group_looks(selection.looks, low_res, request.num_hidden_layers_to_return,
+                                               request.max_tokens_per_pass)
+        pooled = low_res.pooled_output
+        return selection.output(request, hidden=hidden, totals=totals, pooled=pooled if scores else None,
+                                scores=scores), pooled
 
     def _kept_layers(self, num_layers: int | None) -> int:
         return min(num_layers or self.num_hidden_layers_to_return or self.layers, self.layers)
@@ -369,7 +294,8 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         # lengths run unpadded, one image's look per pass, `python benchmarks/ragged.py`).
         budget = max_tokens or self.max_tokens_per_pass or (16384 if low_res.pooled_output.is_cuda else 1)
         mixed = len(looks) > 1
-        return run_looks(self, looks, low_res, low_res.batch_size, keep, budget, 1 if mixed and budget == 1 else None)
+        return run_looks(self.look_parts(), looks, low_res, low_res.batch_size, keep, budget,
+                         1 if mixed and budget == 1 else None)
 
     @float32_fallback
     def encode_pooled(self, pixel_values, *, prompt: torch.Tensor | None = None, gt_selection_maps=None,
@@ -379,24 +305,22 @@ class PS3VisionEncoder(UpstreamEncoderNames, nn.Module):
         """Pre-training (design §3.14): one look with the full budget (gt maps if given), pooled over
         its high-res tokens after the final norm; ``pool_gt_token_only`` pools over the gt cells
         only; ``is_global_text`` (B, 1) samples take the low-res pooled feature instead."""
-        check_call(pixel_values, self.width, prompt, is_global_text, None, None, check_finite)
-        if pool_gt_token_only and gt_selection_maps is None:
-            raise ValueError("pool_gt_token_only=True needs gt_selection_maps")
-        looks, low_res, out = self.select(pixel_values, prompt, gt_selection_maps, smooth_selection_prob,
-                                          None, num_token_look_close, None, low_res, pretraining=True)
+        request = EncodeRequest.build(
+            pixel_values, width=self.width, check_finite=check_finite, pretraining=True, prompt=prompt,
+            gt_selection_maps=gt_selection_maps, is_global_text=is_global_text, pool_gt_token_only=pool_gt_token_only,
+            num_token_look_close=num_token_look_close, smooth_selection_prob=smooth_selection_prob, low_res=low_res)
+        selection, low_res = select_looks(self, request, TopKCells(tuple(self.max_select_num_each_scale), True))
+        looks = selection.looks
         gt_cells = None
-        if pool_gt_token_only:
+        if request.pool_gt_token_only:
             gt_cells = [gt_area_at_cells(gl.group.gt_selection_maps, gl.sizes[1:]).gather(1, gl.order[0]) > 0
                         if gl.group.gt_selection_maps is not None else torch.ones_like(gl.order[0], dtype=torch.bool)
                         for gl in looks]
         B = low_res.batch_size
-        pooled = pool_looks(self, looks, low_res, B, gt_cells)
-        if is_global_text is not None:
-            pooled = torch.where(is_global_text.view(B, 1).bool(), low_res.pooled_output, pooled)
-        out.pooled_output = pooled
-        if isinstance(pixel_values, torch.Tensor) and len(looks) == 1:
-            out.feature_sizes = out.num_looks = None
-        return out
+        pooled = pool_looks(self.look_parts(), looks, low_res, B, gt_cells)
+        if request.is_global_text is not None:
+            pooled = torch.where(request.is_global_text.view(B, 1).bool(), low_res.pooled_output, pooled)
+        return selection.output(request, pooled=pooled)
 
     def forward(self, pixel_values, num_look_close=None, num_token_look_close=None,
                 prompt: torch.Tensor | None = None, gt_selection_maps=None, smooth_selection_prob: bool = False,

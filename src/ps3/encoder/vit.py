@@ -12,14 +12,19 @@ Parameter names follow timm's ``VisionTransformer`` so published checkpoints loa
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .precision import attention
 from ..registry import VIT_REGISTRY, ViTArch, arch_from_config  # noqa: F401  (re-exported)
+from .precision import attention
+from .radio import RadioSpec
+
+if TYPE_CHECKING:
+    from ..config import PS3VisionConfig
 
 
 class Mlp(nn.Module):
@@ -285,21 +290,30 @@ def resize_patches(images: torch.Tensor, size: tuple[int, int], patch_size: int,
 
 
 class VisionTransformer(nn.Module):
-    """The trunk: patch embedding, absolute position table, pre-norm blocks, final norm, pooling."""
+    """The trunk: patch embedding, absolute position table, pre-norm blocks, final norm, pooling.
 
-    def __init__(self, arch: ViTArch, crop_pos_embed: bool = False):
+    ``radio`` (a C-RADIO trunk, ``ps3.encoder.radio``): the position table is cropped, never
+    resampled; the final norm is dropped unless the spec keeps it; pooling runs the adapter MLP
+    ``siglip_proj`` and a MAP pool of the adapter's width."""
+
+    def __init__(self, arch: ViTArch, crop_pos_embed: bool = False, radio: RadioSpec | None = None):
         super().__init__()
         self.arch = arch
         self.patch_size = arch.patch_size
         self.embed_dim = arch.embed_dim
-        self.crop_pos_embed = crop_pos_embed
+        self.crop_pos_embed = crop_pos_embed or radio is not None
         self.patch_embed = PatchEmbed(arch.patch_size, arch.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, arch.pos_grid * arch.pos_grid, arch.embed_dim))
         self.blocks = nn.ModuleList([Block(arch) for _ in range(arch.depth)])
-        self.norm = nn.LayerNorm(arch.embed_dim, eps=arch.norm_eps)
-        if arch.global_pool == "map":
-            self.attn_pool = AttentionPoolLatent(arch)
-        elif arch.global_pool == "avg":
+        keep_norm = radio is None or radio.final_norm
+        self.norm = nn.LayerNorm(arch.embed_dim, eps=arch.norm_eps) if keep_norm else nn.Identity()
+        self.siglip_proj = radio.adapter() if radio is not None else None
+        pool_arch = radio.pool_arch(arch) if radio is not None else arch
+        #: Width of the pooled feature: the trunk's, or a RADIO adapter's output.
+        self.pooled_dim = pool_arch.embed_dim
+        if pool_arch.global_pool == "map":
+            self.attn_pool = AttentionPoolLatent(pool_arch)
+        elif pool_arch.global_pool == "avg":
             self.attn_pool = None
         else:
             raise ValueError(f"global_pool must be 'map' or 'avg', got {arch.global_pool!r}")
@@ -307,7 +321,7 @@ class VisionTransformer(nn.Module):
         # timm's starting values, for training from scratch (loading a checkpoint overwrites them).
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.attn_pool is not None:
-            nn.init.trunc_normal_(self.attn_pool.latent, std=arch.embed_dim ** -0.5)
+            nn.init.trunc_normal_(self.attn_pool.latent, std=pool_arch.embed_dim ** -0.5)
 
     @property
     def pos_table(self) -> torch.Tensor:
@@ -369,8 +383,10 @@ class VisionTransformer(nn.Module):
         return x, hidden, kvs
 
     def pool(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm then MAP (or masked mean) pooling: (B, N, C) → (B, C)."""
+        """Final norm (and a RADIO adapter) then MAP (or masked mean) pooling: (B, N, C) → (B, C')."""
         x = self.norm(x)
+        if self.siglip_proj is not None:
+            x = self.siglip_proj(x)
         if self.attn_pool is not None:
             return self.attn_pool(x, key_mask)
         if key_mask is None:
@@ -381,3 +397,15 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass (activation checkpointing) when ``enable``."""
         self.grad_checkpointing = bool(enable)
+
+
+def trunk_from_config(config: PS3VisionConfig) -> VisionTransformer:
+    """The trunk a config describes; ``img_size`` (upstream passes it to timm) sizes the position
+    table. A C-RADIO trunk crops that table, so it must cover the largest scale's grid."""
+    arch = arch_from_config(config.model_name, config.vit, getattr(config, "img_size", None))
+    radio = RadioSpec.from_config(config, arch.embed_dim)
+    if radio is not None and max(config.ps3_scales) // arch.patch_size > arch.pos_grid:
+        raise ValueError(f"a C-RADIO trunk crops its {arch.pos_grid}x{arch.pos_grid} position table, which is smaller "
+                         f"than the {max(config.ps3_scales)} px scale's grid: set img_size to at least "
+                         f"{max(config.ps3_scales)}")
+    return VisionTransformer(arch, radio=radio)

@@ -80,8 +80,9 @@ class FeatureEncoder:
     def encode(self, batch: dict[str, Any], texts: list[str | None]) -> list[tuple[str, dict[str, torch.Tensor], int]]:
         """(key, tensors on the host, token count) per image of ``batch``; ``texts``: each image's
         prompt or None."""
-        out, pooled = self.model.encode_looks_with_pooled(self._normalised(batch["pixels"]), prompt=self._prompts(texts),
-                                                          num_hidden_layers_to_return=self.layers, **self.selection)
+        out, pooled = self.model.encode_looks_with_pooled(
+            self._normalised(batch["pixels"]), prompt=self._prompts(texts), num_hidden_layers_to_return=self.layers,
+            **self.selection)
         feature_maps = self._feature_maps(out) if self.feature_maps and out.selection_maps else None
         # One copy of each batched tensor to the host (a few syncs per batch), then per-sample views.
         host = PS3VisionOutput(

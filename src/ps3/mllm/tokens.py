@@ -17,6 +17,7 @@ left past the last one goes to the earliest kept scale that still has room.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -57,6 +58,28 @@ def block_grids(height: int, width: int, scales: Sequence[int], patch_size: int,
     return (math.ceil(h0 / k), math.ceil(w0 / k)), [(h // k, w // k) for h, w in high]
 
 
+def renamed(old: str, new: str, old_value, new_value, default=None):
+    """The value of a keyword argument that was renamed from ``old`` to ``new``: the new name's, or
+    the old name's with a DeprecationWarning (both at once: TypeError); ``default`` if neither."""
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise TypeError(f"pass {new} only ({old} is its deprecated name), not both")
+    warnings.warn(f"{old} is deprecated: pass {new} (the same value)", DeprecationWarning, stacklevel=3)
+    return old_value
+
+
+def check_budgets(budgets: Sequence[int], n_highres: int, scales: Sequence[int]) -> list[int]:
+    """``max_select_num_each_scale`` of the MLLM path: one non-negative int (cells per look) per
+    high-res scale of the model (``scales``: its ``ps3_scales``)."""
+    values = list(budgets) if isinstance(budgets, (list, tuple)) else None
+    if values is None or len(values) != n_highres or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in values):
+        raise ValueError(f"max_select_num_each_scale must give one cell budget (an int >= 0) per high-res scale of "
+                         f"this model (ps3_scales={list(scales)}: {n_highres} high-res), got {budgets!r}")
+    return values
+
+
 def look_block_budgets(budgets: Sequence[int], k: int, first_n: int | None) -> list[int]:
     """Blocks one look takes per high-res scale before shortfalls (see the module docstring)."""
     blocks = [int(b) // (k * k) for b in budgets]
@@ -76,7 +99,8 @@ def plan_block_looks(grids: Sequence[Size], budgets: Sequence[int], k: int, num_
     if first_n is not None and (isinstance(first_n, bool) or not isinstance(first_n, int) or not 1 <= first_n <= n):
         raise ValueError(f"only_select_first_n_scale must be an int in [1, {n}] or None, got {first_n!r}")
     if len(budgets) != n:
-        raise ValueError(f"budgets must give one cell budget per high-res scale ({n}), got {list(budgets)}")
+        raise ValueError(f"max_select_num_each_scale must give one cell budget per high-res scale ({n}), "
+                         f"got {list(budgets)}")
     kept = n if first_n is None else first_n
     remaining = [h * w - (int(encoded[i]) if encoded is not None else 0) if i < kept else 0
                  for i, (h, w) in enumerate(grids)]
@@ -85,7 +109,7 @@ def plan_block_looks(grids: Sequence[Size], budgets: Sequence[int], k: int, num_
     if num_looks == "all":
         looks = math.ceil(sum(remaining) / step) if step else 0
     elif isinstance(num_looks, bool) or not isinstance(num_looks, int) or num_looks < 0:
-        raise ValueError(f"num_looks must be a non-negative int or 'all', got {num_looks!r}")
+        raise ValueError(f"num_look_close must be a non-negative int or 'all', got {num_looks!r}")
     else:
         looks = num_looks
     plan = []
@@ -106,22 +130,26 @@ def plan_block_looks(grids: Sequence[Size], budgets: Sequence[int], k: int, num_
     return plan
 
 
-def count_llm_tokens(model_or_config: Any, height: int, width: int, *, budgets: Sequence[int] | None = None,
-                     k: int = 2, num_looks: int | str = 1,
-                     only_select_first_n_scale: int | None = None) -> LLMTokenCount:
+def count_llm_tokens(model_or_config: Any, height: int, width: int, *,
+                     max_select_num_each_scale: Sequence[int] | None = None, k: int = 2,
+                     num_look_close: int | str | None = None, only_select_first_n_scale: int | None = None,
+                     budgets: Sequence[int] | None = None, num_looks: int | str | None = None) -> LLMTokenCount:
     """Exact LLM tokens :func:`ps3.mllm.encode_for_llm` + :class:`PS3Projector` give a height × width
     image: ``ceil(h_0/k)·ceil(w_0/k)`` low-res tokens plus the blocks of every look.
 
-    ``budgets``: cells per high-res scale per look (default: the model's
-    ``max_select_num_each_scale``); ``num_looks``: an int (0 = low-res only) or "all".
+    ``max_select_num_each_scale``: cells per high-res scale per look (default: the model's);
+    ``num_look_close``: an int (0 = low-res only) or "all" (default 1). ``budgets`` /
+    ``num_looks``: their deprecated names.
     """
     k = _check_k(k)
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int (pixels), got {value!r}")
     scales, patch, default = vision_geometry(model_or_config)
-    budgets = list(default if budgets is None else budgets)
+    cells = check_budgets(renamed("budgets", "max_select_num_each_scale", budgets, max_select_num_each_scale, default),
+                          len(scales) - 1, scales)
+    looks = renamed("num_looks", "num_look_close", num_looks, num_look_close, 1)
     low, grids = block_grids(height, width, scales, patch, k)
-    plan = plan_block_looks(grids, budgets, k, num_looks, only_select_first_n_scale)
+    plan = plan_block_looks(grids, cells, k, looks, only_select_first_n_scale)
     per_scale = [sum(look[i] for look in plan) for i in range(len(grids))]
     return LLMTokenCount(low[0] * low[1], per_scale, len(plan))

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoder.vision import LowResPass, PS3VisionOutput
+from ..encoder.outputs import LowResPass, PS3VisionOutput
+from ..encoder.selection import check_look_option
 from .looks import encode_for_llm, encode_low_res, encoder_of
 from .projector import PS3Projector
-from .tokens import count_llm_tokens
+from .tokens import check_budgets, count_llm_tokens, renamed
 
 IGNORE_INDEX = -100  # label of positions the LM loss skips (Hugging Face's convention)
 
@@ -108,18 +109,25 @@ class TwoPassPS3(nn.Module):
     """PS3 + projector + top-down prompt head around a Hugging Face causal LM.
 
     ``image_token_id``: the placeholder id marking where the image goes in ``input_ids``.
-    ``budgets`` (cells per high-res scale per look), ``num_looks``, ``k``: as in
-    :func:`ps3.mllm.count_llm_tokens`. ``feature_layer``: which returned PS3 layer feeds the
-    projector. The LLM's first pass runs without gradients (``pass1_grad=True`` to keep them).
+    ``max_select_num_each_scale`` (cells per high-res scale per look, checked against the model's
+    scales here), ``num_look_close``, ``k``: as in :func:`ps3.mllm.count_llm_tokens` (``budgets``
+    / ``num_looks``: their deprecated names). ``feature_layer``: which returned PS3 layer feeds
+    the projector. The LLM's first pass runs without gradients (``pass1_grad=True`` to keep them).
     """
 
     def __init__(self, vision_model: nn.Module, llm: nn.Module, *, image_token_id: int, k: int = 2,
-                 budgets: Sequence[int] | None = None, num_looks: int | str = 1, feature_layer: int = -1,
-                 prompt_head_hidden: int | None = None, scale_embeddings: bool = False, pass1_grad: bool = False):
+                 max_select_num_each_scale: Sequence[int] | None = None, num_look_close: int | str | None = None,
+                 feature_layer: int = -1, prompt_head_hidden: int | None = None, scale_embeddings: bool = False,
+                 pass1_grad: bool = False, budgets: Sequence[int] | None = None, num_looks: int | str | None = None):
         super().__init__()
         self.vision_model = vision_model
         self.llm = llm
         encoder = encoder_of(vision_model)
+        cells = renamed("budgets", "max_select_num_each_scale", budgets, max_select_num_each_scale,
+                        encoder.max_select_num_each_scale)
+        self.max_select_num_each_scale = check_budgets(cells, len(encoder.ps3_scales) - 1, encoder.ps3_scales)
+        self.num_look_close = renamed("num_looks", "num_look_close", num_looks, num_look_close, 1)
+        check_look_option("num_look_close", self.num_look_close)
         llm_width = llm.get_input_embeddings().embedding_dim
         self.projector = PS3Projector.for_vision_model(encoder, llm_width, k=k, scale_embeddings=scale_embeddings)
         self.prompt_head = TopDownPromptHead(llm_width, encoder.width, prompt_head_hidden)
@@ -128,13 +136,27 @@ class TwoPassPS3(nn.Module):
         self.projector.to(device=weight.device, dtype=weight.dtype)
         self.prompt_head.to(device=weight.device, dtype=weight.dtype)
         self.image_token_id = int(image_token_id)
-        self.k, self.num_looks, self.feature_layer, self.pass1_grad = k, num_looks, feature_layer, pass1_grad
-        self.budgets = list(encoder.max_select_num_each_scale if budgets is None else budgets)
+        self.k, self.feature_layer, self.pass1_grad = k, feature_layer, pass1_grad
+
+    @classmethod
+    def from_pretrained(cls, run, *, device=None, trainable: bool = False) -> "TwoPassPS3":
+        """Load a run directory of ``ps3 mllm train`` (see :mod:`ps3.mllm.saving`), with its
+        ``tokenizer``, ``processor`` and ``settings`` attached."""
+        from .saving import load_run
+
+        return load_run(run, device=device, trainable=trainable)
+
+    def save_pretrained(self, run, **kwargs: Any) -> None:
+        """Write a run directory :meth:`from_pretrained` loads (see :func:`ps3.mllm.saving.save_pretrained`)."""
+        from .saving import save_pretrained
+
+        save_pretrained(self, run, **kwargs)
 
     def count_llm_tokens(self, height: int, width: int, only_select_first_n_scale: int | None = None) -> int:
         """LLM tokens one image of this size becomes with this helper's settings."""
-        return count_llm_tokens(self.vision_model, height, width, budgets=self.budgets, k=self.k,
-                                num_looks=self.num_looks, only_select_first_n_scale=only_select_first_n_scale).total
+        return count_llm_tokens(self.vision_model, height, width, k=self.k, num_look_close=self.num_look_close,
+                                max_select_num_each_scale=self.max_select_num_each_scale,
+                                only_select_first_n_scale=only_select_first_n_scale).total
 
     def _image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         found = input_ids == self.image_token_id
@@ -186,7 +208,8 @@ class TwoPassPS3(nn.Module):
         prompt, low_res = self.top_down_prompt(pixel_values, input_ids, attention_mask, prompt_end, low_res)
         prompt_in_vision_dtype = prompt.to(low_res.selection_features.dtype)
         vision = encode_for_llm(self.vision_model, pixel_values, prompt=prompt_in_vision_dtype, low_res=low_res,
-                                k=self.k, budgets=self.budgets, num_looks=self.num_looks,
+                                k=self.k, max_select_num_each_scale=self.max_select_num_each_scale,
+                                num_look_close=self.num_look_close,
                                 only_select_first_n_scale=only_select_first_n_scale,
                                 gt_selection_maps=gt_selection_maps, old_selection_maps=old_selection_maps)
         image = self.projector(vision, feature_layer=self.feature_layer)

@@ -18,7 +18,7 @@ Strategies (each original's parameter names and defaults):
 ``"anyres"``              LLaVA-NeXT: pinpoint canvas in 336 px tiles, base image, unpadding, newlines
 ``"qwen2_vl"``            Qwen2-VL ``smart_resize``: native resolution up to ``max_pixels``
 ``"ixc_hd"``              InternLM-XComposer2-4KHD: ``hd_num`` 25 tiles of 336 px, global view, separators
-``"ps3"``                 this library's encoder (:mod:`ps3.mllm.strategy`, registered on first use)
+``"ps3"``                 this library's encoder (:mod:`ps3.strategies.ps3`; loads the encoder on first use)
 ========================  =========================================================================
 
 Images for ``encode`` are (3, H, W) floats in [0, 1] at their original size (padding uses the
@@ -29,7 +29,7 @@ is a row of zeros.
 """
 from __future__ import annotations
 
-import importlib
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,29 +37,33 @@ import torch
 
 from .base import Layout, Plan, Segment, Strategy, View
 from .native import Qwen2VL
+from .ps3 import PS3Strategy
 from .s2style import S2, DynamicS2
 from .tiling import IXCHD, AnyRes, InternVLTiling
 
-__all__ = ["Layout", "Plan", "Segment", "Strategy", "View", "encode", "get", "knob_for_budget", "load_image", "names",
-           "plan", "register"]
+__all__ = ["Layout", "Plan", "Segment", "Strategy", "View", "encode", "get", "knob_for_budget", "load_image_tensor",
+           "names", "plan", "register"]
 
 _STRATEGIES: dict[str, Strategy] = {s.name: s for s in (S2(), DynamicS2(), InternVLTiling(), AnyRes(), Qwen2VL(),
-                                                        IXCHD())}
-# Strategies that live in a higher layer register themselves when their module is imported;
-# importing it here only on first use keeps this package below them (no import cycle).
-_REGISTERED_ELSEWHERE = {"ps3": "ps3.mllm.strategy"}
+                                                        IXCHD(), PS3Strategy())}
 ORDER = ("s2", "dynamic_s2", "internvl_tiling", "anyres", "qwen2_vl", "ixc_hd", "ps3")
 
 
-def load_image(source: Any) -> torch.Tensor:
+def load_image_tensor(source: Any) -> torch.Tensor:
     """An image file, bytes or PIL image as the (3, H, W) float32 tensor in [0, 1] ``encode`` takes
-    (upright, RGB: :func:`ps3.images.load_image`)."""
+    (upright, RGB: :func:`ps3.images.load_image`, which returns the PIL image)."""
     import numpy as np
 
     from ..images import load_image as load_rgb
 
     rgb = np.asarray(load_rgb(source), dtype=np.float32) / 255
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def load_image(source: Any) -> torch.Tensor:
+    """Deprecated name of :func:`load_image_tensor` (:func:`ps3.images.load_image` returns a PIL image)."""
+    warnings.warn("ps3.strategies.load_image is renamed load_image_tensor", DeprecationWarning, stacklevel=2)
+    return load_image_tensor(source)
 
 
 def register(strategy: Strategy) -> Strategy:
@@ -73,8 +77,6 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Strategy:
-    if name not in _STRATEGIES and name in _REGISTERED_ELSEWHERE:
-        importlib.import_module(_REGISTERED_ELSEWHERE[name])
     if name not in _STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; pass one of {', '.join(names())}")
     return _STRATEGIES[name]

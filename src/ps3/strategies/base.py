@@ -169,7 +169,7 @@ def as_image(image: Any) -> torch.Tensor:
     """(3, H, W) or (1, 3, H, W) floating-point values in [0, 1] → (1, 3, H, W)."""
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a (3, H, W) float tensor with values in [0, 1], got {type(image).__name__}; "
-                        "load one with ps3.strategies.load_image(path)")
+                        "load one with ps3.strategies.load_image_tensor(path)")
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[:2] != (1, 3) or not image.is_floating_point():
@@ -178,8 +178,11 @@ def as_image(image: Any) -> torch.Tensor:
     return image
 
 
-def resize_image(image: torch.Tensor, size: Size) -> torch.Tensor:
-    """Antialiased bicubic resize in float32 (as Pillow's default resize), clamped to [0, 1]."""
+def resize_antialiased_fp32(image: torch.Tensor, size: Size) -> torch.Tensor:
+    """Antialiased bicubic resize computed in float32 (as Pillow's default resize), clamped to
+    [0, 1] and returned in the input's dtype: how the originals' image pipelines resize. (The
+    encoder's own resize, :mod:`ps3.encoder.selection_features`, is plain bicubic in the input dtype
+    as upstream's model does.)"""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     out = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
@@ -204,7 +207,7 @@ def window(image: torch.Tensor, views: tuple[View, ...], index: int,
     inside = top >= 0 and left >= 0 and top + h <= rh and left + w <= rw
     if inside and rh * rw > 4 * h * w:
         return _crop_then_resize(source, view)
-    x = resize_image(source, view.resize)
+    x = resize_antialiased_fp32(source, view.resize)
     # Negative pads crop, positive pads add `fill`: one F.pad does both.
     return F.pad(x, (-left, left + w - rw, -top, top + h - rh), value=view.fill)
 
@@ -221,7 +224,7 @@ def _crop_then_resize(source: torch.Tensor, view: View, margin: int = 4) -> torc
     t1, l1 = min(top + h + margin, rh), min(left + w + margin, rw)
     y0, y1 = math.floor(t0 * sh / rh), max(math.ceil(t1 * sh / rh), math.floor(t0 * sh / rh) + 1)
     x0, x1 = math.floor(l0 * sw / rw), max(math.ceil(l1 * sw / rw), math.floor(l0 * sw / rw) + 1)
-    out = resize_image(source[..., y0:y1, x0:x1], (t1 - t0, l1 - l0))
+    out = resize_antialiased_fp32(source[..., y0:y1, x0:x1], (t1 - t0, l1 - l0))
     return out[..., top - t0:top - t0 + h, left - l0:left - l0 + w]
 
 

@@ -2,7 +2,7 @@
 multiples of patch·merge = 28, at most ``max_pixels``, at least ``min_pixels``, never an aspect
 ratio above 200) and goes through the backbone once at that size; a 2×2 merge gives
 (h/28)·(w/28) tokens between ``<|vision_start|>`` and ``<|vision_end|>``. The backbone must take
-non-square (1, 3, h, w) images. Facts from the issue's statement of ``smart_resize`` (Qwen2-VL's
+non-square (1, 3, h, w) images. Facts from a written statement of ``smart_resize`` (Qwen2-VL's
 ``qwen_vl_utils``; its repository is not among this project's snapshots), with its guard that no
 side goes below one factor.
 """

@@ -1,8 +1,8 @@
 """PS3 pre-training (design §5), open_clip style, one concern per module:
 
-* :mod:`ps3.train.data` — paired image / text-box webdatasets → batches, bad samples skipped and counted;
+* :mod:`ps3.train.loader` — paired image / text-box webdatasets → batches, bad samples skipped and counted;
 * :mod:`ps3.train.synthetic` — scenes of captioned objects for tests, the demo and the benchmark;
-* :mod:`ps3.train.model` — named training configs, initialisation, the training forward;
+* :mod:`ps3.train.model_setup` — named training configs, initialisation, the training forward;
 * :mod:`ps3.train.loss` — SigLIP loss across ranks and box supervision of the selection;
 * :mod:`ps3.train.params` — :class:`TrainParams` (what a run is asked to do), the ``ps3 train`` flags, their checks;
 * :mod:`ps3.train.distributed` — process groups under ``torchrun``, rank-0 helpers, DDP/FSDP wrapping;

@@ -31,7 +31,7 @@ from ..config import PS3Config
 from ..runtime import UserError
 from ..tokenizer import PS3Tokenizer
 from .distributed import DistInfo, RankLog, on_main
-from .model import build_caption_tokenizer, get_model_spec, read_captions
+from .model_setup import build_caption_tokenizer, get_model_spec, read_captions
 from .params import TrainParams
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The options of the pre-training batch stream: :class:`DataOptions`, checked when made.
 
-Everything besides the shards that decides the stream of :mod:`ps3.train.data` (preprocessing,
+Everything besides the shards that decides the stream of :mod:`ps3.train.loader` (preprocessing,
 batching, shuffling, caption choice, rank, resume offset) is one frozen dataclass, so the trainer,
 ``ps3 data check`` and Python callers state it once.
 """

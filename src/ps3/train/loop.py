@@ -15,6 +15,8 @@ groups and the schedule in :mod:`ps3.train.optim`.
 
 Exact resume
 ------------
+Ctrl-C or SIGTERM ends the run after the current step, with that step saved
+(:mod:`ps3.train.interrupt`).
 ``--resume latest`` loads the newest readable checkpoint (an unreadable newest one is reported,
 moved aside and skipped), re-creates the deterministic data stream of the saved epoch and skips
 the batches already consumed. On a CPU the resumed run then ends with bit-identical weights to
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -46,10 +49,11 @@ from ..runtime import UserError, user_input
 from ..tokenizer import PS3Tokenizer
 from .checkpoint import (CHECKPOINT_FORMAT, TOKENIZER_DIR, Progress, find_resume, prepare_run_dir, rng_state,
                          save_checkpoint, set_rng_state)
+from .interrupt import StopRequests, exit_code, next_batch
 from .distributed import (DistInfo, RankLog, full_state_dicts, init_distributed, load_full_state_dicts, on_main,
                           wrap)
 from .loss import PS3PretrainLoss, ps3_pretrain_loss
-from .model import PS3PretrainModule, initialise, logit_scale_max
+from .model_setup import PS3PretrainModule, initialise, logit_scale_max
 from .optim import build_optimizer, build_scheduler, clip_grad_norm, is_sharded
 from .params import RESUME_SENSITIVE, TrainParams, add_arguments
 
@@ -64,18 +68,21 @@ StopCheck = Callable[[int, PS3Model], bool]
 @dataclass
 class TrainResult:
     """What :func:`train` did: the step it ended at, whether ``stop_check`` ended it early, and
-    the steps and wall-clock seconds of its step loop (excluding setup)."""
+    the steps and wall-clock seconds of its step loop (excluding setup), and the signal that
+    stopped it, if one did (:mod:`ps3.train.interrupt`)."""
 
     step: int
     stopped_early: bool
     steps_run: int
     seconds: float
+    interrupted_by: int | None = None  # the signal (SIGINT, SIGTERM) that ended the run after a save
 
 
 def run(args: TrainParams | argparse.Namespace) -> int:
-    """Train as ``args`` (parsed ``ps3 train`` flags, or :class:`TrainParams`) says; returns the exit code."""
-    train(args if isinstance(args, TrainParams) else TrainParams.from_args(args))
-    return 0
+    """Train as ``args`` (parsed ``ps3 train`` flags, or :class:`TrainParams`) says; returns the exit
+    code (130 / 143 when Ctrl-C / SIGTERM stopped it, after saving its last step)."""
+    result = train(args if isinstance(args, TrainParams) else TrainParams.from_args(args))
+    return 0 if result.interrupted_by is None else exit_code(result.interrupted_by)
 
 
 def train(params: TrainParams, *, stop_check: StopCheck | None = None) -> TrainResult:
@@ -162,7 +169,7 @@ def _restore(params: TrainParams, info: DistInfo, module: nn.Module, model: PS3M
 def _build_loader(args: TrainParams, info: DistInfo, preprocessor: dict, tokenizer: PS3Tokenizer,
                   progress: Progress):
     """This rank's deterministic batch stream, positioned after the batches already consumed."""
-    from .data import DataOptions, build_dataloader
+    from .loader import DataOptions, build_dataloader
 
     options = DataOptions(
         image_size=preprocessor["image_size"], mean=preprocessor.get("mean", [0.5] * 3),
@@ -305,8 +312,9 @@ class _Reporter:
         rate = self.window_steps * self.samples_per_step / max(now - self.window_start, 1e-9)
         self.window_start, self.window_steps = now, 0
         eta = (now - self.start) / max(progress.step - self.first_step, 1) * (self.steps - progress.step)
-        self.log.info(f"step {progress.step}/{self.steps}  loss {parts['total']:.4f} (siglip {parts['contrastive']:.4f}, "
-                      f"bottom-up {parts['bottomup']:.4f}, top-down {parts['topdown']:.4f})  lr {lr:.3g}  "
+        self.log.info(f"step {progress.step}/{self.steps}  loss {parts['total']:.4f} "
+                      f"(siglip {parts['contrastive']:.4f}, bottom-up {parts['bottomup']:.4f}, "
+                      f"top-down {parts['topdown']:.4f})  lr {lr:.3g}  "
                       f"{rate:.1f} samples/s  eta {_duration(eta)}  epoch {progress.epoch}  "
                       f"data skipped: {skipped or 'none'}")
         if self.metrics is not None:
@@ -413,37 +421,49 @@ def _run_steps(run: _Run, loader, stop_check: StopCheck | None) -> TrainResult:
     reporter = _Reporter(params, info, run.run_dir, run.log, first_step)
     bar = tqdm(total=params.steps, initial=progress.step, unit="step", desc="train", mininterval=1.0,
                disable=params.quiet or not info.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
-    iterator = iter(loader)
-    try:
-        while progress.step < params.steps and not stopped:
-            batch = next(iterator, None)
-            have = torch.tensor([0 if batch is None else 1])
-            if info.distributed:  # an epoch ends for everybody when one rank runs out
-                dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if int(have) == 0:
-                if progress.batches_in_epoch == 0:
-                    raise UserError(f"epoch {progress.epoch} gave no full batch of --batch-size "
-                                     f"{params.batch_size} on some rank: lower --batch-size or add data")
-                progress.epoch += 1
-                progress.batches_in_epoch = 0
-                loader.set_epoch(progress.epoch)
-                iterator = iter(loader)
-                continue
-            loss = step_fn(batch)
-            progress.step += 1
-            progress.batches_in_epoch += 1
-            reporter.window_steps += 1
-            bar.update(1)
-            last = progress.step == params.steps
-            if progress.step % params.log_every == 0 or last:
-                reporter.report(progress, loss, step_fn.lr_used, loader.counter)
-            if progress.step % params.save_every_steps == 0 or last:
-                run.save()
-                stopped = stop_check is not None and not last and run.check(stop_check)
-    finally:
-        bar.close()
-        reporter.close()
+    iterator, interrupted = iter(loader), False
+    with StopRequests() as stop:
+        try:
+            while progress.step < params.steps and not stopped:
+                batch = next_batch(iterator, stop)
+                have = torch.tensor([0 if batch is None else 1, 0 if stop.signal is not None else 1])
+                if info.distributed:  # an epoch ends for everybody when one rank runs out; a signal stops all
+                    dist.all_reduce(have, op=dist.ReduceOp.MIN)
+                if int(have[1]) == 0:
+                    interrupted = True
+                    break
+                if int(have[0]) == 0:
+                    if progress.batches_in_epoch == 0:
+                        raise UserError(f"epoch {progress.epoch} gave no full batch of --batch-size "
+                                         f"{params.batch_size} on some rank: lower --batch-size or add data")
+                    progress.epoch += 1
+                    progress.batches_in_epoch = 0
+                    loader.set_epoch(progress.epoch)
+                    iterator = iter(loader)
+                    continue
+                loss = step_fn(batch)
+                progress.step += 1
+                progress.batches_in_epoch += 1
+                reporter.window_steps += 1
+                bar.update(1)
+                last = progress.step == params.steps
+                if progress.step % params.log_every == 0 or last:
+                    reporter.report(progress, loss, step_fn.lr_used, loader.counter)
+                if progress.step % params.save_every_steps == 0 or last:
+                    run.save()
+                    stopped = stop_check is not None and not last and run.check(stop_check)
+            if interrupted and progress.step > first_step and progress.step % params.save_every_steps:
+                run.save()  # the finished step (a multiple of --save-every-steps is saved already)
+        finally:
+            bar.close()
+            reporter.close()
     seconds = time.perf_counter() - reporter.start
+    if interrupted:
+        signum = stop.signal if stop.signal is not None else int(signal.SIGTERM)  # another rank's signal
+        saved = "saved" if progress.step > first_step else "nothing new to save"
+        run.log.info(f"interrupted ({signal.Signals(signum).name}) at step {progress.step}, {saved}: continue with "
+                     f"--resume latest, or export with: ps3 export {run.run_dir} OUT_DIR")
+        return TrainResult(progress.step, False, progress.step - first_step, seconds, signum)
     if stopped:
         run.log.info(f"stopped at step {progress.step}: the stop check was met")
     run.log.info(f"done: {progress.step} steps; export with: ps3 export {run.run_dir} OUT_DIR")

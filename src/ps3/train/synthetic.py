@@ -1,4 +1,4 @@
-"""A synthetic pre-training dataset in the layout of :mod:`ps3.train.data` (design §5).
+"""A synthetic pre-training dataset in the layout of :mod:`ps3.train.loader` (design §5).
 
 Each image is a scene on a noisy, low-saturation background with 2–4 objects. An object is a
 shape (circle, square, triangle, diamond, hexagon, star) in a colour (red, green, blue, yellow,

@@ -1,5 +1,5 @@
-"""Command-line wiring of pre-training: ``ps3 train``, ``ps3 export`` and ``ps3 data synthetic``
-(also ``python -m ps3.train``, which takes the ``ps3 train`` flags).
+"""Command-line wiring of pre-training: ``ps3 train`` and ``ps3 export`` (also
+``python -m ps3.train``, which takes the ``ps3 train`` flags).
 
 Modules that need the training extras (``webdataset``) are imported inside the run functions,
 so :func:`register` never fails on an install without them.
@@ -26,12 +26,6 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_synthetic(args: argparse.Namespace) -> int:
-    from .synthetic import run_from_args
-
-    return run_from_args(args)
-
-
 def add_train_parser(parser: argparse.ArgumentParser) -> None:
     from .params import add_arguments
 
@@ -40,7 +34,7 @@ def add_train_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``train``, ``export`` and ``data synthetic`` to a ``ps3`` sub-command parser."""
+    """Add ``train`` and ``export`` to a ``ps3`` sub-command parser."""
     train = subparsers.add_parser(
         "train", help="pre-train PS3 on paired image / text-box webdatasets (also under torchrun)",
         description="Pre-train PS3 (SigLIP loss + box supervision of the selection). Runs single-process or "
@@ -56,20 +50,6 @@ def register(subparsers) -> None:
     export.add_argument("--checkpoint", help="export this checkpoint file instead of the latest")
     export.add_argument("--quiet", action="store_true", help="print nothing but errors")
     export.set_defaults(func=_run_export)
-
-    data = subparsers.add_parser("data", help="make training data", description="Make training data.")
-    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    synthetic = data_sub.add_parser(
-        "synthetic", help="write a synthetic shapes dataset (images + text-box shards)",
-        description="Write scenes of coloured, textured shapes with one caption and box per shape, and a "
-                    "global caption, as paired webdataset shards.")
-    from .synthetic import add_arguments as add_synthetic_arguments
-
-    add_synthetic_arguments(synthetic)
-    synthetic.set_defaults(func=_run_synthetic)
-    from .data_commands import register_data_commands
-
-    register_data_commands(data_sub)  # from-coco, from-vg, from-flickr30k-entities, from-jsonl, check, show
 
 
 def main_train(argv: list[str] | None = None) -> int:

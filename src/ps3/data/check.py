@@ -1,10 +1,13 @@
 """``ps3 data check DIR``: read every pair of a dataset as the trainer does and report on it.
 
 Each image/text-box pair goes through the pre-training dataset's own sample path
-(:class:`ps3.train.data.PretrainDataset` reading the shards in lockstep, decoding the image and
+(:class:`ps3.train.loader.PretrainDataset` reading the shards in lockstep, decoding the image and
 validating the record), so every skip the trainer would count is counted here, with up to three
 examples each. The usable samples are summarised: image sizes, usable boxes per image, box areas
 and caption lengths. The exit code is 1 when no sample is usable.
+
+The trainer's reader is imported when a check runs, so importing this module (and building the
+``ps3`` parser) never loads training code.
 """
 from __future__ import annotations
 
@@ -19,11 +22,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.convert_common import DropLog
-from ..data.shards import IMAGE_EXTENSIONS, SKIP_REASONS, iter_paired_shard, list_shard_pairs
-from ..data.writer import IMAGE_DIR, TEXT_BOX_DIR
-from .captions import usable_captions
-from .data import DataOptions, PretrainDataset
+from .convert_common import DropLog
+from .shards import IMAGE_EXTENSIONS, SKIP_REASONS, iter_paired_shard, list_shard_pairs
+from .writer import IMAGE_DIR, TEXT_BOX_DIR
 
 __all__ = ["DatasetReport", "check_dataset", "report_lines", "add_arguments", "run_from_args"]
 
@@ -77,6 +78,8 @@ def _upright_size(data: bytes) -> tuple[int, int]:
 
 def check_dataset(root: str | Path) -> DatasetReport:
     """Read every pair under ``root/images`` + ``root/text_boxes`` through the trainer's sample path."""
+    from ..train.loader import DataOptions, PretrainDataset
+
     images, records = list_shard_pairs(Path(root) / IMAGE_DIR, Path(root) / TEXT_BOX_DIR,
                                        image_argument="DIR/images", text_box_argument="DIR/text_boxes")
     # The image size only matters for resizing, which placeholders skip: any valid size will do.
@@ -94,6 +97,8 @@ def check_dataset(root: str | Path) -> DatasetReport:
 
 
 def _add_usable(report: DatasetReport, pair) -> None:
+    from ..train.captions import usable_captions
+
     image_bytes = next(pair.image[ext] for ext in IMAGE_EXTENSIONS if ext in pair.image)
     size = _upright_size(image_bytes)
     local, global_sentences = usable_captions(json.loads(pair.record["json"]), size, _ignore, pair.record_shard,

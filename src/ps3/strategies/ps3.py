@@ -14,9 +14,9 @@ trained, or ``"keep_aspect"``: the long side becomes the largest scale, both sid
 patches). ``backbone_passes`` counts trunk passes: the low-res pass and one per look.
 ``params_for(model)`` gives a model's own geometry.
 
-This module registers the strategy with :func:`ps3.strategies.register` when imported (which
-:func:`ps3.strategies.get` does on first use): it needs the PS3 encoder, a layer above the
-strategies package.
+The strategy is registered like the others, but the encoder and the MLLM token rules it runs are
+a layer above this package: they are imported inside the methods that use them, so this package
+does not import them at import time and no import cycle can form.
 """
 from __future__ import annotations
 
@@ -27,23 +27,22 @@ import torch
 
 from ..processor import fit_size
 from ..registry import SCALES_4K
-from ..encoder.selection import default_budgets
-from ..strategies import register
-from ..strategies.base import (Layout, Plan, Segment, Strategy, as_image, check_int, features, full_box, resize_image,
-                               squash)
-from .looks import encode_for_llm, encoder_of
-from .projector import kept_block_tokens, merge_grid
-from .tokens import _check_k, block_grids, plan_block_looks
+from .base import (Layout, Plan, Segment, Strategy, as_image, check_int, features, full_box, resize_antialiased_fp32,
+                   squash)
 
 
 def params_for(vision_model: Any) -> dict[str, Any]:
     """The plan parameters a PS3 vision model (or encoder) encodes with."""
+    from ..mllm.looks import encoder_of
+
     encoder = encoder_of(vision_model)
     return {"scales": tuple(encoder.ps3_scales), "patch_size": encoder.patch_size,
             "budgets": tuple(encoder.max_select_num_each_scale)}
 
 
 def _budgets(p: dict[str, Any]) -> list[int]:
+    from ..encoder.selection import default_budgets
+
     scales = p["scales"]
     budgets = list(default_budgets(2560, scales) if p["budgets"] is None else p["budgets"])
     if len(budgets) != len(scales) - 1 or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in budgets):
@@ -74,6 +73,8 @@ class PS3Strategy(Strategy):
         raise ValueError(f"resize_mode must be 'squash' or 'keep_aspect', got {p['resize_mode']!r}")
 
     def _plan(self, height: int, width: int, p: dict[str, Any]) -> Plan:
+        from ..mllm.tokens import _check_k, block_grids, plan_block_looks
+
         scales = p["scales"] = tuple(check_int("scales[i]", s) for s in p["scales"])
         if len(scales) < 2 or list(scales) != sorted(set(scales)):
             raise ValueError(f"scales must be increasing sizes, a low-res one and at least one high-res, got {scales}")
@@ -95,16 +96,20 @@ class PS3Strategy(Strategy):
         return dataclasses.replace(plan, backbone_passes=1 + len(looks))
 
     def encode(self, plan: Plan, backbone, image, separators=None):
+        from ..mllm.looks import encode_for_llm, encoder_of
+        from ..mllm.projector import kept_block_tokens, merge_grid
+
         encoder = encoder_of(backbone)
         p = dict(plan.params)
         if tuple(encoder.ps3_scales) != p["scales"] or encoder.patch_size != p["patch_size"]:
             raise ValueError(f"the plan is for scales {list(p['scales'])} and patch {p['patch_size']} but the model "
                              f"has {list(encoder.ps3_scales)} and {encoder.patch_size}; plan with "
-                             "**ps3.mllm.strategy.params_for(model)")
+                             "**ps3.strategies.ps3.params_for(model)")
         image = as_image(image)
         dtype = next(encoder.parameters()).dtype
-        pixels = (resize_image(image, plan.views[0].resize).float() * 2 - 1).to(dtype)  # mean = std = 0.5
-        out = encode_for_llm(encoder, pixels, k=p["k"], budgets=_budgets(p), num_looks=p["num_looks"],
+        pixels = (resize_antialiased_fp32(image, plan.views[0].resize).float() * 2 - 1).to(dtype)  # mean = std = 0.5
+        out = encode_for_llm(encoder, pixels, k=p["k"], max_select_num_each_scale=_budgets(p),
+                             num_look_close=p["num_looks"],
                              only_select_first_n_scale=p["only_select_first_n_scale"], num_hidden_layers_to_return=1)
         tokens, k = out.last_hidden_state[0], p["k"]
         h0, w0 = encoder.feature_sizes(*pixels.shape[-2:])[0]
@@ -122,9 +127,9 @@ class PS3Strategy(Strategy):
         return rows, layout
 
     def knob_values(self, height, width, budget, p):
+        from ..mllm.tokens import block_grids
+
         low = block_grids(*self.input_size(height, width, p), p["scales"], p["patch_size"], p["k"])[0]
         blocks = max(budget - low[0] * low[1], 0)
         return [p["k"] ** 2 * n for n in range(max(blocks - 40, 0), blocks + 41)]
 
-
-register(PS3Strategy())

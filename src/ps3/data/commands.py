@@ -1,19 +1,22 @@
-"""The ``ps3 data`` commands that build, check and show pre-training data from real datasets:
-``from-coco``, ``from-vg``, ``from-flickr30k-entities``, ``from-jsonl``, ``check`` and ``show``.
+"""The ``ps3 data`` commands: ``synthetic``, ``from-coco``, ``from-vg``,
+``from-flickr30k-entities``, ``from-jsonl``, ``check`` and ``show``.
 
-The converters and ``show`` live in the core (:mod:`ps3.data`); ``check`` reads through the
-trainer's own sample path (:mod:`ps3.train.data_check`), which is why the commands are wired
-here. Every module is imported when its command runs.
+Each command's module gives ``add_arguments(parser)`` and ``run_from_args(args)`` and is imported
+only when the ``ps3`` parser is built (never by ``import ps3``): ``synthetic`` and ``check`` use
+training code (:mod:`ps3.train.synthetic`, the trainer's sample path), the rest is core.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 
-__all__ = ["register_data_commands"]
+__all__ = ["register", "register_data_commands"]
 
 # (command, module, help, description)
 _COMMANDS = [
+    ("synthetic", "ps3.train.synthetic", "write a synthetic shapes dataset (images + text-box shards)",
+     "Write scenes of coloured, textured shapes with one caption and box per shape, and a global caption, as "
+     "paired webdataset shards."),
     ("from-coco", "ps3.data.convert_coco", "convert COCO instances (+ captions) into training shards",
      "Each object becomes a region (its category name and box); the image's captions become its global "
      "caption. Crowd annotations are dropped unless --keep-crowd."),
@@ -25,7 +28,7 @@ _COMMANDS = [
      "files (several boxes: the enclosing box); the five captions become the global caption."),
     ("from-jsonl", "ps3.data.convert_jsonl", "convert a JSON Lines file of grounded captions into training shards",
      'One object per line: {"image": path, "global_text": ..., "regions": [{"text": ..., "box": [x0, y0, x1, y1]}]}.'),
-    ("check", "ps3.train.data_check", "read every sample as the trainer does; print counts and skip reasons",
+    ("check", "ps3.data.check", "read every sample as the trainer does; print counts and skip reasons",
      "Reads every image/text-box pair through the trainer's sample path and prints image sizes, boxes per "
      "image, caption lengths and every skip reason with examples. Exit code 1 when nothing is usable."),
     ("show", "ps3.data.show", "draw one sample's boxes and captions on its image (PNG)",
@@ -40,8 +43,15 @@ def _runner(module: str):
     return run
 
 
+def register(subparsers) -> None:
+    """Add ``ps3 data`` and its commands to the ``ps3`` parser's sub-parsers."""
+    data = subparsers.add_parser("data", help="make, check and show training data",
+                                 description="Make, check and show pre-training data.")
+    register_data_commands(data.add_subparsers(dest="data_command", metavar="DATA_COMMAND"))
+
+
 def register_data_commands(data_sub) -> None:
-    """Add the converter, ``check`` and ``show`` commands to the ``ps3 data`` sub-command parser."""
+    """Add every ``ps3 data`` command to the ``ps3 data`` sub-command parser."""
     for command, module, help_text, description in _COMMANDS:
         parser = data_sub.add_parser(command, help=help_text, description=description)
         importlib.import_module(module).add_arguments(parser)
