@@ -6,8 +6,9 @@ environment variable that forces one. At the first call of a (op, device, dtype,
 :meth:`KernelChooser.run` times the candidates on the call's own inputs and returns the
 winner's result; every later call of that class runs the winner without timing. What the
 timing costs beyond the call itself is charged to a budget (``BUDGET_S`` per process in all,
-each op its share): each candidate is timed once while any budget is left, then once more where
-a repeat (``REPEAT_ALLOWANCE`` x its first time) still fits, and another candidate replaces the
+each op its share): each probe runs once untimed (warm-up), each candidate is timed once while
+any budget is left, then once more where the first round was close (within ``DECISIVE``) and a
+repeat (``REPEAT_ALLOWANCE`` x its first time) still fits, and another candidate replaces the
 default only when more than ``TIE_MARGIN`` faster; once the budget is spent, new
 classes take the default untimed. Only a run that outlasts its allowance (a stalled machine)
 can take the total past the budget, and such excess is counted (``overrun_s``).
@@ -38,6 +39,8 @@ BUDGET_S = 1.0
 REPEAT_ALLOWANCE = 1.5
 # Another candidate replaces the default only when it times more than this much faster.
 TIE_MARGIN = 0.05
+# A first round whose slowest candidate took more than this times the fastest is not repeated.
+DECISIVE = 1.5
 CACHE_ENV = "PS3_KERNEL_CACHE"
 _CACHE_VERSION = 1
 
@@ -213,8 +216,10 @@ class KernelChooser:
                     _sync(device)
                     cost += time.perf_counter() - start
             self.overrun_s += max(0.0, cost - left)
-        for order in (names, names[::-1]):
-            for name in order:
+        for round_ in (names, names[::-1]):
+            if best and len(best) == len(names) and max(best.values()) > DECISIVE * min(best.values()):
+                break  # the first round decided it: no repeats
+            for name in round_:
                 free = first_is_call and not best
                 # What this run may take: a candidate's first run, all that is left; a repeat,
                 # REPEAT_ALLOWANCE x its first time (and only while that fits).
