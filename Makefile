@@ -20,7 +20,7 @@ env: $(VENV)/.ready
 test: $(VENV)/.ready
 	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) tools/check_sizes.py
-	$(PY) -m pytest -q tests
+	PS3_KERNEL_CACHE=off $(PY) -m pytest -q tests
 
 demo: $(VENV)/.ready
 	$(PY) -m ps3.demo

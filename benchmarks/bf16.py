@@ -7,8 +7,14 @@
 One random-weight model per preset (``ps3.bench.build_model``, the published 4K geometry) is saved
 once; every way loads it: ours and upstream's ``PS3VisionModel.from_pretrained`` (an NVlabs/PS3
 checkout, run by a Python with its pins: ``../shared/tools/setup_upstream_env.sh`` builds one;
-upstream is never a dependency), cast to float32 or bfloat16, encoding an image of the model's top scale (3780 px; 3840 for c-radio): ``one``
-= one look (``num_look_close=1``), ``all`` = every look. Each (implementation, dtype, case) runs
+upstream is never a dependency), cast to float32 or bfloat16: ``one`` = one look
+(``num_look_close=1``) of the 4K model on an image of its top scale (3780 px; 3840 for c-radio),
+``one1.5k`` = one look of the 1.5K model (the preset's 1.5K scales, same trunk) on an image of its
+top scale (1512 px), ``all`` = every look at 4K. Both sides return the last ``--layers`` layers
+(default 2: VILA-HD's ``num_hidden_layers_to_return``; upstream's own default, every layer
+concatenated, is ``--layers 0``), and every summary says which mode it measured. Our processes
+also report the kernels they chose (``ps3.encoder.kernels``) and what choosing cost. Each
+(implementation, dtype, case) runs
 in a fresh process (its peak memory is its own: resident set beyond the loaded model and input)
 and reports the median of ``--repeats`` calls after a warm-up (wall time, and the process's CPU
 time, which a busy shared machine inflates less); ``--no-warmup`` times the first call instead, for
@@ -54,13 +60,14 @@ def _register_bench_vit(name: str, vit: dict) -> None:
     register_model(build)
 
 
-def _load(impl: str, model_dir: Path, upstream: Path | None, dtype: torch.dtype):
-    """(model, call) for one implementation."""
+def _load(impl: str, model_dir: Path, upstream: Path | None, dtype: torch.dtype, layers: int = 2):
+    """(model, call) for one implementation, returning the last ``layers`` layers (0: all)."""
     if impl == "ours":
         import ps3
 
         model = ps3.PS3VisionModel.from_pretrained(model_dir, dtype=dtype)
-        return model, lambda x, looks: model(x, num_look_close=looks, num_hidden_layers_to_return=1)
+        keep = layers or None
+        return model, lambda x, looks: model(x, num_look_close=looks, num_hidden_layers_to_return=keep)
     import importlib.util
     import warnings
 
@@ -75,7 +82,8 @@ def _load(impl: str, model_dir: Path, upstream: Path | None, dtype: torch.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = module.PS3VisionModel.from_pretrained(str(model_dir)).eval().to(dtype)
-    model.vision_model.num_hidden_layers_to_return = 1
+    if layers:  # upstream's default (None) returns and concatenates every layer
+        model.vision_model.num_hidden_layers_to_return = layers
     return model, lambda x, looks: model(x, num_look_close=looks, output_hidden_states=True)
 
 
@@ -93,11 +101,12 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model, call = _load(args.child, args.model_dir, args.upstream, dtype)
+    model_dir = args.model_dir.with_name(args.model_dir.name + "_1p5k") if args.case == "one1.5k" else args.model_dir
+    model, call = _load(args.child, model_dir, args.upstream, dtype, args.layers)
     torch.manual_seed(0)
-    size = _top_scale(args.model_dir)
+    size = _top_scale(model_dir)
     x = (torch.rand(1, 3, size, size) * 2 - 1).to(dtype)
-    looks = 1 if args.case == "one" else "all"
+    looks = "all" if args.case == "all" else 1
     dev = torch.device("cpu")
     times = []
     with torch.no_grad():
@@ -115,10 +124,15 @@ def child(args) -> None:
             call(x, looks)
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
+    kernels = {}
+    if args.child == "ours":
+        from ps3.encoder.kernels import chooser
+
+        kernels = dict(kernels=chooser().report(), kernel_timing_s=chooser().spent_s)
     print(json.dumps(dict(impl=args.child, dtype=args.dtype, case=args.case, seconds=statistics.median(times),
                           all_seconds=times, cpu_seconds=statistics.median(cpu),
-                          peak_extra_mb=first.extra_bytes / 2**20, tokens=tokens,
-                          torch=torch.__version__)))
+                          peak_extra_mb=first.extra_bytes / 2**20, tokens=tokens, layers=args.layers,
+                          torch=torch.__version__, **kernels)))
 
 
 def _matmul(tag: str, log) -> dict:
@@ -130,6 +144,39 @@ def _matmul(tag: str, log) -> dict:
     return dict(rates=rates, cpu=cpu_capability().as_dict())
 
 
+def _layers_text(layers: int) -> str:
+    return f"last {layers} (as VILA-HD calls it)" if layers == 2 else (
+        "every layer (upstream's default)" if layers == 0 else f"last {layers}")
+
+
+def _kernels_text(res: dict) -> str:
+    """Our process's kernel choices, in one bracket: op=winner (source) per class timed or read."""
+    if not res.get("kernels"):
+        return ""
+    parts = [f"{k['op']}[{k['key']}]={k['winner']} ({k['source']})" for k in res["kernels"]]
+    return f"; kernels: {', '.join(parts)}; choosing cost {res['kernel_timing_s']:.2f} s"
+
+
+def _summary(case: str, best: dict) -> str:
+    """One line per case: each dtype's time and memory, ours vs upstream, and bf16 vs float32."""
+    parts = []
+    for dt, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+        ours, up = best.get(("ours", dt, case)), best.get(("upstream", dt, case))
+        if ours is None:
+            continue
+        text = f"ours {short} {ours['seconds']:.2f} s / {ours['peak_extra_mb']:.0f} MiB"
+        if up is not None:
+            text += (f", upstream {short} {up['seconds']:.2f} s / {up['peak_extra_mb']:.0f} MiB -> ours "
+                     f"{up['seconds'] / ours['seconds']:.2f}x upstream (process CPU time "
+                     f"{up['cpu_seconds'] / ours['cpu_seconds']:.2f}x)")
+        parts.append(text)
+    ours32, ours16 = best.get(("ours", "float32", case)), best.get(("ours", "bfloat16", case))
+    if ours32 and ours16:
+        parts.append(f"ours bf16 {ours32['seconds'] / ours16['seconds']:.2f}x ours fp32, memory "
+                     f"{ours16['peak_extra_mb'] / ours32['peak_extra_mb']:.2f}x")
+    return f"{case}: " + "; ".join(parts)
+
+
 def parent(args) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from ps3.bench import build_model
@@ -138,18 +185,23 @@ def parent(args) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     start = _matmul("start", log)
     log(f"CPU: {start['cpu']}; torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads")
+    log(f"layers returned: {_layers_text(args.layers)}")
     ways = [(impl, dt, case) for case in args.cases
             for impl in ["ours"] + (["upstream"] if args.upstream and case in args.upstream_cases else [])
-            for dt in ("float32", "bfloat16")]
+            for dt in args.dtypes]
     results: dict[tuple, list[dict]] = {w: [] for w in ways}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        build_model(preset_scales(args.preset)[1], args.preset, width=args.width, depth=args.depth).save_pretrained(model_dir)
+        scales_1p5k, scales_4k = preset_scales(args.preset)
+        build_model(scales_4k, args.preset, width=args.width, depth=args.depth).save_pretrained(model_dir)
+        if "one1.5k" in args.cases:  # the same trunk at the 1.5K scales
+            build_model(scales_1p5k, args.preset, width=args.width, depth=args.depth).save_pretrained(
+                model_dir.with_name("model_1p5k"))
         for r in range(args.rounds):
             for impl, dt, case in (ways if r % 2 == 0 else ways[::-1]):
                 python = args.upstream_python if impl == "upstream" else sys.executable
                 cmd = [python, __file__, "--child", impl, "--dtype", dt, "--case", case, "--model-dir", str(model_dir),
-                       "--repeats", str(args.repeats if case == "one" else 1)]
+                       "--repeats", str(args.repeats if case != "all" else 1), "--layers", str(args.layers)]
                 if args.upstream:
                     cmd += ["--upstream", str(args.upstream)]
                 if args.threads:
@@ -167,24 +219,14 @@ def parent(args) -> int:
                     f"{', '.join(f'{t:.2f}' for t in res['all_seconds'])}; "
                     f"process CPU time {res['cpu_seconds']:.2f} s), "
                     f"peak +{res['peak_extra_mb']:.0f} MiB, "
-                    f"{res['tokens']} tokens")
+                    f"{res['tokens']} tokens" + _kernels_text(res))
     end = _matmul("end", log)
     best = {w: min(rs, key=lambda r: r["seconds"]) for w, rs in results.items()}
     rate = {dt: max(start["rates"][dt], end["rates"][dt]) for dt in ("float32", "bfloat16")}
-    log(f"\nbest round of each way ({args.preset}, width {args.width or 'preset'}, depth {args.depth or 'preset'}):")
+    log(f"\nbest round of each way ({args.preset}, width {args.width or 'preset'}, depth {args.depth or 'preset'}; "
+        f"layers returned: {_layers_text(args.layers)}):")
     for case in args.cases:
-        ours32, ours16 = best[("ours", "float32", case)], best[("ours", "bfloat16", case)]
-        line = (f"{case}: ours fp32 {ours32['seconds']:.2f} s / {ours32['peak_extra_mb']:.0f} MiB, ours bf16 "
-                f"{ours16['seconds']:.2f} s / {ours16['peak_extra_mb']:.0f} MiB -> bf16 "
-                f"{ours32['seconds'] / ours16['seconds']:.2f}x "
-                f"faster, memory {ours16['peak_extra_mb'] / ours32['peak_extra_mb']:.2f}x")
-        if ("upstream", "float32", case) in best:
-            up32, up16 = best[("upstream", "float32", case)], best[("upstream", "bfloat16", case)]
-            line += (f"; upstream fp32 {up32['seconds']:.2f} s / {up32['peak_extra_mb']:.0f} MiB, bf16 "
-                     f"{up16['seconds']:.2f} s / {up16['peak_extra_mb']:.0f} MiB -> ours bf16 "
-                     f"{up16['seconds'] / ours16['seconds']:.2f}x upstream bf16, ours fp32 "
-                     f"{up32['seconds'] / ours32['seconds']:.2f}x upstream fp32")
-        log(line)
+        log(_summary(case, best))
     log(f"matmul rates (best of start and end): float32 {rate['float32']:.0f}, bfloat16 {rate['bfloat16']:.0f} GFLOP/s "
         f"(bf16/fp32 {rate['bfloat16'] / rate['float32']:.2f}x)")
     if args.json:
@@ -196,15 +238,22 @@ def parent(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help="ps3 bench preset: cpu (width 768, depth 4), so400m or c-radio (the model's 4K geometry)")
+    parser.add_argument("--preset", default="cpu",
+                        help="ps3 bench preset: cpu (width 768, depth 4), so400m or c-radio (the model's 4K geometry)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--depth", type=int)
-    parser.add_argument("--cases", nargs="+", default=["one"], choices=["one", "all"])
+    parser.add_argument("--cases", nargs="+", default=["one"], choices=["one", "one1.5k", "all"],
+                        help="one: one 4K look; one1.5k: one look of the 1.5K model at 1512 px; all: 4K 'all'")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--layers", type=int, default=2,
+                        help="layers returned by both sides (default 2, as VILA-HD calls it; 0: every layer, "
+                             "upstream's default)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed one-look calls per process (all: 1)")
     parser.add_argument("--upstream", type=Path, help="an NVlabs/PS3 checkout")
     parser.add_argument("--upstream-python", default=sys.executable, help="a Python with upstream's pins")
-    parser.add_argument("--upstream-cases", nargs="+", default=["one", "all"], choices=["one", "all"],
+    parser.add_argument("--upstream-cases", nargs="+", default=["one", "one1.5k", "all"],
+                        choices=["one", "one1.5k", "all"],
                         help="the cases upstream is measured on (default both)")
     parser.add_argument("--threads", type=int, help="torch threads in each measured process (default: torch's)")
     parser.add_argument("--no-warmup", action="store_true",

@@ -71,7 +71,8 @@ def register_tiny_vit() -> None:
     @register_model
     def vit_test_radio_tiny_patch16(pretrained=False, **kwargs):
         args = {k: TRUNK[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
-        args.update({k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")})
+        skip = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+        args.update({k: v for k, v in kwargs.items() if k not in skip})
         return VisionTransformer(**args)
 
 
@@ -211,7 +212,8 @@ def main() -> None:
     print("saved", out / "model", sum(p.numel() for p in model.parameters()), "parameters")
 
     g = torch.Generator().manual_seed(args.seed + 1)
-    pix = lambda *s: torch.randn(*s, generator=g)
+    def pix(*s):
+        return torch.randn(*s, generator=g)
     ids = torch.randint(1, 256, (2, 16), generator=g)
     ids[:, 12:] = 0
     # Inputs are small (the model resizes them to every scale): the fixture stays small.

@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.parametrize("onednn_isa", [None, "AVX2"], ids=["this-cpu", "no-bf16-units"])
 def test_bench_json_reports_every_figure(onednn_isa, run_cli):
     # In bf16 (the float32 path is the same code): also the CPU's units and both matmul rates.
-    env = {"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}
+    env = {"PS3_KERNEL_CACHE": "off", **({"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {})}
     proc = run_cli("bench", "--width", "64", "--depth", "1", "--repeats", "1", "--skip-full-vit", "--json", "--dtype",
                    "bfloat16", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -34,6 +34,12 @@ def test_bench_json_reports_every_figure(onednn_isa, run_cli):
     assert res["all_1p5k_trunk_floor_s"] < 3 * res["all_1p5k_sequential_trunk_s"]
     # The bounded default leaves the full-image ViT to --full.
     assert res["full"] is False and "full_vit_1512_s" not in res
+    # The kernels chosen, with their candidates' times, within the process's timing budget.
+    assert "kernels chosen" in proc.stderr and 0 <= res["kernel_timing_s"] <= 1.0 + res["kernel_timing_overrun_s"]
+    ops = {c["op"] for c in res["kernels"]}
+    assert "conv_stem" in ops and ("attention" in ops) == (res["computes_in"] == "bfloat16")
+    for c in res["kernels"]:
+        assert c["winner"] in c["seconds"] or not c["source"].startswith("measured"), c
 
 
 @pytest.mark.parametrize("args,message", [

@@ -62,6 +62,7 @@ def test_native_dtype_override(monkeypatch):
 @pytest.mark.parametrize("n,p,masked", [(300, 400, True), (256, 300, False), (1, 70000, False)])
 def test_chunked_attention_agrees_with_float32(monkeypatch, n, p, masked):
     monkeypatch.setenv("PS3_CPU_LOW_PRECISION", "native")  # the bf16 path, emulated where there are no units
+    monkeypatch.setenv("PS3_ATTENTION", "chunked")
     q, k, v = rand(2, 3, n, 64, seed=1), rand(2, 3, p, 64, seed=2), rand(2, 3, p, 64, seed=3)
     mask = torch.rand(2, 1, 1, p, generator=torch.Generator().manual_seed(4)) > 0.3 if masked else None
     assert precision._chunked_applies(q, k, v)
@@ -74,8 +75,10 @@ def test_chunked_attention_agrees_with_float32(monkeypatch, n, p, masked):
     assert got.transpose(1, 2).reshape(2, n, -1).data_ptr() == got.data_ptr()
 
 
-def test_masked_keys_are_never_attended(monkeypatch):
+@pytest.mark.parametrize("kernel", ["chunked", "sdpa"])
+def test_masked_keys_are_never_attended(monkeypatch, kernel):
     monkeypatch.setenv("PS3_CPU_LOW_PRECISION", "native")
+    monkeypatch.setenv("PS3_ATTENTION", kernel)
     q, k, v = rand(1, 2, 300, 64, seed=1), rand(1, 2, 400, 64, seed=2), rand(1, 2, 400, 64, seed=3)
     mask = torch.ones(1, 1, 1, 400, dtype=torch.bool)
     mask[..., 100:] = False
@@ -131,6 +134,7 @@ def _forced_cells():
                          ids=["forced cells", "low-res only"])
 def test_bf16_encoder_agrees_with_float32(monkeypatch, models, kw):
     monkeypatch.setenv("PS3_CPU_LOW_PRECISION", "native")
+    monkeypatch.setenv("PS3_ATTENTION", "chunked")
     # The tiny model's sequences are short: chunked attention on them, 8 queries per chunk.
     monkeypatch.setattr(precision, "_CHUNKED_MIN_PAIRS", 0)
     monkeypatch.setattr(precision, "ATTENTION_CHUNK", 8)

@@ -75,9 +75,11 @@ def test_published_radio_layouts(name, scales, budgets):
     got = {k: tuple(v) for k, v in shapes(model).items()}
     v = "vision_model.trunk."
     assert got[v + "pos_embed"] == (1, 256 * 256, 1024) and got[v + "patch_embed.proj.weight"] == (1024, 3, 16, 16)
-    assert got[v + "siglip_proj.fc1.weight"] == (1520, 1024) and got[v + "siglip_proj.blocks.2.2.weight"] == (1520, 1520)
+    assert got[v + "siglip_proj.fc1.weight"] == (1520, 1024)
+    assert got[v + "siglip_proj.blocks.2.2.weight"] == (1520, 1520)
     assert got[v + "siglip_proj.final.2.weight"] == (1152, 1520) and v + "siglip_proj.blocks.3.0.weight" not in got
-    assert got[v + "attn_pool.latent"] == (1, 1, 1152) and got[v + "attn_pool.mlp.fc1.weight"] == (4304, 1152)
+    assert got[v + "attn_pool.latent"] == (1, 1, 1152)
+    assert got[v + "attn_pool.mlp.fc1.weight"] == (4304, 1152)
     assert got[v + "blocks.23.mlp.fc1.weight"] == (4096, 1024) and v + "blocks.24.norm1.weight" not in got
     assert v + "norm.weight" not in got
     assert got["vision_model.prompt_proj_for_highres.weight"] == (512 * (len(scales) - 1), 1024)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from .encoder.kernels import chooser
 from .registry import BENCH_PRESETS, PUBLISHED, ViTArch, bench_vision_config, preset_scales
 from .runtime import (DTYPE_NAMES, UserError, cpu_capability, matmul_rate, matmul_rates, measure, native_dtype,
                       parse_device, parse_dtype, timeit, user_input)
@@ -293,6 +294,17 @@ def _describe_precision(results: dict[str, Any], dev: torch.device, computes_in:
     return lines
 
 
+def kernel_choices(results: dict[str, Any]) -> list[str]:
+    """Record (and say) the kernels this process chose (``ps3.encoder.kernels``): per op and shape class,
+    the winner, why, and each candidate's measured time and rate; and what choosing cost."""
+    chosen = chooser()
+    results["kernels"] = chosen.report()
+    results["kernel_timing_s"] = chosen.spent_s
+    results["kernel_timing_overrun_s"] = chosen.overrun_s
+    return ["kernels chosen (candidates timed at first use, rates on the timed part):"] + [
+        "  " + line for line in chosen.describe()]
+
+
 def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None, repeats: int = 3,
               width: int | None = None, depth: int | None = None, skip_full_vit: bool = False,
               log: Callable[[str], None] = print, full: bool = False) -> dict[str, Any]:
@@ -301,7 +313,7 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
     start = time.perf_counter()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
-    rates = matmul_rates(dev, (torch.float32, dt))
+    rates = matmul_rates(dev, (torch.float32, torch.bfloat16, dt))
     # Every figure is against the matmul rate of the dtype the encoder computes in: float32 where
     # this CPU has no units for dt (the encoder falls back to it).
     computes_in = dt if native_dtype(dt, dev) else torch.float32
@@ -325,6 +337,8 @@ def run_bench(preset: str = "cpu", device: str = "cpu", dtype: str | None = None
     # is against the machine's best, not a slow moment of a shared machine.
     rate = max(first_rate, matmul_rate(dev, computes_in))
     for line in bench.derive(rate):
+        log(line)
+    for line in kernel_choices(bench.results):
         log(line)
     bench.results["elapsed_s"] = time.perf_counter() - start
     return bench.results

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_init(sub)
     from .serve.command import register as register_serve  # ps3 serve (fastapi is imported only when it runs)
     register_serve(sub)
+    from .mllm.commands import register as register_mllm  # ps3 mllm train|chat|eval|toy-data
+    register_mllm(sub)
     return parser
 
 

@@ -1,15 +1,19 @@
-"""Low precision on the CPU: whether this CPU multiplies bf16/fp16 in hardware, attention that runs
-at the bf16 matmul rate where it does, and a float32 fallback where it does not.
+"""Low precision on the CPU: whether this CPU multiplies bf16/fp16 in hardware, attention in bf16
+at the fastest formulation measured here, and a float32 fallback where there are no units.
 
-Measured on a 2-core AMD Zen 4 (avx512_bf16), torch 2.13 (docs/low_precision.md):
-* a bf16 matmul runs ~2.3-4.5x the float32 rate, but ``F.scaled_dot_product_attention`` in bf16
-  runs no faster than in float32 (its CPU kernel does its small block products at about the
-  float32 rate). Batched matmuls over all heads for chunks of 128 queries with ``torch.softmax``
-  between them measured faster; ``torch.compile`` of SDPA (the same kernel), of a matmul+softmax
-  graph and ``flex_attention`` measured no better (``benchmarks/attention_bf16.py --compile``);
-* without bf16 units (no avx512_bf16/amx_bf16) a bf16 matmul is emulated: 0.6x the float32 rate
-  with AVX-512, ~1/60 of it with AVX2 only; fp16 is ~1/60 wherever there are no avx512_fp16/amx_fp16
-  units. So a low-precision call on such a CPU computes in float32 and returns the caller's dtype.
+* Attention: on a 2-core AMD Zen 4 (avx512_bf16) SDPA in bf16 ran no faster than in float32, and
+  batched matmuls over all heads for chunks of 128 queries with a softmax between them ran 1.4x
+  faster; on an Intel Xeon with AMX SDPA in bf16 ran 2.3x faster than those chunks. So bf16/fp16
+  inference attention is chosen by timing both on the machine and shapes it runs on
+  (``ps3.encoder.kernels``; docs/low_precision.md). ``torch.compile`` of SDPA, of a matmul+softmax
+  graph and ``flex_attention`` measured no better on the Zen 4 (``benchmarks/attention_bf16.py
+  --compile``). float32 has one formulation: SDPA (the chunks ran 2.3x slower on both machines).
+* The float32 fallback is decided by the CPU's flags and oneDNN's ISA, not timed: without bf16
+  units (no avx512_bf16/amx_bf16) a bf16 matmul is emulated at 0.6x the float32 rate with
+  AVX-512 and ~1/60 of it with AVX2 only (fp16 ~1/60 without avx512_fp16/amx_fp16), so timing the
+  emulated candidate on a real shape would cost more than the whole timing budget; with units
+  the bf16 product measured 2.2-6.5x float32 on every CPU measured. A low-precision call on a
+  CPU without units computes in float32 and returns the caller's dtype.
 
 ``PS3_CPU_LOW_PRECISION`` overrides the detection: ``native`` (compute in bf16/fp16 as asked),
 ``float32`` (always fall back), ``auto`` (default).
@@ -24,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import OPS, chooser, shape_class
 
 __all__ = ["CpuCapability", "cpu_capability", "native_dtype", "attention", "float32_fallback"]
 
@@ -121,24 +127,46 @@ def native_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool
 # Queries per product in the chunked attention: 128 measured fastest on a 2-core Zen 4 (64 and
 # 256 slower): the (heads, 128, keys) score block stays in cache between the two products.
 ATTENTION_CHUNK = 128
-# Below this many query-key pairs a call goes to SDPA (the chunk loop's overhead dominates).
+# Below this many query-key pairs a call goes to SDPA untimed: the chunk loop's overhead
+# dominates there, and timing such a call would cost more than any choice could gain.
 _CHUNKED_MIN_PAIRS = 2**16
+# Queries the attention candidates are timed on (four chunks: fewer measured mostly per-call
+# overhead on a busy machine).
+_PROBE_QUERIES = 4 * ATTENTION_CHUNK
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask)`` for q (B, H, N, d), k/v (B, H, P, d)
     and an optional bool mask broadcastable to (B, H, N, P) (True: attend).
 
-    bf16/fp16 inference on a CPU that multiplies them natively runs as chunked matmuls (see the
-    module docstring): scores are rounded to the input dtype before the softmax, as in any
-    non-fused attention in that dtype, so it agrees with float32 to the dtype's rounding."""
-    if q.device.type == "cpu" and q.dtype in LOW_PRECISION and native_dtype(q.dtype, q.device):
-        if _needs_grad(q, k, v):
-            if _math_applies(q, k):
-                return _math_attention(q, k, v, attn_mask)
-        elif q.shape[-2] * k.shape[-2] >= _CHUNKED_MIN_PAIRS:
-            return _chunked_attention(q, k, v, attn_mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    bf16/fp16 inference on a CPU with units for them picks, by measurement on this machine
+    (``ps3.encoder.kernels``, op ``attention``; ``PS3_ATTENTION=sdpa|chunked`` forces one),
+    between SDPA and chunked matmuls with a softmax between them (see the module docstring); the chunked formulation rounds the scores to the
+    input dtype before the softmax, as any non-fused attention in that dtype, so the two agree to
+    the dtype's rounding. bf16/fp16 training on a CPU with units for them runs as autograd through
+    matmuls (SDPA's fused CPU backward is slow there)."""
+    if (q.device.type == "cpu" and q.dtype in LOW_PRECISION and _needs_grad(q, k, v) and _math_applies(q, k)
+            and native_dtype(q.dtype, q.device)):
+        return _math_attention(q, k, v, attn_mask)
+    if not _chunked_applies(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    B, H, N, d = q.shape
+    P = k.shape[-2]
+    key = (f"cpu {str(q.dtype)[6:]} {'masked' if attn_mask is not None else 'no mask'} "
+           f"B*H {shape_class(B * H)} N {shape_class(N)} P {shape_class(P)} d {d}")
+    default = "chunked"  # used untimed once the budget is spent: what measured fastest on a Zen 4
+    # Each query row is independent: the candidates are timed on the call's first queries (all
+    # its keys, heads and mask), which costs a fraction of the call, then the winner runs it.
+    rows = min(N, _PROBE_QUERIES)
+    probe_q = q[:, :, :rows]
+    probe_mask = attn_mask if attn_mask is None or attn_mask.shape[-2] == 1 else attn_mask[..., :rows, :]
+    return chooser().run(
+        OPS["attention"], key, q.device,
+        {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask),
+         "chunked": lambda: _chunked_attention(q, k, v, attn_mask)}, default,
+        flops=4.0 * B * H * rows * P * d,
+        probes={"sdpa": lambda: F.scaled_dot_product_attention(probe_q, k, v, attn_mask=probe_mask),
+                "chunked": lambda: _chunked_attention(probe_q, k, v, probe_mask)})
 
 
 def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -146,9 +174,11 @@ def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _chunked_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention` takes the chunked inference path for these inputs."""
-    return (q.device.type == "cpu" and q.dtype in LOW_PRECISION and not _needs_grad(q, k, v)
-            and q.shape[-2] * k.shape[-2] >= _CHUNKED_MIN_PAIRS and native_dtype(q.dtype, q.device))
+    """Whether the chunked formulation is a candidate of :func:`attention` for these inputs. Not in
+    float32: there SDPA's fused kernel ran at ~80% of the float32 matmul rate and the chunked
+    formulation 2.3x slower (docs/low_precision.md), so float32 keeps one formulation."""
+    return (q.device.type == "cpu" and not _needs_grad(q, k, v) and q.shape[-2] * k.shape[-2] >= _CHUNKED_MIN_PAIRS
+            and q.dtype in LOW_PRECISION and native_dtype(q.dtype, q.device))
 
 
 # Training in bf16 on a CPU: SDPA's fused backward ran at ~8 GFLOP/s (a mid-size training step

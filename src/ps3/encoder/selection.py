@@ -228,30 +228,33 @@ def select_cells(probs: Sequence[torch.Tensor], taken: Sequence[torch.Tensor] | 
     """One look: per scale, the top-k cells of each sample's prob map among cells not yet taken.
 
     probs[i], taken[i]: (B, h_i, w_i); budgets[i][b] = k for sample b. Returns bool maps of the
-    newly taken cells. Taken cells are set to -1 before torch.topk (as upstream does), so ties at
-    the boundary break the same way.
+    newly taken cells. Taken cells are set to -1 first (as upstream does). Tie rule: cells of
+    equal probability at the boundary are taken lowest canvas index (row-major) first, on every
+    device and dtype (``torch.topk`` leaves that order to the kernel; it differs between CPU and
+    CUDA, and bf16 probabilities tie often: every scale reads the first scale's map upsampled).
     """
     out = []
     for i, prob in enumerate(probs):
         flat = prob.detach().flatten(1)
         if taken is not None:
             flat = torch.where(taken[i].flatten(1), torch.full_like(flat, -1.0), flat)
-        new = torch.zeros_like(flat, dtype=torch.bool)
-        ks = budgets[i]
-        for k in dict.fromkeys(ks):
-            if k == 0:
-                continue
-            rows = [b for b, kb in enumerate(ks) if kb == k]
-            if len(rows) == len(ks):
-                idx = flat.topk(k, dim=1).indices
-                new.scatter_(1, idx, True)
-            else:
-                rows_t = torch.tensor(rows).to(flat.device, non_blocking=True)
-                idx = flat[rows_t].topk(k, dim=1).indices
-                part = torch.zeros(len(rows), flat.shape[1], dtype=torch.bool, device=flat.device)
-                new[rows_t] = part.scatter_(1, idx, True)
-        out.append(new.view_as(prob))
+        out.append(top_cells(flat, budgets[i]).view_as(prob))
     return out
+
+
+def top_cells(flat: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """(B, n) bool: the ``ks[b]`` largest values of each row ``flat[b]``, ties at the boundary
+    broken lowest index first. Every cell above the k-th largest value is taken, then the
+    boundary value's cells in index order until k are taken (no sort, no host sync)."""
+    k_max = min(max(ks, default=0), flat.shape[1])
+    if k_max == 0:
+        return torch.zeros_like(flat, dtype=torch.bool)
+    k = torch.tensor(list(ks)).clamp(max=flat.shape[1]).to(flat.device, non_blocking=True).unsqueeze(1)
+    boundary = flat.topk(k_max, dim=1).values.gather(1, (k - 1).clamp(min=0))  # the k-th largest value
+    above = flat > boundary
+    at = flat == boundary
+    need = k - above.sum(1, keepdim=True)
+    return (above | (at & (at.cumsum(1) <= need))) & (k > 0)
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import OPS, chooser, shape_class
 from .vit import Mlp
 
 Size = tuple[int, int]
 
 # The high-res selection module always sees the image at this size, whatever the scales (design §3.4).
 HIGHRES_SELECTION_SIZE = 1512
+# The stem's formulations are timed on this fraction of the image's patch rows (13 of 54 at
+# 1512 px, kernel 28): smaller bands measured mostly per-call overhead on a busy machine.
+_STEM_PROBE_FRACTION = 4
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -54,13 +58,30 @@ class HighresSelectionFeatures(nn.Module):
         self.out_proj = nn.Conv2d(hidden, out, kernel_size=1)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """The patchify conv and its LayerNorm: (n, 3, H, W) → (n, hidden, H/k, W/k). In bf16/fp16
-        the conv runs as one matmul over the gathered patches (the stride equals the kernel):
-        measured ~6x faster than oneDNN's bf16 conv on a CPU, and as fast in float32, where the
-        conv itself stays."""
+        """The patchify conv and its LayerNorm: (n, 3, H, W) → (n, hidden, H/k, W/k), as the conv
+        or as one matmul over the gathered patches (the stride equals the kernel), whichever
+        measures faster here (``ps3.encoder.kernels`` op ``conv_stem``, timed on a band of patch rows;
+        ``PS3_CONV_STEM`` forces one). Untimed default: the conv in float32 and the matmul in
+        bf16/fp16 (oneDNN's bf16 conv measured ~5x slower than the matmul on a Zen 4)."""
+        default = "conv" if x.dtype in (torch.float32, torch.float64) else "matmul"
+        if x.device.type != "cpu":
+            return self.stem(x) if default == "conv" else self._stem_matmul(x)
+        k = self.stem[0].kernel_size[0]
+        band = x[:, :, :max(2, x.shape[-2] // k // _STEM_PROBE_FRACTION) * k]
+        H, W = x.shape[-2:]
+
+        def probe(fn):
+            with torch.no_grad():
+                return fn(band)
+
+        return chooser().run(
+            OPS["conv_stem"], f"cpu {str(x.dtype)[6:]} {shape_class(H, W)} k {k}", x.device,
+            {"conv": lambda: self.stem(x), "matmul": lambda: self._stem_matmul(x)}, default,
+            flops=2.0 * band[:, :, :, :W // k * k].numel() * self.stem[0].out_channels,
+            probes={"conv": lambda: probe(self.stem), "matmul": lambda: probe(self._stem_matmul)})
+
+    def _stem_matmul(self, x: torch.Tensor) -> torch.Tensor:
         conv, norm = self.stem
-        if x.dtype == torch.float32 or x.dtype == torch.float64:
-            return self.stem(x)
         k = conv.kernel_size[0]
         n, c, H, W = x.shape
         h, w = H // k, W // k

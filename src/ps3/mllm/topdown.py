@@ -138,6 +138,20 @@ class TwoPassPS3(nn.Module):
         self.image_token_id = int(image_token_id)
         self.k, self.feature_layer, self.pass1_grad = k, feature_layer, pass1_grad
 
+    @classmethod
+    def from_pretrained(cls, run, *, device=None, trainable: bool = False) -> "TwoPassPS3":
+        """Load a run directory of ``ps3 mllm train`` (see :mod:`ps3.mllm.saving`), with its
+        ``tokenizer``, ``processor`` and ``settings`` attached."""
+        from .saving import load_run
+
+        return load_run(run, device=device, trainable=trainable)
+
+    def save_pretrained(self, run, **kwargs: Any) -> None:
+        """Write a run directory :meth:`from_pretrained` loads (see :func:`ps3.mllm.saving.save_pretrained`)."""
+        from .saving import save_pretrained
+
+        save_pretrained(self, run, **kwargs)
+
     def count_llm_tokens(self, height: int, width: int, only_select_first_n_scale: int | None = None) -> int:
         """LLM tokens one image of this size becomes with this helper's settings."""
         return count_llm_tokens(self.vision_model, height, width, k=self.k, num_look_close=self.num_look_close,

@@ -1,0 +1,305 @@
+"""``ps3 mllm train``: train PS3 + projector (+ prompt head + LLM) on LLaVA-format conversations.
+
+Each step takes ``batch`` records per process in a seeded order (a new permutation each epoch),
+encodes their images with the frozen PS3 encoder — the low-res pass once per image, reused by the
+high-res looks (sft: the two-pass top-down helper; align: bottom-up looks) — splices the projected
+image tokens into the conversation and takes the LM loss on answer tokens only; in sft, a turn
+with boxes adds the selection loss of the look its question steered (``selection_weight``).
+
+Checkpoints (``RUN/checkpoints/step_*.pt``, written as ``ps3 train`` writes them) hold the
+connector, the trainable LLM weights, optimizer, schedule, progress and RNG states; Ctrl-C or
+SIGTERM ends the step under way, writes a checkpoint and the run's inference files, and exits;
+``--resume`` continues from the newest checkpoint and ends with the weights an uninterrupted run
+has (on a CPU, bit for bit). Under ``torchrun`` the processes train with DDP (gloo on CPUs);
+FSDP is not offered here yet (the LLM must fit one device).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime import UserError
+from ..train.checkpoint import (CHECKPOINT_FORMAT, Progress, load_latest_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
+from ..train.distributed import DistInfo, RankLog, init_distributed, on_main
+from ..train.interrupt import StopRequests
+from ..train.optim import build_scheduler
+from .collate import MLLMBatch, collate
+from .looks import encode_for_llm, encode_low_res, encoder_of
+from .low_res_cache import LowResCache
+from .saving import look_options, save_run
+from .topdown import IGNORE_INDEX, selection_target_loss, splice_image_tokens
+from .train_setup import RESUME_FREE, MLLMTrainParams, load_data, prepare_run
+
+KIND = "ps3-mllm"
+
+
+@dataclass
+class MLLMTrainResult:
+    step: int
+    steps_run: int
+    seconds: float
+    samples: int
+    interrupted: str | None  # "SIGINT" / "SIGTERM" when a signal ended the run
+    last_loss: float | None
+    helper: nn.Module | None = None  # the trained TwoPassPS3 (its LLM a peft model with LoRA)
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy over labelled positions, their count); IGNORE_INDEX
+    positions (prompt, image, padding) contribute nothing."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (shift_labels != IGNORE_INDEX).sum()
+
+
+class MLLMLoss(nn.Module):
+    """The training forward of a TwoPassPS3 (what DDP wraps): batch → (loss, LM loss, selection loss)."""
+
+    def __init__(self, helper, stage: str, selection_weight: float = 1.0, cache: LowResCache | None = None):
+        super().__init__()
+        self.helper, self.stage, self.selection_weight, self.cache = helper, stage, selection_weight, cache
+
+    def image_sequence(self, batch: MLLMBatch):
+        """(inputs_embeds, attention_mask, labels, top-down probabilities or None) of the image rows."""
+        h, rows = self.helper, batch.image
+        low = None if self.cache is None else self.cache.get(h.vision_model, batch.image_keys, batch.pixel_values)
+        if self.stage == "sft":
+            out = h(batch.pixel_values, rows.input_ids, rows.attention_mask, labels=rows.labels,
+                    prompt_end=batch.prompt_end, low_res=low)
+            return out.inputs_embeds, out.attention_mask, out.labels, out.vision.topdown_selection_probs
+        with torch.no_grad():
+            low = low if low is not None else encode_low_res(h.vision_model, batch.pixel_values)
+            vision = encode_for_llm(h.vision_model, batch.pixel_values, low_res=low, **look_options(h))
+        image = h.projector(vision, feature_layer=h.feature_layer)
+        text = h.llm.get_input_embeddings()(rows.input_ids)
+        seq = splice_image_tokens(text, rows.attention_mask, batch.image_position, image.embeds, image.lengths,
+                                  rows.labels)
+        return seq.inputs_embeds, seq.attention_mask, seq.labels, None
+
+    def forward(self, batch: MLLMBatch):
+        llm = self.helper.llm
+        sums, counts, selection = [], [], None
+        if batch.image is not None:
+            embeds, mask, labels, probs = self.image_sequence(batch)
+            logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+            total, count = lm_loss_sum(logits, labels)
+            sums.append(total)
+            counts.append(count)
+            if probs is not None and batch.box_rows is not None:
+                selection = selection_target_loss([p[batch.box_rows] for p in probs], batch.box_maps)
+        if batch.text is not None:
+            t = batch.text
+            embeds = llm.get_input_embeddings()(t.input_ids)
+            total, count = lm_loss_sum(llm(inputs_embeds=embeds, attention_mask=t.attention_mask,
+                                           use_cache=False).logits, t.labels)
+            sums.append(total)
+            counts.append(count)
+        lm = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
+        loss = lm if selection is None else lm + self.selection_weight * selection
+        return loss, lm.detach(), None if selection is None else selection.detach()
+
+
+def batch_order(count: int, seed: int, epoch: int, info: DistInfo, batch: int) -> list[list[int]]:
+    """This process's full batches of epoch ``epoch`` (record indices), the same on every start."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    mine = order[info.rank::info.world_size]
+    per_rank = count // info.world_size  # every rank takes the same number of batches
+    return [mine[i:i + batch] for i in range(0, per_rank - batch + 1, batch)]
+
+
+def _optimizer(helper, lr: float) -> torch.optim.AdamW:
+    decay, plain = [], []
+    for _, p in helper.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else plain).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": plain, "weight_decay": 0.0}],
+                             lr=lr)
+
+
+def _saved_tensors(helper) -> dict[str, torch.Tensor]:
+    """The connector and every trainable LLM tensor: what a checkpoint must restore."""
+    return {n: p.detach().cpu().clone() for n, p in helper.named_parameters()
+            if p.requires_grad or n.startswith(("projector.", "prompt_head."))}
+
+
+class _Run:
+    def __init__(self, params: MLLMTrainParams, info: DistInfo, log: RankLog):
+        self.params, self.info, self.log = params, info, log
+        self.data = load_data(params, log)
+        self.helper, self.settings = prepare_run(params, info, self.data, log)
+        self.encoder = encoder_of(self.helper.vision_model)
+        self.optimizer = _optimizer(self.helper, params.learning_rate)
+        self.scheduler = build_scheduler(self.optimizer, params.warmup, params.steps)
+        self.progress, self.skipped = Progress(), Counter()
+        cache = LowResCache() if params.cache_low_res else None
+        self.module: nn.Module = MLLMLoss(self.helper, params.stage, params.selection_weight, cache)
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.module = DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+        self.trainable = [p for p in self.helper.parameters() if p.requires_grad]
+
+    def restore(self) -> dict | None:
+        found = on_main(self.info, lambda: load_latest_checkpoint(self.params.out, self.log.warn, move_aside=True))
+        if found is None:
+            self.log.info(f"--resume: no checkpoint in {self.params.out}, starting from step 0")
+            return None
+        path, state = found
+        if state.get("kind") != KIND:
+            raise UserError(f"{path} is not a ps3 mllm checkpoint")
+        current = dict(self.helper.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["model"].items():
+                current[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(**state["progress"])
+        self.skipped = Counter(state.get("skipped", {}))
+        changed = [k for k, v in state["args"].items() if k not in RESUME_FREE and v != getattr(self.params, k)]
+        if changed or state.get("world_size", 1) != self.info.world_size:
+            self.log.warn(f"resuming with a different {', '.join(changed) or 'world size'}: the run continues, "
+                          "but not exactly as the original would have")
+        self.log.info(f"resumed from {path} at step {self.progress.step}")
+        return state["rng"]
+
+    def save(self) -> None:
+        state = {"format": CHECKPOINT_FORMAT, "kind": KIND, "progress": asdict(self.progress),
+                 "model": _saved_tensors(self.helper), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "args": self.params.as_dict(),
+                 "world_size": self.info.world_size, "skipped": dict(self.skipped)}
+
+        def write():
+            path = save_checkpoint(self.params.out, self.progress.step, state, self.params.keep)
+            save_run(self.helper, self.params.out, self.settings,
+                     save_llm_weights=self.params.stage == "sft" and not self.params.lora)
+            return path
+
+        self.log.info(f"saved {on_main(self.info, write)}")
+
+    def step(self, batch: MLLMBatch) -> torch.Tensor:
+        autocast = (torch.autocast(self.info.device.type, dtype=torch.bfloat16) if self.params.precision == "bf16"
+                    else nullcontext())
+        with autocast:
+            loss, lm, selection = self.module(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return torch.stack([loss.detach(), lm, torch.zeros_like(lm) if selection is None else selection])
+
+
+def _batches(run: _Run):
+    """(epoch, index in epoch, batch) from the current progress on, forever."""
+    p, info = run.params, run.info
+    records, helper = run.data.records, run.helper
+    epoch, skip = run.progress.epoch, run.progress.batches_in_epoch
+    while True:
+        order = batch_order(len(records), p.seed, epoch, info, p.batch)
+        if not order:
+            raise UserError(f"{len(records)} usable records make no full --batch {p.batch} on each of "
+                            f"{info.world_size} processes: lower --batch")
+        for i, indices in enumerate(order[skip:], start=skip):
+            batch = collate([records[j] for j in indices], helper.tokenizer, helper.image_token_id,
+                            helper.processor, run.encoder)
+            yield epoch, i + 1, batch
+        epoch, skip = epoch + 1, 0
+
+
+def train(params: MLLMTrainParams, *, on_step: Callable[[int], None] | None = None) -> MLLMTrainResult:
+    """Train (or resume) the run ``params`` describes; ``on_step(step)`` is called after each step."""
+    params.check()
+    info = init_distributed(params.device)
+    log = RankLog(info.is_main, params.quiet)
+    run = None
+    try:
+        run = _Run(params, info, log)
+        rng = run.restore() if params.resume else None
+        if rng is not None:
+            set_rng_state(rng)
+        with StopRequests() as stop:
+            return _loop(run, stop, on_step)
+    finally:
+        if info.distributed and dist.is_initialized():
+            # DDP's reducer holds the process group: freed after the group is destroyed, gloo's
+            # destructor waits for its own thread, which waits for the interpreter lock (a hang).
+            if run is not None:
+                run.module = None
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def _stop_requested(run: _Run, stop: StopRequests) -> bool:
+    flag = torch.tensor([0 if stop.signal is None else 1])
+    if run.info.distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def _loop(run: _Run, stop: StopRequests, on_step) -> MLLMTrainResult:
+    from tqdm import tqdm
+
+    p, progress, log = run.params, run.progress, run.log
+    first, samples, last = progress.step, 0, None
+    metrics = open(Path(p.out) / "metrics.jsonl", "a") if run.info.is_main else None
+    bar = tqdm(total=p.steps, initial=progress.step, unit="step", desc=f"mllm {p.stage}", mininterval=1.0,
+               disable=p.quiet or not run.info.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
+    start = window = time.perf_counter()
+    window_samples, stopped = 0, None
+    batches = _batches(run) if progress.step < p.steps else iter(())
+    try:
+        while progress.step < p.steps:
+            progress.epoch, progress.batches_in_epoch, batch = next(batches)
+            run.skipped.update(batch.skipped)
+            losses = run.step(batch)
+            progress.step += 1
+            samples += batch.size
+            window_samples += batch.size * run.info.world_size
+            bar.update(1)
+            if on_step is not None:
+                on_step(progress.step)
+            if progress.step % p.log_every == 0 or progress.step == p.steps:
+                now = time.perf_counter()
+                last = [float(v) for v in losses]  # host sync: log steps only
+                rate = window_samples / max(now - window, 1e-9)
+                window, window_samples = now, 0
+                log.info(f"step {progress.step}/{p.steps}  loss {last[0]:.4f} (lm {last[1]:.4f}, selection "
+                         f"{last[2]:.4f})  lr {run.scheduler.get_last_lr()[0]:.3g}  {rate:.1f} samples/s  "
+                         f"epoch {progress.epoch}  data skipped: {dict(run.skipped) or 'none'}")
+                if metrics is not None:
+                    metrics.write(json.dumps({"step": progress.step, "loss": last[0], "lm": last[1],
+                                              "selection": last[2], "samples_per_s": rate}) + "\n")
+                    metrics.flush()
+            if _stop_requested(run, stop):
+                stopped = "signal on another rank" if stop.signal is None else signal.Signals(stop.signal).name
+                break
+            if progress.step % p.save_every == 0 or progress.step == p.steps:
+                run.save()
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    if stopped:
+        run.save()
+        log.info(f"stopped by {stopped} at step {progress.step}: continue with the same command and --resume")
+    elif progress.step == first:
+        log.info(f"already at step {progress.step} of {p.steps}: nothing to do")
+    else:
+        log.info(f"done: {progress.step} steps; chat with: ps3 mllm chat {p.out} IMAGE")
+    return MLLMTrainResult(progress.step, progress.step - first, time.perf_counter() - start, samples, stopped,
+                           None if last is None else last[0], run.helper)
