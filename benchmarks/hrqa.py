@@ -299,7 +299,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         mine = sorted((r for r in rows if r["frontend"] == name), key=lambda r: r["tokens"])
         xs = [r["tokens"] for r in mine]
         ys = [100 * r["accuracy"] for r in mine]
-        err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in mine], [100 * (r["ci95"][1] - r["accuracy"]) for r in mine]]
+        err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in mine],
+               [100 * (r["ci95"][1] - r["accuracy"]) for r in mine]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
     ax.axhline(100 / len(SHAPES), color="grey", linestyle=":", label="chance")
     ax.set_xscale("log")

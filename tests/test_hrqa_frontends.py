@@ -49,7 +49,8 @@ def test_top_down_gets_the_count_of_the_ps3_plan(vision):
         out = helper(pixels, ids)
     assert out.image_lengths.tolist() == [plan.num_tokens] * 2
     assert helper.count_llm_tokens(SIZE, SIZE) == plan.num_tokens
-    assert count_llm_tokens(vision, SIZE, SIZE, max_select_num_each_scale=ps3_budgets(vision, value)).total == plan.num_tokens
+    budgets = ps3_budgets(vision, value)
+    assert count_llm_tokens(vision, SIZE, SIZE, max_select_num_each_scale=budgets).total == plan.num_tokens
 
 
 def test_unknown_front_end_names_the_choices(vision):

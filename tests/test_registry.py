@@ -36,7 +36,8 @@ def test_published_configs(name, scales, vocab, hub_id):
 
 
 def test_training_config_names_and_errors():
-    assert set(registry.TRAINING_CONFIGS) == {"tiny-synthetic", "tiny-synthetic-128", "hrqa-synthetic", *registry.PUBLISHED}
+    expected = {"tiny-synthetic", "tiny-synthetic-128", "hrqa-synthetic", *registry.PUBLISHED}
+    assert set(registry.TRAINING_CONFIGS) == expected
     a, _ = registry.training_config("tiny-synthetic")
     a["vision_config"]["ps3_scales"].append(1)  # callers get fresh copies
     assert registry.training_config("tiny-synthetic")[0]["vision_config"]["ps3_scales"] == [64, 128, 256]

@@ -13,8 +13,8 @@ low_res_grid`` canvas pixels, the part of an ``S`` px canvas one low-res patch s
 * Tags: small shapes in one of two neutral inks (near-white or near-black). Every landmark has
   one tag beside it (left, right, above or below, 0.1–0.3 c from its box); 8–16 distractor tags
   lie ≥ 1 c from every landmark box, so a landmark's own tag is its nearest (any other tag is
-  ≥ 0.6 c from its box: 1.5 c between landmarks less 0.9 c of tag and gap). A tag's side is at most 0.6 c (< one low-res patch) and
-  every tag shape is drawn with the same ink area (0.115 c², within pixel rounding), so the
+  ≥ 0.6 c from its box: 1.5 c between landmarks less 0.9 c of tag and gap). A tag's side is at
+  most 0.6 c (< one low-res patch) and every tag shape is drawn with the same ink area (0.115 c², within pixel rounding), so the
   low-res view of a tag, a blur of under a patch, carries no shape information by area.
 * Confetti: 10–20 small dots (side 0.15–0.3 c) in the landmark colours, ≥ 0.5 c from every box.
 * Question (one per image): the shape of the tag beside one landmark, named by the landmark
@@ -331,7 +331,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output directory (gets data.json and images/)")
     parser.add_argument("--images", type=int, required=True, help="number of images (one question each)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                        help=f"canvas side in pixels, {MIN_SIZE}..{MAX_SIZE} (default {DEFAULT_SIZE}, hrqa-synthetic's)")
+                        help=f"canvas side in pixels, {MIN_SIZE}..{MAX_SIZE} "
+                             f"(default {DEFAULT_SIZE}, hrqa-synthetic's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); splits use disjoint streams")
     parser.add_argument("--split", default="train", help="train or test (default train)")
     parser.add_argument("--shards", action="store_true",
