@@ -14,8 +14,9 @@ low_res_grid`` canvas pixels, the part of an ``S`` px canvas one low-res patch s
   one tag beside it (left, right, above or below, 0.1–0.3 c from its box); 8–16 distractor tags
   lie ≥ 1 c from every landmark box, so a landmark's own tag is its nearest (any other tag is
   ≥ 0.6 c from its box: 1.5 c between landmarks less 0.9 c of tag and gap). A tag's side is at
-  most 0.6 c (< one low-res patch) and every tag shape is drawn with the same ink area (0.115 c², within pixel rounding), so the
-  low-res view of a tag, a blur of under a patch, carries no shape information by area.
+  most 0.6 c (< one low-res patch) and every tag shape is drawn with the same ink area
+  (0.115 c², within pixel rounding), so the low-res view of a tag, a blur of under a patch,
+  carries no shape information by area.
 * Confetti: 10–20 small dots (side 0.15–0.3 c) in the landmark colours, ≥ 0.5 c from every box.
 * Question (one per image): the shape of the tag beside one landmark, named by the landmark
   ("next to the blue star" or "above the blue star"); answer one of the six shape words

@@ -164,7 +164,8 @@ def _add_data_arguments(data) -> None:
 
 def _add_model_arguments(model) -> None:
     model.add_argument("--model", help="training config: tiny-synthetic, tiny-synthetic-128, hrqa-synthetic, "
-                                       "PS3-4K-SigLIP2, PS3-1.5K-SigLIP2, PS3-4K-SigLIP, PS3-1.5K-SigLIP, or a config.json path "
+                                       "PS3-4K-SigLIP2, PS3-1.5K-SigLIP2, PS3-4K-SigLIP, PS3-1.5K-SigLIP, "
+                                       "or a config.json path "
                                        "(default: the config of --init when it is a PS3 checkpoint directory)")
     model.add_argument("--init", default="random",
                        help="'random' (default), a PS3 checkpoint directory, or a SigLIP .safetensors file in "
