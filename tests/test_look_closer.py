@@ -8,7 +8,7 @@ import ps3
 from golden import MODEL_DIR
 from tolerances import assert_close_paths
 from ps3.encoder.selection import plan_looks
-from ps3.mllm.looks import encode_for_llm
+from ps3.mllm.block_looks import encode_for_llm
 
 
 @pytest.fixture(scope="module")

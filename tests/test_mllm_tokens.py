@@ -9,7 +9,7 @@ from golden import MODEL_DIR
 from tolerances import assert_close_paths, assert_same_selection
 from ps3 import PS3VisionConfig, PS3VisionModel
 from ps3.encoder.request import EncodeRequest
-from ps3.mllm.looks import BlockCells
+from ps3.mllm.block_looks import BlockCells
 from ps3.mllm import (PS3Projector, count_llm_tokens, encode_for_llm, encode_low_res, first_n_scales_for_sizes,
                       merge_grid)
 

@@ -1,4 +1,4 @@
-"""docs/quickstart.md (the README's "Quick start"), command after command, in a scratch directory.
+"""The README's "Install and quick start" section, command after command, in a scratch directory.
 
 Each ```bash line runs in order, with three stand-ins so the test takes seconds:
 * ``make demo`` (a venv, an install, minutes of training) is replaced by a copy of the tiny
@@ -21,7 +21,8 @@ import pytest
 pytest.importorskip("webdataset")
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = ROOT / "docs" / "quickstart.md"
+PAGE = ROOT / "README.md"
+SECTION = "## Install and quick start"
 FIXTURE_MODEL = ROOT / "tests" / "fixtures" / "ps3_tiny" / "model"
 
 # What a command's output must contain (command prefix → texts): the figures the page states.
@@ -35,9 +36,13 @@ EXPECTED = {
 
 
 def commands(page: Path) -> list[str]:
-    """The lines of the page's ```bash blocks, in order (comments and blank lines dropped)."""
+    """The lines of the quick-start section's ```bash blocks, in order (comments and blank lines
+    dropped)."""
+    text = page.read_text()
+    section = text[text.index(SECTION):]
+    section = section[:section.index("\n## ", len(SECTION))]
     lines = []
-    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.DOTALL):
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
         for line in block.splitlines():
             words = shlex.split(line, comments=True)
             if words:

@@ -20,7 +20,7 @@ from tolerances import assert_close_paths, assert_same_selection
 
 import ps3
 from ps3.serve import Client, ServeError, SessionLost
-from ps3.serve.command import ServeOptions, start_in_thread
+from ps3.serve.commands import ServeOptions, start_in_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -159,13 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.commands import register as register_data  # ps3 data: synthetic, converters, check, show
     register_data(sub)
     register_bench(sub)
-    from .extract.command import register as register_extract  # ps3 extract
+    from .extract.commands import register as register_extract  # ps3 extract
     register_extract(sub)
     from .compare import register as register_compare  # ps3 compare
     register_compare(sub)
     from .random_models import register as register_init  # ps3 init random-4k OUT
     register_init(sub)
-    from .serve.command import register as register_serve  # ps3 serve (fastapi is imported only when it runs)
+    from .serve.commands import register as register_serve  # ps3 serve (fastapi is imported only when it runs)
     register_serve(sub)
     from .mllm.commands import register as register_mllm  # ps3 mllm train|chat|eval|toy-data
     register_mllm(sub)

@@ -10,7 +10,7 @@
 Nothing here imports transformers: the LLM (any Hugging Face causal LM) is driven through its
 standard interface, so the ``mllm`` extra only adds transformers for the caller's own model.
 """
-from .looks import BlockCells, encode_for_llm, encode_low_res
+from .block_looks import BlockCells, encode_for_llm, encode_low_res
 from .projector import PS3Projector, ProjectedImage, merge_grid
 from ..encoder.selection import first_n_scales_for_sizes  # VILA-HD's skip-the-largest-scale rule, per image
 from .tokens import LLMTokenCount, count_llm_tokens

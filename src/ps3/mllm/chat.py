@@ -18,7 +18,7 @@ import torch
 
 from .collate import load_pixels
 from .conversations import IMAGE_TAG, Conversation, Turn, encode_conversation
-from .looks import encode_for_llm
+from .block_looks import encode_for_llm
 from .saving import look_options
 from .topdown import splice_image_tokens
 

@@ -20,7 +20,7 @@ import torch
 
 from .collate import box_map, load_pixels
 from .conversations import Conversation, encode_conversation
-from .looks import encode_for_llm
+from .block_looks import encode_for_llm
 from .saving import look_options
 from .topdown import splice_image_tokens
 

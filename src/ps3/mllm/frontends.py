@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import strategies
 from ..strategies.base import Plan
-from .looks import encoder_of
+from .block_looks import encoder_of
 
 __all__ = ["FRONTENDS", "RowFrontend", "RowProjector", "geometry", "knob_for_tokens", "knob_values", "plan_for",
            "ps3_budgets", "top_down", "trunk_backbone"]

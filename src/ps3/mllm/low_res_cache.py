@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..encoder.outputs import LowResPass
-from .looks import encode_low_res
+from .block_looks import encode_low_res
 
 
 def _rows(low: LowResPass, i: int) -> LowResPass:

@@ -1,6 +1,6 @@
 """How many LLM tokens an image becomes, known before anything runs.
 
-The MLLM path selects high-res cells in whole k×k **blocks** (see :mod:`ps3.mllm.looks`), so the
+The MLLM path selects high-res cells in whole k×k **blocks** (see :mod:`ps3.mllm.block_looks`), so the
 projector's all-cells-selected rule keeps every encoded block and the count below is exact: it
 depends only on the image size, the per-scale budgets, the look count, the skipped scales and k,
 never on the image content. Blocks that would overhang the grid's bottom/right edge (when k does

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..encoder.outputs import LowResPass, PS3VisionOutput
 from ..encoder.selection import check_look_option
-from .looks import encode_for_llm, encode_low_res, encoder_of
+from .block_looks import encode_for_llm, encode_low_res, encoder_of
 from .projector import PS3Projector
 from .tokens import check_budgets, count_llm_tokens, renamed
 

@@ -38,7 +38,7 @@ from ..train.distributed import DistInfo, RankLog, init_distributed, on_main
 from ..train.interrupt import StopRequests
 from ..train.optim import build_scheduler
 from .collate import MLLMBatch, collate
-from .looks import encode_for_llm, encode_low_res, encoder_of
+from .block_looks import encode_for_llm, encode_low_res, encoder_of
 from .low_res_cache import LowResCache
 from .saving import look_options, save_run
 from .topdown import IGNORE_INDEX, selection_target_loss, splice_image_tokens

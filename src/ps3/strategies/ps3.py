@@ -33,7 +33,7 @@ from .base import (Layout, Plan, Segment, Strategy, as_image, check_int, feature
 
 def params_for(vision_model: Any) -> dict[str, Any]:
     """The plan parameters a PS3 vision model (or encoder) encodes with."""
-    from ..mllm.looks import encoder_of
+    from ..mllm.block_looks import encoder_of
 
     encoder = encoder_of(vision_model)
     return {"scales": tuple(encoder.ps3_scales), "patch_size": encoder.patch_size,
@@ -96,7 +96,7 @@ class PS3Strategy(Strategy):
         return dataclasses.replace(plan, backbone_passes=1 + len(looks))
 
     def encode(self, plan: Plan, backbone, image, separators=None):
-        from ..mllm.looks import encode_for_llm, encoder_of
+        from ..mllm.block_looks import encode_for_llm, encoder_of
         from ..mllm.projector import kept_block_tokens, merge_grid
 
         encoder = encoder_of(backbone)
