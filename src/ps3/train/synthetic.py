@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -31,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from ..data.hrqa import SHAPES, shape_mask
 from ..data.writer import PairedShardWriter, existing_paired_shards, prepare_paired_output
 from ..runtime import UserError, user_input
 
@@ -49,7 +49,6 @@ __all__ = [
     "run_from_args",
 ]
 
-SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (40, 165, 60),
@@ -102,7 +101,7 @@ def render_scene(seed: int, index: int, size: int = 224) -> Scene:
         shape = SHAPES[combo % len(SHAPES)]
         colour = list(COLOURS)[(combo // len(SHAPES)) % len(COLOURS)]
         texture = TEXTURES[combo // (len(SHAPES) * len(COLOURS))]
-        mask = _shape_mask(shape, side)
+        mask = shape_mask(shape, side)
         fill = _texture(texture, COLOURS[colour], side, rng)
         region = canvas[y:y + side, x:x + side]
         region[mask] = fill[mask]
@@ -164,38 +163,6 @@ def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> int:
     width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
     height = min(a[1] + a[2], b[1] + b[2]) - max(a[1], b[1])
     return max(width, 0) * max(height, 0)
-
-
-def _shape_mask(shape: str, side: int) -> np.ndarray:
-    canvas = Image.new("L", (side, side), 0)
-    draw = ImageDraw.Draw(canvas)
-    last = side - 1
-    centre = last / 2
-    if shape == "circle":
-        draw.ellipse([0, 0, last, last], fill=255)
-    elif shape == "square":
-        draw.rectangle([0, 0, last, last], fill=255)
-    elif shape == "triangle":
-        draw.polygon([(centre, 0), (last, last), (0, last)], fill=255)
-    elif shape == "diamond":
-        draw.polygon([(centre, 0), (last, centre), (centre, last), (0, centre)], fill=255)
-    elif shape == "hexagon":
-        draw.polygon(_star_points(centre, [centre], 6, 0.0), fill=255)
-    elif shape == "star":
-        draw.polygon(_star_points(centre, [centre, centre * 0.45], 5, -math.pi / 2), fill=255)
-    else:  # pragma: no cover - SHAPES is closed
-        raise AssertionError(shape)
-    return np.asarray(canvas) > 0
-
-
-def _star_points(centre: float, radii: Sequence[float], corners: int, start: float) -> list[tuple[float, float]]:
-    points = []
-    steps = corners * len(radii)
-    for k in range(steps):
-        angle = start + 2 * math.pi * k / steps
-        radius = radii[k % len(radii)]
-        points.append((centre + radius * math.cos(angle), centre + radius * math.sin(angle)))
-    return points
 
 
 def _texture(texture: str, colour: tuple[int, int, int], side: int, rng: np.random.Generator) -> np.ndarray:
