@@ -1,6 +1,6 @@
 """``ps3 mllm train`` as real processes: Ctrl-C (SIGINT) mid-run writes a checkpoint and the
-resumed run ends where an uninterrupted one does; ``torchrun`` with 2 processes (DDP, gloo)
-trains the same connector as one process with the same global batch."""
+resumed run ends where an uninterrupted one does; ``torchrun`` with 2 processes (DDP, or FSDP
+with ``--fsdp``; gloo) trains the same weights as one process with the same global batch."""
 import json
 import os
 import signal
@@ -56,22 +56,66 @@ def test_ctrl_c_saves_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
         assert all(torch.equal(want[k], got[k]) for k in want), name
 
 
-@pytest.mark.slow
-def test_torchrun_ddp_matches_one_process(tmp_path):
-    data = toy_dataset(tmp_path / "data", 8, answer="yes")
+def one_answer_dataset(root):
+    """8 scenes with one answer each, all "yes": every row has the same number of answer tokens, so
+    the mean of the processes' losses is the one process's loss over the global batch."""
+    data = toy_dataset(root, 8, answer="yes")
     records = json.loads(data.read_text())
-    for record in records:  # one answer each: every row has the same number of answer tokens
+    for record in records:
         record["conversations"] = record["conversations"][:2]
     data.write_text(json.dumps(records))
+    return data
+
+
+def torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], capture_output=True, text=True, timeout=300, env=ENV)
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_matches_one_process(tmp_path):
+    data = one_answer_dataset(tmp_path / "data")
     one = subprocess.run(command(data, tmp_path / "one", "--steps", "2", "--batch", "4"), capture_output=True,
                          text=True, timeout=300, env=ENV)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *command(data, tmp_path / "two", "--steps", "2", "--batch", "2")[1:]],
-                         capture_output=True, text=True, timeout=300, env=ENV)
+    two = torchrun(*command(data, tmp_path / "two", "--steps", "2", "--batch", "2")[1:])
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("step 2/2") == 1  # rank 0 logs
     want = load_file(tmp_path / "one" / "connector.safetensors")
     got = load_file(tmp_path / "two" / "connector.safetensors")
     for name in want:
         assert_close_paths(got[name], want[name], name)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_matches_one_process_and_resumes_from_the_gathered_checkpoint(tmp_path):
+    from ps3.mllm import TwoPassPS3
+
+    data = one_answer_dataset(tmp_path / "data")
+    sft = ("--stage", "sft", "--steps", "2")  # the whole LLM trains: every sharded tensor moves
+    one = subprocess.run(command(data, tmp_path / "one", *sft, "--batch", "4"), capture_output=True, text=True,
+                         timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    fsdp = (*sft, "--batch", "2", "--fsdp", "--save-every", "1")
+    two = torchrun(*command(data, tmp_path / "two", *fsdp)[1:])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "--fsdp: 2 decoder layers of LlamaForCausalLM sharded over 2 processes" in two.stdout
+    files = ("connector.safetensors", "llm/model.safetensors")
+    trained = {name: load_file(tmp_path / "two" / name) for name in files}
+    for name in files:  # the run directory holds full tensors, equal to one process's
+        want = load_file(tmp_path / "one" / name)
+        assert want.keys() == trained[name].keys(), name
+        for key in want:
+            assert_close_paths(trained[name][key], want[key], f"{name}:{key}")
+    # Resume from step 1: every rank loads the full checkpoint into its shards and repeats step 2.
+    (tmp_path / "two" / "checkpoints" / "step_00000002.pt").unlink()
+    (tmp_path / "two" / "connector.safetensors").unlink()
+    resumed = torchrun(*command(data, tmp_path / "two", *fsdp, "--resume")[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "done: 2 steps" in resumed.stdout
+    for name in files:
+        got = load_file(tmp_path / "two" / name)
+        assert all(torch.equal(got[k], trained[name][k]) for k in got), name
+    helper = TwoPassPS3.from_pretrained(tmp_path / "two")
+    for key, value in trained["connector.safetensors"].items():
+        assert torch.equal(helper.state_dict()[key], value), key

@@ -39,7 +39,7 @@ def _add_train(sub) -> None:
                        description="Train PS3 inside an LLM on LLaVA-format conversations. align: projector only; "
                                    "sft: projector, top-down prompt head and the LLM (or LoRA adapters). "
                                    "Checkpoints also on Ctrl-C/SIGTERM; --resume continues exactly; works "
-                                   "under torchrun (DDP).")
+                                   "under torchrun (DDP, or FSDP with --fsdp).")
     p.add_argument("--vision", help="PS3 model directory or hub id (frozen)")
     p.add_argument("--llm", help="Hugging Face causal LM directory or id, or 'tiny' (random small Llama, "
                                  "tokenizer built from the training text)")
@@ -54,6 +54,9 @@ def _add_train(sub) -> None:
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps before the cosine decay")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (sft)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard the LLM across the processes with FSDP2 (one unit per decoder "
+                        "layer; the encoder is replicated): for an LLM too large for one device")
     p.add_argument("--budgets", type=_positive, nargs="+", help="cells per high-res scale per look")
     p.add_argument("--looks", type=int, default=1, help="high-res looks per image")
     p.add_argument("--k", type=int, default=2, choices=(1, 2, 3), help="projector merge size (k x k cells)")

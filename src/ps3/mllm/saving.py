@@ -92,30 +92,37 @@ def fit_vocabulary(llm, tokenizer) -> None:
                 table.weight[rows:] = table.weight[:rows].mean(0)
 
 
-def save_llm(llm, directory: Path) -> None:
-    """The LLM as safetensors + config; of a peft model, the base weights without the adapter."""
-    state = None
-    if hasattr(llm, "get_base_model"):
+def save_llm(llm, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The LLM as safetensors + config; of a peft model, the base weights without the adapter.
+    ``state`` (full tensors by the LLM's own names) replaces the module's: a sharded LLM's."""
+    if state is None and hasattr(llm, "get_base_model"):
         llm = llm.get_base_model()
         state = {k.replace(".base_layer", ""): v for k, v in llm.state_dict().items() if "lora_" not in k}
     _replace_dir(lambda tmp: llm.save_pretrained(tmp, state_dict=state, safe_serialization=True), directory)
 
 
-def save_run(helper, run: str | Path, settings: MLLMSettings, *, save_llm_weights: bool) -> None:
-    """Write the trained parts of ``helper`` (a TwoPassPS3, its LLM maybe a peft model) to ``run``."""
+def save_run(helper, run: str | Path, settings: MLLMSettings, *, save_llm_weights: bool,
+             state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the trained parts of ``helper`` (a TwoPassPS3, its LLM maybe a peft model) to ``run``;
+    ``state``, the helper's full state dict, replaces the modules' own tensors (those of a
+    sharded helper, gathered for the write)."""
     from safetensors.torch import save_file
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    tensors = {f"projector.{k}": v for k, v in helper.projector.state_dict().items()}
-    tensors.update({f"prompt_head.{k}": v for k, v in helper.prompt_head.state_dict().items()})
+    if state is None:
+        tensors = {f"projector.{k}": v for k, v in helper.projector.state_dict().items()}
+        tensors.update({f"prompt_head.{k}": v for k, v in helper.prompt_head.state_dict().items()})
+    else:
+        tensors = {k: v for k, v in state.items() if k.startswith(("projector.", "prompt_head."))}
     tmp = run / f".{CONNECTOR_NAME}.tmp-{os.getpid()}"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, run / CONNECTOR_NAME)
     if settings.lora:
         _replace_dir(lambda d: helper.llm.save_pretrained(d, safe_serialization=True), run / "llm_adapter")
     elif save_llm_weights:
-        save_llm(helper.llm, run / "llm")
+        save_llm(helper.llm, run / "llm", None if state is None else
+                 {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")})
         settings.llm_saved = True
     write_text(run / CONFIG_NAME, settings.to_json())
 

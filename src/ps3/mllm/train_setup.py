@@ -45,6 +45,7 @@ class MLLMTrainParams:
     warmup: int = 0
     precision: str = "fp32"
     lora: int = 0
+    fsdp: bool = False
     budgets: list[int] | None = None
     looks: int = 1
     k: int = 2
@@ -82,6 +83,9 @@ class MLLMTrainParams:
             raise UserError("--lora and --warmup must be >= 0")
         if self.lora and self.stage != "sft":
             raise UserError("--lora trains LoRA adapters of the LLM: it needs --stage sft (align freezes the LLM)")
+        if self.fsdp and self.lora:
+            raise UserError("--fsdp and --lora cannot be combined: LoRA adapters are small, train them without "
+                            "--fsdp (DDP), or train the whole LLM with --fsdp")
         if self.learning_rate <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.init is None and not self.resume and (self.vision is None or self.llm is None):

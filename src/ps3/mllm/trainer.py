@@ -10,8 +10,11 @@ Checkpoints (``RUN/checkpoints/step_*.pt``, written as ``ps3 train`` writes them
 connector, the trainable LLM weights, optimizer, schedule, progress and RNG states; Ctrl-C or
 SIGTERM ends the step under way, writes a checkpoint and the run's inference files, and exits;
 ``--resume`` continues from the newest checkpoint and ends with the weights an uninterrupted run
-has (on a CPU, bit for bit). Under ``torchrun`` the processes train with DDP (gloo on CPUs);
-FSDP is not offered here yet (the LLM must fit one device).
+has (on a CPU, bit for bit). Under ``torchrun`` the processes train with DDP (gloo on CPUs,
+NCCL on GPUs), or with ``fsdp`` shard the LLM with FSDP2 (one unit per decoder layer, the frozen
+encoder replicated; :mod:`ps3.mllm.sharding`) for an LLM too large for one device: checkpoints and
+the run directory then gather full tensors (every rank takes part, rank 0 writes) and a resume
+hands every rank the full tensors to keep its shard of.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from .collate import MLLMBatch, collate
 from .block_looks import encode_for_llm, encode_low_res, encoder_of
 from .low_res_cache import LowResCache
 from .saving import look_options, save_run
+from .sharding import gather, scatter, shard
 from .topdown import IGNORE_INDEX, selection_target_loss, splice_image_tokens
 from .train_setup import RESUME_FREE, MLLMTrainParams, load_data, prepare_run
 
@@ -131,10 +135,11 @@ def _optimizer(helper, lr: float) -> torch.optim.AdamW:
                              lr=lr)
 
 
-def _saved_tensors(helper) -> dict[str, torch.Tensor]:
+def _saved_tensors(helper, names_only: bool = False) -> dict[str, torch.Tensor] | list[str]:
     """The connector and every trainable LLM tensor: what a checkpoint must restore."""
-    return {n: p.detach().cpu().clone() for n, p in helper.named_parameters()
-            if p.requires_grad or n.startswith(("projector.", "prompt_head."))}
+    chosen = [(n, p) for n, p in helper.named_parameters() if p.requires_grad or n.startswith(("projector.",
+                                                                                               "prompt_head."))]
+    return [n for n, _ in chosen] if names_only else {n: p.detach().cpu().clone() for n, p in chosen}
 
 
 class _Run:
@@ -143,16 +148,21 @@ class _Run:
         self.data = load_data(params, log)
         self.helper, self.settings = prepare_run(params, info, self.data, log)
         self.encoder = encoder_of(self.helper.vision_model)
-        self.optimizer = _optimizer(self.helper, params.learning_rate)
-        self.scheduler = build_scheduler(self.optimizer, params.warmup, params.steps)
         self.progress, self.skipped = Progress(), Counter()
+        self.saved_names = set(_saved_tensors(self.helper, names_only=True))
         cache = LowResCache() if params.cache_low_res else None
         self.module: nn.Module = MLLMLoss(self.helper, params.stage, params.selection_weight, cache)
-        if info.distributed:
+        if params.fsdp:  # before the optimizer: it must hold the sharded parameters
+            layers = shard(self.module, self.helper)
+            log.info(f"--fsdp: {layers} decoder layers of {type(self.helper.llm).__name__} sharded over "
+                     f"{info.world_size} processes, the encoder replicated")
+        elif info.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.module = DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+        self.optimizer = _optimizer(self.helper, params.learning_rate)
+        self.scheduler = build_scheduler(self.optimizer, params.warmup, params.steps)
         self.trainable = [p for p in self.helper.parameters() if p.requires_grad]
 
     def restore(self) -> dict | None:
@@ -163,11 +173,17 @@ class _Run:
         path, state = found
         if state.get("kind") != KIND:
             raise UserError(f"{path} is not a ps3 mllm checkpoint")
-        current = dict(self.helper.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["model"].items():
-                current[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["args"].get("fsdp", False) != self.params.fsdp:
+            raise UserError(f"{path} was written {'with' if not self.params.fsdp else 'without'} --fsdp: resume "
+                            "with the same --fsdp setting (the optimizer states differ in layout)")
+        if self.params.fsdp:
+            scatter(self.module, self.helper, self.optimizer, state["model"], state["optimizer"])
+        else:
+            current = dict(self.helper.named_parameters())
+            with torch.no_grad():
+                for name, tensor in state["model"].items():
+                    current[name].copy_(tensor)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = Progress(**state["progress"])
         self.skipped = Counter(state.get("skipped", {}))
@@ -179,15 +195,21 @@ class _Run:
         return state["rng"]
 
     def save(self) -> None:
+        full = None
+        if self.params.fsdp:  # collective: every rank gathers, rank 0 receives the full tensors
+            full, optimizer = gather(self.module, self.helper, self.optimizer)
+            model = {k: v for k, v in full.items() if k in self.saved_names}
+        else:
+            model, optimizer = _saved_tensors(self.helper), self.optimizer.state_dict()
         state = {"format": CHECKPOINT_FORMAT, "kind": KIND, "progress": asdict(self.progress),
-                 "model": _saved_tensors(self.helper), "optimizer": self.optimizer.state_dict(),
+                 "model": model, "optimizer": optimizer,
                  "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "args": self.params.as_dict(),
                  "world_size": self.info.world_size, "skipped": dict(self.skipped)}
 
         def write():
             path = save_checkpoint(self.params.out, self.progress.step, state, self.params.keep)
             save_run(self.helper, self.params.out, self.settings,
-                     save_llm_weights=self.params.stage == "sft" and not self.params.lora)
+                     save_llm_weights=self.params.stage == "sft" and not self.params.lora, state=full)
             return path
 
         self.log.info(f"saved {on_main(self.info, write)}")
@@ -225,6 +247,9 @@ def train(params: MLLMTrainParams, *, on_step: Callable[[int], None] | None = No
     """Train (or resume) the run ``params`` describes; ``on_step(step)`` is called after each step."""
     params.check()
     info = init_distributed(params.device)
+    if params.fsdp and not info.distributed:
+        raise UserError("--fsdp shards the LLM across processes: launch with torchrun --nproc_per_node N (N >= 2) "
+                        "-m ps3.cli mllm train ..., or drop --fsdp")
     log = RankLog(info.is_main, params.quiet)
     run = None
     try:

@@ -140,23 +140,25 @@ def wrap(module: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def full_state_dicts(module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool):
+def full_state_dicts(module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool, *,
+                     prefix: str = "model."):
     """Full (unsharded) model and optimizer state dicts; collective under FSDP, where only rank 0
     receives them (on the CPU) and the other ranks get empty dicts. ``module`` is the wrapped
-    training module holding ``model`` as ``.model``."""
+    training module holding ``model`` under the attribute name ``prefix`` (without its dot)."""
     if not fsdp:
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(module, optimizer, options=options)
-    return {k[len("model."):]: v for k, v in model_state.items()}, optim_state
+    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}, optim_state
 
 
 def load_full_state_dicts(module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                          fsdp: bool) -> None:
+                          fsdp: bool, *, prefix: str = "model.", strict: bool = True) -> None:
     """Load a checkpoint's full ``state["model"]`` and ``state["optimizer"]`` (the inverse of
-    :func:`full_state_dicts`); under FSDP every rank passes the full tensors and keeps its shard."""
+    :func:`full_state_dicts`); under FSDP every rank passes the full tensors and keeps its shard.
+    ``strict=False`` (FSDP only) accepts a model state holding only some tensors (the trained ones)."""
     if not fsdp:
         from ..hub import check_and_load
 
@@ -165,6 +167,6 @@ def load_full_state_dicts(module: nn.Module, model: nn.Module, optimizer: torch.
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_state_dict(module, optimizer, model_state_dict={f"model.{k}": v for k, v in state["model"].items()},
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    set_state_dict(module, optimizer, model_state_dict={f"{prefix}{k}": v for k, v in state["model"].items()},
                    optim_state_dict=state["optimizer"], options=options)
