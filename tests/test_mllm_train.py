@@ -1,7 +1,7 @@
 """``ps3 mllm train`` in process with ``--llm tiny`` and the tiny PS3 fixture: align then sft, the
 loss falls, what is frozen stays so, masked positions get no loss, the low-res trunk runs once per
-image per step, save → load gives identical logits, and an interrupted run resumed equals an
-uninterrupted one."""
+image per step, save → load gives identical logits, an interrupted run resumed equals an
+uninterrupted one, and ``--fsdp`` used where it cannot work says what to do."""
 import os
 import signal
 
@@ -185,3 +185,21 @@ def test_bf16_autocast_trains(data, tmp_path):
     lm = losses(tmp_path / "bf16")
     assert result.step == 2 and all(torch.isfinite(torch.tensor(lm)))
     assert {p.dtype for p in result.helper.parameters()} == {torch.float32}  # autocast: weights stay float32
+
+
+def test_fsdp_flag_errors_name_what_to_do(data, align, tmp_path):
+    import shutil
+
+    with pytest.raises(ValueError, match="--fsdp shards the LLM across processes: launch with torchrun"):
+        train(params(data, tmp_path / "alone", fsdp=True))
+    assert not (tmp_path / "alone").exists()
+    with pytest.raises(ValueError, match="--fsdp and --lora cannot be combined"):
+        train(params(data, tmp_path / "lora", stage="sft", lora=4, fsdp=True))
+    # A checkpoint written under --fsdp (its optimizer state keyed by name) needs --fsdp to resume.
+    run = shutil.copytree(align[0], tmp_path / "run")
+    [checkpoint] = sorted((run / "checkpoints").glob("step_*.pt"))
+    state = torch.load(checkpoint, weights_only=False)
+    state["args"]["fsdp"] = True
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="written with --fsdp: resume with the same --fsdp"):
+        train(params(data, run, steps=8, lr=1e-2, resume=True))
