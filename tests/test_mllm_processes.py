@@ -67,6 +67,19 @@ def one_answer_dataset(root):
     return data
 
 
+def text_rows_first_on_rank_0(data):
+    """Make rank 0's first batch of 2 (of 2 processes) text-only rows, the same answer: in the first
+    step one process has no image rows while the other has only image rows."""
+    from ps3.mllm.trainer import batch_order
+    from ps3.train.distributed import DistInfo
+
+    records = json.loads(data.read_text())
+    for i in batch_order(len(records), 0, 0, DistInfo(rank=0, world_size=2), 2)[0]:
+        records[i] = {"id": f"text{i}", "conversations": [{"from": "human", "value": f"question number {i}?"},
+                                                          records[i]["conversations"][1]]}
+    data.write_text(json.dumps(records))
+
+
 def torchrun(*args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            *args], capture_output=True, text=True, timeout=300, env=ENV)
@@ -92,7 +105,10 @@ def test_torchrun_fsdp_matches_one_process_and_resumes_from_the_gathered_checkpo
     from ps3.mllm import TwoPassPS3
 
     data = one_answer_dataset(tmp_path / "data")
-    sft = ("--stage", "sft", "--steps", "2")  # the whole LLM trains: every sharded tensor moves
+    text_rows_first_on_rank_0(data)  # the processes' steps differ: they must still call the LLM alike
+    # The whole LLM trains (every sharded tensor moves). With selection weight 0 the mean of the
+    # processes' losses is the one process's loss even though only one process has boxes.
+    sft = ("--stage", "sft", "--steps", "2", "--selection-weight", "0")
     one = subprocess.run(command(data, tmp_path / "one", *sft, "--batch", "4"), capture_output=True, text=True,
                          timeout=300, env=ENV)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -203,3 +203,18 @@ def test_fsdp_flag_errors_name_what_to_do(data, align, tmp_path):
     torch.save(state, checkpoint)
     with pytest.raises(ValueError, match="written with --fsdp: resume with the same --fsdp"):
         train(params(data, run, steps=8, lr=1e-2, resume=True))
+
+
+def test_align_step_on_text_only_rows_trains_nothing_and_does_not_fail(tmp_path):
+    import json
+    import math
+
+    data = tmp_path / "text.json"
+    data.write_text(json.dumps([{"id": str(i), "conversations": [{"from": "human", "value": f"question {i}?"},
+                                                                 {"from": "gpt", "value": "yes"}]} for i in range(4)]))
+    result = train(params(data, tmp_path / "run", stage="align", steps=2, batch=2, save_every=1))
+    assert result.steps_run == 2 and math.isfinite(result.last_loss)
+    # No trained part sees text rows under a frozen LLM: the gradient is an exact zero, AdamW moves nothing.
+    first, second = (torch.load(tmp_path / "run" / "checkpoints" / f"step_{s:08d}.pt", weights_only=False)["model"]
+                     for s in (1, 2))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

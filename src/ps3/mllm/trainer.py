@@ -72,11 +72,20 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 class MLLMLoss(nn.Module):
-    """The training forward of a TwoPassPS3 (what DDP wraps): batch → (loss, LM loss, selection loss)."""
+    """The training forward of a TwoPassPS3 (what DDP or FSDP wraps): batch → (loss, LM loss,
+    selection loss).
 
-    def __init__(self, helper, stage: str, selection_weight: float = 1.0, cache: LowResCache | None = None):
+    ``lockstep`` (FSDP): every step makes the same LLM calls on every process whatever its rows are
+    — in sft one pass-1 call without gradients (a one-token stand-in where this process has no
+    image rows), then one call over the image and text rows together — because each call of a
+    sharded layer gathers its weights collectively, and processes making different calls would
+    wait for each other forever. Otherwise image and text rows take separate calls."""
+
+    def __init__(self, helper, stage: str, selection_weight: float = 1.0, cache: LowResCache | None = None,
+                 lockstep: bool = False):
         super().__init__()
         self.helper, self.stage, self.selection_weight, self.cache = helper, stage, selection_weight, cache
+        self.lockstep = lockstep
 
     def image_sequence(self, batch: MLLMBatch):
         """(inputs_embeds, attention_mask, labels, top-down probabilities or None) of the image rows."""
@@ -95,27 +104,52 @@ class MLLMLoss(nn.Module):
                                   rows.labels)
         return seq.inputs_embeds, seq.attention_mask, seq.labels, None
 
+    def _pass1_stand_in(self) -> None:
+        """A no-gradient LLM call on one zero token: the pass 1 that processes with image rows make."""
+        table = self.helper.llm.get_input_embeddings()
+        with torch.no_grad():
+            self.helper.llm(inputs_embeds=torch.zeros(1, 1, table.embedding_dim, dtype=table.weight.dtype,
+                                                      device=table.weight.device), use_cache=False)
+
     def forward(self, batch: MLLMBatch):
         llm = self.helper.llm
-        sums, counts, selection = [], [], None
+        parts, selection = [], None  # (inputs_embeds, attention_mask, labels) per LLM call
         if batch.image is not None:
             embeds, mask, labels, probs = self.image_sequence(batch)
-            logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-            total, count = lm_loss_sum(logits, labels)
-            sums.append(total)
-            counts.append(count)
+            parts.append((embeds, mask, labels))
             if probs is not None and batch.box_rows is not None:
                 selection = selection_target_loss([p[batch.box_rows] for p in probs], batch.box_maps)
+        elif self.lockstep and self.stage == "sft":
+            self._pass1_stand_in()
         if batch.text is not None:
             t = batch.text
             embeds = llm.get_input_embeddings()(t.input_ids)
-            total, count = lm_loss_sum(llm(inputs_embeds=embeds, attention_mask=t.attention_mask,
-                                           use_cache=False).logits, t.labels)
+            if batch.image is None and not embeds.requires_grad and torch.is_grad_enabled():
+                # align (frozen LLM), text rows only: nothing trained is used, so the loss would have no
+                # gradient (backward fails, and DDP/FSDP peers would wait for this process). An exact
+                # zero from the projector gives it one, all zeros.
+                embeds = embeds + next(self.helper.projector.parameters()).reshape(-1)[0] * 0
+            parts.append((embeds, t.attention_mask, t.labels))
+        if self.lockstep and len(parts) > 1:
+            parts = [_stack_rows(parts)]
+        sums, counts = [], []
+        for embeds, mask, labels in parts:
+            total, count = lm_loss_sum(llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits, labels)
             sums.append(total)
             counts.append(count)
         lm = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
         loss = lm if selection is None else lm + self.selection_weight * selection
         return loss, lm.detach(), None if selection is None else selection.detach()
+
+
+def _stack_rows(parts):
+    """One right-padded batch of the rows of several (inputs_embeds, attention_mask, labels)."""
+    length = max(e.shape[1] for e, _, _ in parts)
+    dtype = parts[0][0].dtype
+    embeds = torch.cat([F.pad(e.to(dtype), (0, 0, 0, length - e.shape[1])) for e, _, _ in parts])
+    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m, _ in parts])
+    labels = torch.cat([F.pad(y, (0, length - y.shape[1]), value=IGNORE_INDEX) for _, _, y in parts])
+    return embeds, mask, labels
 
 
 def batch_order(count: int, seed: int, epoch: int, info: DistInfo, batch: int) -> list[list[int]]:
@@ -151,7 +185,8 @@ class _Run:
         self.progress, self.skipped = Progress(), Counter()
         self.saved_names = set(_saved_tensors(self.helper, names_only=True))
         cache = LowResCache() if params.cache_low_res else None
-        self.module: nn.Module = MLLMLoss(self.helper, params.stage, params.selection_weight, cache)
+        self.module: nn.Module = MLLMLoss(self.helper, params.stage, params.selection_weight, cache,
+                                          lockstep=params.fsdp)
         if params.fsdp:  # before the optimizer: it must hold the sharded parameters
             layers = shard(self.module, self.helper)
             log.info(f"--fsdp: {layers} decoder layers of {type(self.helper.llm).__name__} sharded over "
