@@ -58,6 +58,15 @@ def shard(module: nn.Module, helper: nn.Module) -> int:
     return len(layers)
 
 
+def local_share(module: nn.Module) -> float:
+    """The fraction of ``module``'s parameter elements this process stores (1.0 unsharded)."""
+    total = local = 0
+    for p in module.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return local / max(total, 1)
+
+
 def gather(module: nn.Module, helper: nn.Module, optimizer: torch.optim.Optimizer):
     """(full helper state, full optimizer state) on rank 0 (empty dicts elsewhere); collective."""
     return full_state_dicts(module, helper, optimizer, True, prefix=PREFIX)

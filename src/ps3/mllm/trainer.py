@@ -44,7 +44,7 @@ from .collate import MLLMBatch, collate
 from .block_looks import encode_for_llm, encode_low_res, encoder_of
 from .low_res_cache import LowResCache
 from .saving import look_options, save_run
-from .sharding import gather, scatter, shard
+from .sharding import gather, local_share, scatter, shard
 from .topdown import IGNORE_INDEX, selection_target_loss, splice_image_tokens
 from .train_setup import RESUME_FREE, MLLMTrainParams, load_data, prepare_run
 
@@ -190,7 +190,8 @@ class _Run:
         if params.fsdp:  # before the optimizer: it must hold the sharded parameters
             layers = shard(self.module, self.helper)
             log.info(f"--fsdp: {layers} decoder layers of {type(self.helper.llm).__name__} sharded over "
-                     f"{info.world_size} processes, the encoder replicated")
+                     f"{info.world_size} processes (this one stores {local_share(self.helper.llm):.0%} of the LLM), "
+                     "the encoder replicated")
         elif info.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
