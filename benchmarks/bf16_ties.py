@@ -8,8 +8,10 @@ Every high-res scale reads the first scale's probabilities upsampled by nearest 
 low-res cell's probability fills a block of cells at each scale and the top-k boundary usually
 cuts through such a block: many cells hold exactly the boundary value. bf16 has 8 significant
 bits, so distinct cells tie far more often than in float32. Which tied cells ``torch.topk`` takes
-is the kernel's business (it differs between CPU and CUDA); ours takes them lowest canvas index
-first on every device and dtype (``ps3.selection.top_cells``).
+is the kernel's business (it differs between CPU and CUDA). Ours takes torch.topk's choice by
+default, as upstream does, or the lowest canvas index first on every device and dtype with
+``PS3_TIE_RULE=lowest_index`` (``ps3.encoder.selection.tie_rule``); the report also compares that
+rule with torch.topk's choice on upstream's own probabilities.
 
 One random-weight 4K model (``ps3.bench.build_model``, ``--width``/``--depth`` of the trunk) is
 saved once and loaded in bf16 by ours and by upstream's ``PS3VisionModel.from_pretrained`` (each
@@ -108,7 +110,7 @@ def compare(ours: dict, theirs: dict, n_images: int) -> tuple[list[dict], bool]:
             ulp = 2.0 ** (math.floor(math.log2(float(boundary))) - 7)  # bf16 spacing at the boundary
             near = bool(((flat[diff] - boundary).abs() <= ulp).all())
             # On upstream's own probabilities: our rule against torch.topk's choice.
-            rule = top_cells(p.flatten(1).bfloat16(), [k]).view_as(b)
+            rule = top_cells(p.flatten(1).bfloat16(), [k], "lowest_index").view_as(b)
             rule_diff = (rule ^ _topk_map(p.bfloat16(), k)).flatten()
             rule_in_tie = bool((flat[rule_diff] == boundary).all())
             row = dict(image=i, scale=s, cells=flat.numel(), k=k, boundary=float(boundary),

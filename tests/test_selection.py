@@ -33,11 +33,26 @@ def test_token_look_close_splits_last_look():
     assert [sum(look[i][0] for i in range(2)) for look in plan.budgets] == [80, 50]
 
 
-def test_select_cells_skips_taken_and_breaks_ties_lowest_index_first():
+def test_select_cells_skips_taken_cells():
     probs = [torch.tensor([[[0.9, 0.8], [0.7, 0.1]]])]
     taken = [torch.tensor([[[True, False], [False, False]]])]
     new = select_cells(probs, taken, [[2]])[0]
     assert new.tolist() == [[[False, True], [True, False]]]
+
+
+def test_default_ties_are_torch_topk_choices(monkeypatch):
+    """Upstream selects with torch.topk over the flattened map: the default takes the same cells."""
+    monkeypatch.delenv("PS3_TIE_RULE", raising=False)
+    tied = torch.rand(3, 6, 7, generator=torch.Generator().manual_seed(0)).mul(3).floor().div(3)
+    got = select_cells([tied], None, [[5, 5, 9]])[0].flatten(1)
+    for b, k in enumerate([5, 5, 9]):
+        want = torch.zeros(42, dtype=torch.bool)
+        want[tied[b].flatten().topk(k).indices] = True
+        assert torch.equal(got[b], want)
+
+
+def test_lowest_index_rule_on_every_dtype(monkeypatch):
+    monkeypatch.setenv("PS3_TIE_RULE", "lowest_index")
     tied = [torch.full((2, 4, 4), 0.5)]
     got = select_cells(tied, None, [[3, 5]])[0].flatten(1)
     assert got[0].nonzero().flatten().tolist() == [0, 1, 2] and got[1].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
@@ -46,19 +61,22 @@ def test_select_cells_skips_taken_and_breaks_ties_lowest_index_first():
     for dtype in (torch.float32, torch.bfloat16):
         got = select_cells([row.to(dtype).view(1, 2, 3)], None, [[3]])[0].flatten()
         assert got.nonzero().flatten().tolist() == [0, 1, 4]
+    monkeypatch.setenv("PS3_TIE_RULE", "random")
+    with pytest.raises(ValueError, match="PS3_TIE_RULE"):
+        select_cells(tied, None, [[3, 5]])
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(0, 40))
 def test_top_cells_is_a_stable_descending_sort_prefix(values, k):
-    """Same cells as the first k of a stable sort by descending value (the documented rule)."""
+    """The lowest_index rule takes the first k of a stable sort by descending value."""
     from ps3.encoder.selection import top_cells
 
     flat = torch.tensor([values], dtype=torch.float32) / 4
     k = min(k, flat.shape[1])
     want = torch.zeros_like(flat, dtype=torch.bool)
     want[0, torch.sort(flat[0], descending=True, stable=True).indices[:k]] = True
-    assert torch.equal(top_cells(flat, [k]), want)
+    assert torch.equal(top_cells(flat, [k], "lowest_index"), want)
 
 
 grids = st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=3)

@@ -9,6 +9,7 @@ before the model runs (``count_tokens``) and the forward pass needs no device→
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -228,24 +229,61 @@ def select_cells(probs: Sequence[torch.Tensor], taken: Sequence[torch.Tensor] | 
     """One look: per scale, the top-k cells of each sample's prob map among cells not yet taken.
 
     probs[i], taken[i]: (B, h_i, w_i); budgets[i][b] = k for sample b. Returns bool maps of the
-    newly taken cells. Taken cells are set to -1 first (as upstream does). Tie rule: cells of
-    equal probability at the boundary are taken lowest canvas index (row-major) first, on every
-    device and dtype (``torch.topk`` leaves that order to the kernel; it differs between CPU and
-    CUDA, and bf16 probabilities tie often: every scale reads the first scale's map upsampled).
+    newly taken cells. Taken cells are set to -1 first (as upstream does). Ties at the boundary
+    follow :func:`tie_rule`.
     """
+    rule = tie_rule()
     out = []
     for i, prob in enumerate(probs):
         flat = prob.detach().flatten(1)
         if taken is not None:
             flat = torch.where(taken[i].flatten(1), torch.full_like(flat, -1.0), flat)
-        out.append(top_cells(flat, budgets[i]).view_as(prob))
+        out.append(top_cells(flat, budgets[i], rule).view_as(prob))
     return out
 
 
-def top_cells(flat: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    """(B, n) bool: the ``ks[b]`` largest values of each row ``flat[b]``, ties at the boundary
-    broken lowest index first. Every cell above the k-th largest value is taken, then the
-    boundary value's cells in index order until k are taken (no sort, no host sync)."""
+TIE_RULES = ("topk", "lowest_index")
+
+
+def tie_rule() -> str:
+    """How cells of equal probability at the top-k boundary are chosen (``PS3_TIE_RULE``):
+
+    * ``topk`` (default): ``torch.topk`` over each sample's flattened map, as upstream selects;
+      on a CPU this reproduces upstream's recorded choices (also which look a tied cell lands in,
+      which changes its features), and it is deterministic for a given device and kernel, but the
+      order among equal values is the kernel's: CUDA's differs from the CPU's.
+    * ``lowest_index``: the lowest canvas index (row-major) first, on every device and dtype (the
+      first k of a stable descending sort) — the same cells everywhere, at the price of differing
+      from upstream inside ties.
+    """
+    rule = os.environ.get("PS3_TIE_RULE", "topk")
+    if rule not in TIE_RULES:
+        raise ValueError(f"PS3_TIE_RULE must be one of {', '.join(TIE_RULES)}, got {rule!r}")
+    return rule
+
+
+def top_cells(flat: torch.Tensor, ks: Sequence[int], rule: str = "topk") -> torch.Tensor:
+    """(B, n) bool: the ``ks[b]`` largest values of each row ``flat[b]``, ties broken by ``rule``
+    (see :func:`tie_rule`); no sort, no host sync."""
+    if rule == "lowest_index":
+        return _top_cells_lowest_index(flat, ks)
+    new = torch.zeros_like(flat, dtype=torch.bool)
+    for k in dict.fromkeys(ks):
+        k = min(k, flat.shape[1])
+        if k == 0:
+            continue
+        rows = [b for b, kb in enumerate(ks) if min(kb, flat.shape[1]) == k]
+        if len(rows) == len(ks):
+            new.scatter_(1, flat.topk(k, dim=1).indices, True)
+        else:
+            rows_t = torch.tensor(rows).to(flat.device, non_blocking=True)
+            part = torch.zeros(len(rows), flat.shape[1], dtype=torch.bool, device=flat.device)
+            new[rows_t] = part.scatter_(1, flat[rows_t].topk(k, dim=1).indices, True)
+    return new
+
+
+def _top_cells_lowest_index(flat: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Every cell above the k-th largest value, then the boundary value's cells in index order."""
     k_max = min(max(ks, default=0), flat.shape[1])
     if k_max == 0:
         return torch.zeros_like(flat, dtype=torch.bool)
