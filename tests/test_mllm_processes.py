@@ -13,8 +13,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from _mllm_runs import BUDGETS, toy_dataset  # noqa: E402
+from _mllm_runs import BUDGETS, params, toy_dataset  # noqa: E402
 from golden import MODEL_DIR  # noqa: E402
+from ps3.mllm import TwoPassPS3  # noqa: E402
+from ps3.mllm.trainer import train  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tolerances import assert_close_paths  # noqa: E402
 
@@ -102,16 +104,12 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_fsdp_matches_one_process_and_resumes_from_the_gathered_checkpoint(tmp_path):
-    from ps3.mllm import TwoPassPS3
-
     data = one_answer_dataset(tmp_path / "data")
     text_rows_first_on_rank_0(data)  # the processes' steps differ: they must still call the LLM alike
     # The whole LLM trains (every sharded tensor moves). With selection weight 0 the mean of the
     # processes' losses is the one process's loss even though only one process has boxes.
     sft = ("--stage", "sft", "--steps", "2", "--selection-weight", "0")
-    one = subprocess.run(command(data, tmp_path / "one", *sft, "--batch", "4"), capture_output=True, text=True,
-                         timeout=300, env=ENV)
-    assert one.returncode == 0, one.stderr[-2000:]
+    train(params(data, tmp_path / "one", stage="sft", steps=2, selection_weight=0.0, batch=4))  # in process
     fsdp = (*sft, "--batch", "2", "--fsdp", "--save-every", "1")
     two = torchrun(*command(data, tmp_path / "two", *fsdp)[1:])
     assert two.returncode == 0, two.stderr[-3000:]
