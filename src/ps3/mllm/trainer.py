@@ -169,11 +169,14 @@ def _optimizer(helper, lr: float) -> torch.optim.AdamW:
                              lr=lr)
 
 
-def _saved_tensors(helper, names_only: bool = False) -> dict[str, torch.Tensor] | list[str]:
+def _saved_names(helper) -> set[str]:
     """The connector and every trainable LLM tensor: what a checkpoint must restore."""
-    chosen = [(n, p) for n, p in helper.named_parameters() if p.requires_grad or n.startswith(("projector.",
-                                                                                               "prompt_head."))]
-    return [n for n, _ in chosen] if names_only else {n: p.detach().cpu().clone() for n, p in chosen}
+    return {n for n, p in helper.named_parameters() if p.requires_grad or n.startswith(("projector.", "prompt_head."))}
+
+
+def _saved_tensors(helper) -> dict[str, torch.Tensor]:
+    names = _saved_names(helper)
+    return {n: p.detach().cpu().clone() for n, p in helper.named_parameters() if n in names}
 
 
 class _Run:
@@ -183,7 +186,7 @@ class _Run:
         self.helper, self.settings = prepare_run(params, info, self.data, log)
         self.encoder = encoder_of(self.helper.vision_model)
         self.progress, self.skipped = Progress(), Counter()
-        self.saved_names = set(_saved_tensors(self.helper, names_only=True))
+        self.saved_names = _saved_names(self.helper)
         cache = LowResCache() if params.cache_low_res else None
         self.module: nn.Module = MLLMLoss(self.helper, params.stage, params.selection_weight, cache,
                                           lockstep=params.fsdp)
