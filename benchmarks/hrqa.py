@@ -19,6 +19,7 @@ image tokens, one line per front-end).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -379,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         stem = "hrqa_quick" if args.quick else "hrqa_results"
         (folder / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         (folder / f"{stem}.md").write_text(f"{title}\n\n{table}\n")
-        plot(rows, folder / f"{stem}.png", title)
+        if importlib.util.find_spec("matplotlib") is None:
+            print(f"matplotlib is not installed: no plot written to {folder} (pip install matplotlib)")
+        else:
+            plot(rows, folder / f"{stem}.png", title)
     return 0
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
-pytest.importorskip("matplotlib")
 
 
 def _benchmark():
@@ -35,7 +34,8 @@ def test_tiny_pipeline_writes_a_table_with_the_planned_tokens(tmp_path):
     assert rows["ps3_top_down"]["tokens"] == 40 and rows["internvl_tiling"]["tokens"] == 16  # one 64 px tile
     for r in rows.values():
         assert r["n_test"] == 5 and 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1
-    assert (tmp_path / "docs" / "hrqa_results.png").stat().st_size > 1000
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional (benchmarks' extra)
+        assert (tmp_path / "docs" / "hrqa_results.png").stat().st_size > 1000
     assert "| ps3_top_down |" in (tmp_path / "docs" / "hrqa_results.md").read_text()
 
 
