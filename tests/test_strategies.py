@@ -155,7 +155,8 @@ def test_ps3_counts_as_count_llm_tokens(hw, kw):
     cfg = _tiny_ps3_config()
     kw = {"budgets": (85, 341, 2134), "num_looks": 1, **kw}  # the model's own budgets by default
     p = S.plan("ps3", *hw, **kw)
-    count = count_llm_tokens(cfg, 3780, 3780, **kw)  # the squashed input: 3780 × 3780
+    core = {"budgets": "max_select_num_each_scale", "num_looks": "num_look_close"}  # the core's option names
+    count = count_llm_tokens(cfg, 3780, 3780, **{core.get(k, k): v for k, v in kw.items()})  # squashed: 3780²
     assert p.num_tokens == count.total
     assert p.backbone_passes == 1 + count.num_looks
 
