@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from golden import MODEL_DIR
+from tolerances import SAME_KERNELS
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -48,7 +49,8 @@ def make_image_shards(directory: Path, shards: int, per_shard: int, seed: int = 
 
 
 def environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    return {**SAME_KERNELS, **os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
 
 
 def fast_model(directory: Path) -> Path:

@@ -19,9 +19,11 @@ from ps3.mllm import TwoPassPS3  # noqa: E402
 from ps3.mllm.trainer import train  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tolerances import assert_close_paths  # noqa: E402
+from tolerances import SAME_KERNELS
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+ENV = {**SAME_KERNELS, **os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+       "OMP_NUM_THREADS": "1"}
 
 
 def command(data, out, *extra):

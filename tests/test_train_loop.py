@@ -32,6 +32,7 @@ from ps3.train.model_setup import (PS3PretrainModule, build_caption_tokenizer, g
                              initialise)
 from ps3.train.optim import lr_multiplier  # noqa: E402
 from ps3.train.synthetic import write_synthetic_dataset  # noqa: E402
+from tolerances import SAME_KERNELS
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "_train_worker.py"
@@ -301,7 +302,7 @@ def test_sigkilled_run_resumes_bit_identical(setup, tmp_path):
 
     run = tmp_path / "interrupted"
     command = train_command(argv(setup, run, steps, batch_size=8))
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env = {**SAME_KERNELS, **os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     for checkpoint in ("step_00000002.pt", "step_00000010.pt"):  # killed twice, at whatever it was doing
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         code = _kill_when(proc, checkpoint, run / "checkpoints")
@@ -320,7 +321,7 @@ def test_sigkilled_run_resumes_bit_identical(setup, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, mode):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = {**SAME_KERNELS, **os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
            str(tmp_path), mode]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -22,6 +22,7 @@ from ps3.train.loss import (
     ps3_pretrain_loss,
     siglip_loss,
 )
+from tolerances import SAME_KERNELS
 
 WORKER = Path(__file__).with_name("_dist_loss_worker.py")
 
@@ -90,7 +91,7 @@ def test_siglip_rejects_bad_inputs():
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_loss_matches_one_process(tmp_path, world):
     """Real torchrun (gloo, CPU): DDP-averaged gradients equal the one-process gradients."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = {**SAME_KERNELS, **os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={world}", str(WORKER), str(tmp_path),

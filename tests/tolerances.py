@@ -82,3 +82,10 @@ def assert_close_bf16(got: torch.Tensor, want: torch.Tensor, what: str = "", pro
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     atol = BF16_PROB_ATOL if prob else BF16_FEATURE_REL * max(want.float().abs().max().item(), 1e-6)
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# Kernel choices (ps3.encoder.kernels) are timed per process, so two processes may compute the same
+# thing with different formulations and differ by rounding. Tests that compare separate processes
+# bit for bit (a killed-and-resumed run against an uninterrupted one) give each process this
+# environment: every choice forced, the same kernels everywhere.
+SAME_KERNELS = {"PS3_CONV_STEM": "conv", "PS3_ATTENTION": "sdpa"}
